@@ -1,0 +1,116 @@
+"""`feature-gateway serve | check | migrate`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+from app.errors import RegistryError
+from app.registry import Registry, load_registry
+
+
+def _load(path: str | Path) -> Registry:
+    try:
+        return load_registry(path)
+    except RegistryError as exc:
+        print(f"error: invalid registry: {exc.detail}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    registry = _load(args.registry)
+    features = sum(len(g.features) for g in registry.groups.values())
+    print(
+        f"{args.registry}: ok: {len(registry.backends)} backends, {len(registry.entities)} entities, "
+        f"{len(registry.groups)} groups, {features} features"
+    )
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from backends import open_backend
+
+    registry = _load(args.registry)
+
+    async def run() -> int:
+        failed = 0
+        for name, spec in registry.backends.items():
+            backend = open_backend(spec, registry)
+            try:
+                await asyncio.wait_for(backend.migrate(), 30)
+                print(f"{name} ({spec.type}): ready")
+            except Exception as exc:
+                failed += 1
+                print(f"{name} ({spec.type}): failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+            finally:
+                await backend.aclose()
+        return 1 if failed else 0
+
+    return asyncio.run(run())
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from app.main import DEMO_REGISTRY
+
+    if args.registry:
+        os.environ["GATEWAY_REGISTRY"] = str(Path(args.registry).resolve())
+        _load(args.registry)  # a bad registry stops here with its message, not in each worker
+    else:
+        os.environ.pop("GATEWAY_REGISTRY", None)
+        _load(DEMO_REGISTRY)
+        print("Serving the demo registry on embedded SQLite (no servers needed). Try:")
+        print(
+            f"  curl -s http://{args.host}:{args.port}/v1/features/fetch -H 'content-type: application/json' "
+            '-d \'{"entities": {"consumer_id": [101, 104, 106]}, '
+            '"features": ["consumer_live:orders_7d", "consumer_history:*"]}\'',
+            flush=True,
+        )
+    uvicorn.run(
+        "app.main:create_app",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        loop="uvloop",
+        http="httptools",
+        log_level=args.log_level,
+        access_log=args.access_log,
+        timeout_graceful_shutdown=args.graceful_timeout,
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="feature-gateway", description="Serve ML features from many stores")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the HTTP server")
+    serve.add_argument("--registry", help="registry YAML (default: the demo registry on embedded SQLite)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--workers", type=int, default=1)
+    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    serve.add_argument("--access-log", action="store_true", help="log every request (costs latency)")
+    serve.add_argument("--graceful-timeout", type=float, default=10.0, help="seconds to drain on SIGTERM")
+    serve.set_defaults(run=cmd_serve)
+
+    check = sub.add_parser("check", help="validate a registry file without serving")
+    check.add_argument("registry")
+    check.set_defaults(run=cmd_check)
+
+    migrate = sub.add_parser("migrate", help="create every backend's tables (idempotent; also done at start-up)")
+    migrate.add_argument("--registry", required=True)
+    migrate.set_defaults(run=cmd_migrate)
+
+    args = parser.parse_args(argv)
+    result: int = args.run(args)
+    return result
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

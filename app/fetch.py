@@ -1,0 +1,300 @@
+"""Serving a fetch: plan (once per feature list), read every backend concurrently under one deadline,
+decode, and merge into rows in request order with a status and, where not PRESENT, the default per value.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from operator import itemgetter
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+from opentelemetry.trace import Status, StatusCode
+
+from app.codec import CodecError
+from app.errors import StrictDegraded, TooLarge, ValidationFailed
+from app.registry import Group, Registry
+from app.requests import FetchBody, check_entities, decode_body, format_event_time
+
+if TYPE_CHECKING:
+    from app.gateway import Gateway
+
+PRESENT, MISSING, EXPIRED, UNAVAILABLE = "PRESENT", "MISSING", "EXPIRED", "UNAVAILABLE"
+
+# One (group, entity) answer: the requested values, their statuses, the event time (None unless PRESENT).
+Cell = tuple[tuple[Any, ...], tuple[str, ...], int | None]
+
+
+def _getter(positions: Sequence[int]) -> Callable[[Sequence[Any]], tuple[Any, ...]]:
+    """itemgetter that always returns a tuple (a bare itemgetter returns a scalar for one position)."""
+    if len(positions) == 1:
+        only = positions[0]
+        return lambda values: (values[only],)
+    return itemgetter(*positions)
+
+
+@dataclass(frozen=True, slots=True)
+class GroupPlan:
+    group: Group
+    positions: tuple[int, ...]  # indexes into the group's stored values, in the order they are served
+    pick: Callable[[Sequence[Any]], tuple[Any, ...]]
+    defaults: tuple[Any, ...]
+    present: tuple[str, ...]
+    missing: Cell
+    expired: Cell
+    unavailable: Cell
+    ttl_us: int | None
+
+    @classmethod
+    def build(cls, group: Group, positions: Sequence[int]) -> GroupPlan:
+        defaults = tuple(group.features[p].default for p in positions)
+        width = len(positions)
+        return cls(
+            group=group,
+            positions=tuple(positions),
+            pick=_getter(positions),
+            defaults=defaults,
+            present=(PRESENT,) * width,
+            missing=(defaults, (MISSING,) * width, None),
+            expired=(defaults, (EXPIRED,) * width, None),
+            unavailable=(defaults, (UNAVAILABLE,) * width, None),
+            ttl_us=None if group.ttl_s is None else int(group.ttl_s * 1_000_000),
+        )
+
+    def cell(self, blob: bytes | None, now_us: int) -> Cell:
+        if blob is None:
+            return self.missing
+        try:
+            event_us, values = self.group.decode(blob)
+        except (CodecError, msgspec.DecodeError, IndexError):
+            return self.missing  # unreadable (foreign or future layout): as good as absent
+        if self.ttl_us is not None and now_us - event_us > self.ttl_us:
+            return self.expired
+        picked = self.pick(values)
+        if None in picked:  # stored as null: that value was never given
+            served, statuses = list(picked), list(self.present)
+            for i, value in enumerate(picked):
+                if value is None:
+                    served[i], statuses[i] = self.defaults[i], MISSING
+            return tuple(served), tuple(statuses), event_us
+        return picked, self.present, event_us
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    features: tuple[str, ...]  # expanded refs, request order
+    groups: tuple[GroupPlan, ...]  # in order of first mention
+    by_backend: tuple[tuple[str, tuple[int, ...]], ...]  # backend -> indexes into groups
+    join_keys: frozenset[str]
+    reorder: Callable[[Sequence[Any]], tuple[Any, ...]] | None  # group-major -> request order; None if same
+
+
+def make_plan(registry: Registry, features: Sequence[str], max_features: int) -> Plan:
+    """Resolve `group:feature` / `group:*` refs once; the plan is cached per feature list."""
+    if not features:
+        raise ValidationFailed("ask for at least one feature", field="features")
+    columns: list[tuple[str, int]] = []  # (group name, stored position) per served value
+    for i, ref in enumerate(features):
+        group_name, sep, name = ref.partition(":")
+        group = registry.groups.get(group_name)
+        if not sep or group is None:
+            known = ", ".join(registry.groups)
+            reason = "expected group:feature or group:*" if not sep else f"unknown group {group_name!r}"
+            raise ValidationFailed(f"{reason}; groups: {known}", field=f"features[{i}]")
+        if name == "*":
+            columns += [(group_name, f.index) for f in group.features]
+        elif name in group.by_name:
+            columns.append((group_name, group.by_name[name].index))
+        else:
+            raise ValidationFailed(
+                f"unknown feature {name!r} in group {group_name}; it has {', '.join(group.by_name)}",
+                field=f"features[{i}]",
+            )
+        if len(columns) > max_features:
+            raise TooLarge(f"more than {max_features} features requested", field="features")
+    order: dict[str, list[int]] = {}
+    served_at: dict[str, list[int]] = {}
+    for column, (group_name, position) in enumerate(columns):
+        order.setdefault(group_name, []).append(position)
+        served_at.setdefault(group_name, []).append(column)
+    group_plans = tuple(GroupPlan.build(registry.groups[g], positions) for g, positions in order.items())
+    # Values are merged group by group; `reorder` moves each to the place it was asked in.
+    group_major = [column for g in order for column in served_at[g]]
+    inverse = [0] * len(columns)
+    for merged_at, column in enumerate(group_major):
+        inverse[column] = merged_at
+    by_backend: dict[str, list[int]] = {}
+    for i, gp in enumerate(group_plans):
+        by_backend.setdefault(gp.group.backend, []).append(i)
+    refs = tuple(f"{g}:{registry.groups[g].features[p].name}" for g, p in columns)
+    return Plan(
+        features=refs,
+        groups=group_plans,
+        by_backend=tuple((b, tuple(ix)) for b, ix in by_backend.items()),
+        join_keys=frozenset(gp.group.entity.join_key for gp in group_plans),
+        reorder=None if inverse == sorted(inverse) else _getter(inverse),
+    )
+
+
+@dataclass(slots=True)
+class BackendOutcome:
+    status: str = "ok"  # ok | error | timeout
+    ms: float = 0.0
+    error: str | None = None
+    cells: list[list[Cell]] | None = None  # per group of this backend, per unique key
+
+
+async def _read_backend(
+    gw: Gateway,
+    backend_name: str,
+    plans: list[GroupPlan],
+    keys: list[list[str]],
+    now_us: int,
+    outcome: BackendOutcome,
+) -> None:
+    backend = gw.backends[backend_name]
+    with gw.tracer.start_as_current_span(f"read {backend_name}") as span:
+        span.set_attribute("backend.name", backend_name)
+        span.set_attribute("backend.type", backend.type)
+        span.set_attribute("feature.groups", [p.group.name for p in plans])
+        span.set_attribute("feature.keys", sum(len(k) for k in keys))
+        started = time.perf_counter()
+        try:
+            blobs = await backend.read([(p.group, k) for p, k in zip(plans, keys, strict=True)])
+            outcome.ms = (time.perf_counter() - started) * 1000
+            outcome.cells = [
+                [p.cell(b, now_us) for b in group_blobs] for p, group_blobs in zip(plans, blobs, strict=True)
+            ]
+            found = expired = 0
+            for group_cells, p in zip(outcome.cells, plans, strict=True):
+                for c in group_cells:
+                    if c is not p.missing:
+                        found += 1
+                        expired += c is p.expired
+            span.set_attribute("feature.found", found)
+            span.set_attribute("feature.expired", expired)
+            span.set_attribute("outcome", "ok")
+        except asyncio.CancelledError:
+            outcome.ms = (time.perf_counter() - started) * 1000
+            outcome.status, outcome.error = "timeout", "missed the deadline"
+            span.set_attribute("outcome", "timeout")
+            span.set_status(Status(StatusCode.ERROR, "deadline"))
+            raise
+        except Exception as exc:  # any backend failure degrades the answer, never the service
+            outcome.ms = (time.perf_counter() - started) * 1000
+            outcome.status, outcome.error = "error", f"{type(exc).__name__}: {exc}"[:300]
+            span.set_attribute("outcome", "error")
+            span.record_exception(exc)
+            span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+
+
+def _unique(keys: list[str]) -> tuple[list[str], list[int] | None]:
+    """Deduplicated keys, and each row's index into them (None when there were no duplicates)."""
+    unique = list(dict.fromkeys(keys))
+    if len(unique) == len(keys):
+        return keys, None
+    at = {k: i for i, k in enumerate(unique)}
+    return unique, [at[k] for k in keys]
+
+
+@dataclass(slots=True)
+class FetchResult:
+    body: bytes
+    backends: dict[str, BackendOutcome]
+    degraded: bool
+
+
+async def fetch(gw: Gateway, raw: bytes) -> FetchResult:
+    settings = gw.settings
+    request: FetchBody = decode_body(raw, FetchBody, settings)
+    plan = gw.plan(request.features)
+    n_rows, keys_by_join = check_entities(request.entities, gw.registry, set(plan.join_keys), settings)
+    deadline_ms = settings.default_deadline_ms if request.deadline_ms is None else request.deadline_ms
+    if not 0 < deadline_ms <= settings.max_deadline_ms:
+        raise ValidationFailed(f"deadline_ms is between 0 and {settings.max_deadline_ms:g}", field="deadline_ms")
+
+    unique = {jk: _unique(keys) for jk, keys in keys_by_join.items()}
+    now_us = time.time_ns() // 1000
+    outcomes = {name: BackendOutcome() for name, _ in plan.by_backend}
+    tasks = []
+    for name, indexes in plan.by_backend:
+        plans = [plan.groups[i] for i in indexes]
+        keys = [unique[p.group.entity.join_key][0] for p in plans]
+        tasks.append(gw.spawn(_read_backend(gw, name, plans, keys, now_us, outcomes[name])))
+    _, pending = await asyncio.wait(tasks, timeout=deadline_ms / 1000)
+    for task in pending:
+        task.cancel()
+    for (name, _), task in zip(plan.by_backend, tasks, strict=True):
+        outcome = outcomes[name]
+        if task in pending:
+            outcome.status, outcome.error, outcome.ms = "timeout", "missed the deadline", deadline_ms
+
+    degraded = any(o.status != "ok" for o in outcomes.values())
+    if degraded and request.strict:
+        failed = {n: o.error for n, o in outcomes.items() if o.status != "ok"}
+        raise StrictDegraded(f"backend(s) {', '.join(failed)} failed and strict was asked", extra={"backends": failed})
+
+    # Per group, its cells in row order.
+    columns: list[list[Cell]] = [[]] * len(plan.groups)
+    for name, indexes in plan.by_backend:
+        cells = outcomes[name].cells
+        for slot, i in enumerate(indexes):
+            gp = plan.groups[i]
+            if cells is None:
+                columns[i] = [gp.unavailable] * n_rows
+                continue
+            at = unique[gp.group.entity.join_key][1]
+            columns[i] = cells[slot] if at is None else [cells[slot][j] for j in at]
+
+    rows = _merge(plan, columns, request, n_rows)
+    body = msgspec.json.encode(
+        {
+            "features": plan.features,
+            "rows": rows,
+            "backends": {
+                n: {"status": o.status, "ms": round(o.ms, 3)} | ({"error": o.error} if o.error else {})
+                for n, o in outcomes.items()
+            },
+            "degraded": degraded,
+        }
+    )
+    return FetchResult(body, outcomes, degraded)
+
+
+def _merge(plan: Plan, columns: list[list[Cell]], request: FetchBody, n_rows: int) -> list[dict[str, Any]]:
+    reorder = plan.reorder
+    ids = list(request.entities.items())
+    widths = [len(gp.positions) for gp in plan.groups]
+    stamps: dict[int, str] = {}
+    rows = []
+    for r in range(n_rows):
+        values: tuple[Any, ...] = ()
+        statuses: tuple[str, ...] = ()
+        for column in columns:
+            cell = column[r]
+            values += cell[0]
+            statuses += cell[1]
+        row: dict[str, Any] = {
+            "entity": {jk: column_ids[r] for jk, column_ids in ids},
+            "values": values if reorder is None else reorder(values),
+            "statuses": statuses if reorder is None else reorder(statuses),
+        }
+        if request.include_timestamps:
+            times: list[str | None] = []
+            for column, width in zip(columns, widths, strict=True):
+                event_us = column[r][2]
+                if event_us is None:
+                    times += [None] * width
+                else:
+                    text = stamps.get(event_us)
+                    if text is None:
+                        text = stamps[event_us] = format_event_time(event_us)
+                    times += [text] * width
+            # A value stored as null inside a PRESENT row is MISSING: it has no event time either.
+            times = [t if s is PRESENT else None for t, s in zip(times, statuses, strict=True)]
+            row["event_timestamps"] = times if reorder is None else reorder(times)
+        rows.append(row)
+    return rows

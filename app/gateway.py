@@ -1,0 +1,111 @@
+"""The running gateway: registry, open backends, tracer and the per-registry plan cache.
+
+Owned by the app's lifespan; `app/fetch.py` and `app/write.py` do the work against it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Coroutine, Sequence
+from typing import Any
+
+from opentelemetry import trace
+
+from app.fetch import Plan, make_plan
+from app.registry import Registry
+from app.settings import Settings
+from backends.base import FeatureBackend
+
+log = logging.getLogger(__name__)
+
+_PLAN_CACHE_SIZE = 4096
+
+
+class Gateway:
+    def __init__(
+        self, settings: Settings, registry: Registry, backends: dict[str, FeatureBackend], tracer: trace.Tracer
+    ):
+        self.settings = settings
+        self.registry = registry
+        self.backends = backends
+        self.tracer = tracer
+        self.migrated: dict[str, bool] = dict.fromkeys(backends, False)
+        self._plans: dict[tuple[str, ...], Plan] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def plan(self, features: Sequence[str]) -> Plan:
+        key = tuple(features)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = make_plan(self.registry, key, self.settings.max_features)
+            if len(self._plans) >= _PLAN_CACHE_SIZE:
+                self._plans.pop(next(iter(self._plans)))
+            self._plans[key] = plan
+        return plan
+
+    def spawn(self, coro: Coroutine[Any, Any, None], name: str | None = None) -> asyncio.Task[None]:
+        """A task the gateway keeps a reference to until it ends (asyncio holds only weak ones)."""
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def start(self) -> None:
+        """Migrate every backend; one that is down is retried in the background, never fatal."""
+        if not self.settings.migrate_on_start:
+            self.migrated = dict.fromkeys(self.backends, True)
+            return
+        await asyncio.gather(*(self._migrate(name, retry=False) for name in self.backends))
+        for name, done in self.migrated.items():
+            if not done:
+                self.spawn(self._migrate(name, retry=True), name=f"migrate:{name}")
+
+    async def _migrate(self, name: str, *, retry: bool) -> None:
+        timeout = max(self.settings.ready_timeout_ms / 1000, 1.0)
+        while True:
+            try:
+                await asyncio.wait_for(self.backends[name].migrate(), timeout)
+                self.migrated[name] = True
+                log.info("backend %s ready", name)
+                return
+            except Exception as exc:
+                if not retry:
+                    log.warning(
+                        "backend %s is not answering (%s: %s); serving its features as UNAVAILABLE and retrying",
+                        name,
+                        type(exc).__name__,
+                        exc,
+                    )
+                    return
+            await asyncio.sleep(self.settings.migrate_retry_s)
+
+    async def readiness(self) -> dict[str, str | None]:
+        """Per backend: None when it answers, else why not."""
+        timeout = self.settings.ready_timeout_ms / 1000
+
+        async def check(name: str) -> str | None:
+            if not self.migrated[name]:
+                try:
+                    await asyncio.wait_for(self.backends[name].migrate(), timeout)
+                    self.migrated[name] = True
+                except Exception as exc:
+                    return f"{type(exc).__name__}: {exc}"[:300] or type(exc).__name__
+            try:
+                await asyncio.wait_for(self.backends[name].ping(), timeout)
+            except Exception as exc:
+                return f"{type(exc).__name__}: {exc}"[:300]
+            return None
+
+        names = list(self.backends)
+        answers = await asyncio.gather(*(check(n) for n in names))
+        return dict(zip(names, answers, strict=True))
+
+    async def aclose(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for name in reversed(list(self.backends)):
+            try:
+                await self.backends[name].aclose()
+            except Exception as exc:
+                log.warning("backend %s did not close cleanly: %s", name, exc)

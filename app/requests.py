@@ -1,0 +1,122 @@
+"""Request bodies, decoded and checked straight from bytes with msgspec (no pydantic on the hot path).
+
+The pydantic models in `routers/models.py` describe the same bodies for the OpenAPI spec; the tests hold
+the two to each other.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+
+from app.errors import BadRequest, TooLarge, ValidationFailed
+from app.registry import Entity, Registry
+from app.settings import Settings
+
+_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
+_MSGSPEC_PATH = re.compile(r" - at `\$(.*)`$")
+
+
+class FetchBody(msgspec.Struct, forbid_unknown_fields=True):
+    entities: dict[str, list[int | str]]
+    features: list[str]
+    deadline_ms: float | None = None
+    include_timestamps: bool = False
+    strict: bool = False
+
+
+class WriteBody(msgspec.Struct, forbid_unknown_fields=True):
+    group: str
+    rows: list[dict[str, Any]]
+
+
+def decode_body(body: bytes, kind: type[msgspec.Struct], settings: Settings) -> Any:
+    if len(body) > settings.max_body_bytes:
+        raise TooLarge(f"the body is {len(body)} bytes; the limit is {settings.max_body_bytes}", field="(body)")
+    try:
+        return msgspec.json.decode(body, type=kind)
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        match = _MSGSPEC_PATH.search(message)
+        field = match[1].lstrip(".") if match else "(body)"
+        reason = message[: match.start()] if match else message
+        if reason.startswith("Object contains unknown field"):
+            reason = f"unknown field; expected one of {', '.join(kind.__struct_fields__)}"
+            field = message.split("`")[1] if not match else field
+        raise ValidationFailed(reason, field=field or "(body)") from None
+    except msgspec.DecodeError as exc:
+        raise BadRequest(f"the body is not valid JSON: {exc}", field="(body)") from None
+
+
+def entity_key(entity: Entity, value: Any, field: str, settings: Settings) -> str:
+    """The canonical storage key of one id, after checking it against the entity's dtype."""
+    if entity.dtype.kind == "int64":
+        if type(value) is not int:
+            raise ValidationFailed(f"{entity.join_key} ids are int64; got {value!r}", field=field)
+        if not _INT64_MIN <= value <= _INT64_MAX:
+            raise ValidationFailed("id out of int64 range", field=field)
+        return str(value)
+    if type(value) is not str:
+        raise ValidationFailed(f"{entity.join_key} ids are strings; got {value!r}", field=field)
+    if not value or len(value) > settings.max_key_length:
+        raise ValidationFailed(f"a string id has 1 to {settings.max_key_length} characters", field=field)
+    return value
+
+
+def check_entities(
+    entities: Mapping[str, list[Any]], registry: Registry, needed: set[str], settings: Settings
+) -> tuple[int, dict[str, list[str]]]:
+    """Validate the `entities` object: known join keys, equal non-empty columns, ids of the right dtype.
+
+    Returns the row count and, per join key, the canonical storage keys.
+    """
+    if not entities:
+        raise ValidationFailed("give at least one join key with its ids", field="entities")
+    rows = -1
+    keys: dict[str, list[str]] = {}
+    for join_key, ids in entities.items():
+        entity = registry.join_keys.get(join_key)
+        if entity is None or join_key not in needed:
+            reason = "unknown join key" if entity is None else "no requested feature uses this join key"
+            raise ValidationFailed(
+                f"{reason}; the requested features need {', '.join(sorted(needed))}", field=f"entities.{join_key}"
+            )
+        if not ids:
+            raise ValidationFailed("the list of ids is empty", field=f"entities.{join_key}")
+        if len(ids) > settings.max_entities:
+            raise TooLarge(f"{len(ids)} entities; the limit is {settings.max_entities}", field=f"entities.{join_key}")
+        if rows == -1:
+            rows = len(ids)
+        elif len(ids) != rows:
+            raise ValidationFailed(
+                f"every join key needs the same number of ids ({rows})", field=f"entities.{join_key}"
+            )
+        keys[join_key] = [entity_key(entity, v, f"entities.{join_key}[{i}]", settings) for i, v in enumerate(ids)]
+    missing = needed - keys.keys()
+    if missing:
+        raise ValidationFailed(
+            f"the requested features need ids for {', '.join(sorted(missing))}", field=f"entities.{sorted(missing)[0]}"
+        )
+    return rows, keys
+
+
+def parse_event_time(value: Any, field: str) -> int:
+    """RFC 3339 text -> microseconds since the epoch; a time without offset is taken as UTC."""
+    if type(value) is not str:
+        raise ValidationFailed("expected an RFC 3339 timestamp such as 2026-11-26T10:00:00Z", field=field)
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise ValidationFailed(f"{value!r} is not an RFC 3339 timestamp", field=field) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    delta = moment - datetime(1970, 1, 1, tzinfo=UTC)
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def format_event_time(event_us: int) -> str:
+    return datetime.fromtimestamp(event_us / 1_000_000, UTC).isoformat().replace("+00:00", "Z")

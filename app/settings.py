@@ -1,0 +1,29 @@
+"""All configuration, from the environment (prefix GATEWAY_) or arguments to `create_app`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GATEWAY_", extra="forbid")
+
+    registry: Path | None = Field(None, description="Registry YAML; unset serves the demo registry")
+    default_deadline_ms: float = Field(100.0, gt=0, le=60_000, description="Fetch deadline when a request sets none")
+    max_deadline_ms: float = Field(10_000.0, gt=0, description="Largest deadline a request may ask for")
+    max_entities: int = Field(1000, gt=0, description="Entities (rows) per fetch")
+    max_features: int = Field(500, gt=0, description="Features per fetch, after expanding group:*")
+    max_write_rows: int = Field(10_000, gt=0, description="Rows per write")
+    max_body_bytes: int = Field(8 * 1024 * 1024, gt=0, description="Largest request body")
+    max_key_length: int = Field(256, gt=0, description="Longest string entity id")
+    write_timeout_ms: float = Field(5_000.0, gt=0, description="Deadline for one write")
+    migrate_on_start: bool = Field(True, description="Create tables at start-up (and when a backend comes back)")
+    migrate_retry_s: float = Field(1.0, gt=0, description="How often to retry a backend that was down at start")
+    ready_timeout_ms: float = Field(1_000.0, gt=0, description="How long /readyz waits for each backend")
+    service_name: str = Field("feature-gateway", description="OpenTelemetry service.name")
+    otlp_endpoint: str | None = Field(
+        None, description="OTLP/HTTP endpoint; OTEL_EXPORTER_OTLP_ENDPOINT is honoured too"
+    )

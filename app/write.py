@@ -1,0 +1,102 @@
+"""The write path: validate every row against the group's dtypes first, then store the batch in one call.
+
+A row names the join key, an optional `event_timestamp` (RFC 3339; now when absent) and every feature of the
+group (null for no value): a group is stored as one blob, so a partial row would silently erase the
+features it left out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from app.codec import CodecError, encode_blob
+from app.errors import BackendFailed, TooLarge, ValidationFailed
+from app.registry import Group
+from app.requests import WriteBody, decode_body, entity_key, parse_event_time
+from app.settings import Settings
+from backends.base import WriteResult, WriteRow
+
+if TYPE_CHECKING:
+    from app.gateway import Gateway
+
+EVENT_TIMESTAMP = "event_timestamp"
+
+
+def encode_rows(group: Group, rows: Sequence[dict[str, Any]], settings: Settings) -> tuple[list[WriteRow], int]:
+    """Validate and encode rows. Returns one row per entity (the newest) and how many older duplicates fell."""
+    join_key = group.entity.join_key
+    allowed = {join_key, EVENT_TIMESTAMP, *group.by_name}
+    now_us = time.time_ns() // 1000
+    newest: dict[str, WriteRow] = {}
+    dropped = 0
+    for i, row in enumerate(rows):
+        where = f"rows[{i}]"
+        if join_key not in row:
+            raise ValidationFailed(f"row lacks its join key {join_key!r}", field=f"{where}.{join_key}")
+        for name in row:
+            if name not in allowed:
+                raise ValidationFailed(
+                    f"unknown field {name!r}; group {group.name} has {', '.join(group.by_name)}",
+                    field=f"{where}.{name}",
+                )
+        key = entity_key(group.entity, row[join_key], f"{where}.{join_key}", settings)
+        event_us = (
+            parse_event_time(row[EVENT_TIMESTAMP], f"{where}.{EVENT_TIMESTAMP}")
+            if (row.get(EVENT_TIMESTAMP) is not None)
+            else now_us
+        )
+        stored: list[Any] = []
+        for feature in group.features:
+            if feature.name not in row:
+                raise ValidationFailed(
+                    f"row lacks feature {feature.name!r}; a group's row is written whole, send null for no value",
+                    field=f"{where}.{feature.name}",
+                )
+            value = row[feature.name]
+            try:
+                stored.append(None if value is None else feature.dtype.check(value))
+            except CodecError as exc:
+                raise ValidationFailed(str(exc), field=f"{where}.{feature.name}") from None
+        encoded = WriteRow(key, event_us, encode_blob(event_us, stored))
+        previous = newest.get(key)
+        if previous is not None:
+            dropped += 1
+            if previous.event_us > event_us:
+                continue
+        newest[key] = encoded
+    return list(newest.values()), dropped
+
+
+async def write(gw: Gateway, raw: bytes) -> dict[str, Any]:
+    settings = gw.settings
+    request: WriteBody = decode_body(raw, WriteBody, settings)
+    group = gw.registry.groups.get(request.group)
+    if group is None:
+        raise ValidationFailed(f"unknown group; groups: {', '.join(gw.registry.groups)}", field="group")
+    if not request.rows:
+        raise ValidationFailed("give at least one row", field="rows")
+    if len(request.rows) > settings.max_write_rows:
+        raise TooLarge(f"{len(request.rows)} rows; the limit is {settings.max_write_rows}", field="rows")
+    rows, dropped = encode_rows(group, request.rows, settings)
+    backend = gw.backends[group.backend]
+    with gw.tracer.start_as_current_span(f"write {group.backend}") as span:
+        span.set_attribute("backend.name", group.backend)
+        span.set_attribute("backend.type", backend.type)
+        span.set_attribute("feature.groups", [group.name])
+        span.set_attribute("feature.keys", len(rows))
+        try:
+            result: WriteResult = await asyncio.wait_for(backend.write(group, rows), settings.write_timeout_ms / 1000)
+        except Exception as exc:
+            span.record_exception(exc)
+            detail = "timed out" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"[:300]
+            raise BackendFailed(
+                f"backend {group.backend} did not confirm the write ({detail}); retrying is safe, "
+                "a row never replaces newer data",
+                field="group",
+                extra={"backend": group.backend},
+            ) from None
+        span.set_attribute("outcome", "ok")
+    return {"group": group.name, "written": result.written, "skipped_stale": result.skipped_stale + dropped}

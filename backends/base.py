@@ -1,0 +1,54 @@
+"""The one extension point for storage: a `FeatureBackend` moves blobs (see `app/codec.py`) for groups.
+
+The core passes a backend only its own groups, keys already deduplicated, and a deadline it enforces by
+cancelling the call; a backend raises on failure and never retries past its own short timeouts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple, Protocol
+
+from app.registry import Group
+
+
+class WriteRow(NamedTuple):
+    key: str  # canonical entity key (`str(id)` for int64 entities)
+    event_us: int  # event time, microseconds since the epoch
+    blob: bytes  # the encoded values, event time in its header
+
+
+class WriteResult(NamedTuple):
+    written: int
+    skipped_stale: int  # rows whose stored event time was newer; nothing was changed for them
+
+
+class FeatureBackend(Protocol):
+    name: str
+    type: str
+
+    async def migrate(self) -> None:
+        """Create what the backend needs (tables, indexes); idempotent, safe to run at every start."""
+
+    async def read(self, reads: Sequence[tuple[Group, Sequence[str]]]) -> list[list[bytes | None]]:
+        """For each (group, keys): the stored blob per key, None where absent. One round trip where possible."""
+
+    async def write(self, group: Group, rows: Sequence[WriteRow]) -> WriteResult:
+        """Store rows (distinct keys) atomically; never replace a blob whose event time is newer."""
+
+    async def ping(self) -> None:
+        """Raise unless the backend answers."""
+
+    async def aclose(self) -> None:
+        """Release connections; the backend is not used afterwards."""
+
+
+def expiry_us(group: Group, event_us: int, now_us: int) -> int | None:
+    """When a stored row may be reclaimed: one ttl after its event time or its write, whichever is later.
+
+    Reclaiming later than the read path's EXPIRED check keeps an old write visible as EXPIRED (not MISSING)
+    for one ttl, which is what a model owner debugging a stale pipeline wants to see.
+    """
+    if group.ttl_s is None:
+        return None
+    return max(event_us, now_us) + int(group.ttl_s * 1_000_000)

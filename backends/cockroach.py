@@ -1,0 +1,163 @@
+"""CockroachDB (and PostgreSQL, which speaks the same protocol) through an asyncpg pool.
+
+One row per (group, entity): the packed blob plus its event time and expiry, primary key (grp, entity_key).
+Every statement here runs on both databases; `dialect: cockroach` (or `auto` finding CockroachDB) adds a
+hash-sharded primary key, against hot ranges from sequential ids, and row-level TTL on `expires_at`.
+On PostgreSQL a background task deletes expired rows in small batches instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+
+from app.registry import BackendSpec, Group
+from backends.base import WriteResult, WriteRow, expiry_us
+
+log = logging.getLogger(__name__)
+
+_WRITE_ATTEMPTS = 5
+_CLEANUP_BATCH = 1000
+
+
+class CockroachBackend:
+    type = "cockroach"
+
+    def __init__(self, spec: BackendSpec, groups: Sequence[Group]):
+        options = spec.options
+        self.name = spec.name
+        self.options = options
+        self.dialect: str = options["dialect"]
+        self.table = f'"{options["schema"]}"."{options["table"]}"'
+        self._pool: asyncpg.Pool | None = None
+        self._pool_lock = asyncio.Lock()
+        self._cleanup: asyncio.Task[None] | None = None
+        self._read_sql: dict[int, str] = {}
+        self._write_sql = (
+            f"INSERT INTO {self.table} AS cur (grp, entity_key, event_us, expires_at, payload) "
+            "SELECT $1, unnest($2::text[]), unnest($3::int8[]), unnest($4::timestamptz[]), unnest($5::bytea[]) "
+            "ON CONFLICT (grp, entity_key) DO UPDATE SET event_us = excluded.event_us, "
+            "expires_at = excluded.expires_at, payload = excluded.payload "
+            "WHERE cur.event_us <= excluded.event_us RETURNING 1"
+        )
+
+    async def pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            async with self._pool_lock:
+                if self._pool is None:
+                    # min_size=0: creating the pool opens no connection, so a database that is down
+                    # does not stop start-up; connections are opened on first use and kept.
+                    self._pool = await asyncpg.create_pool(
+                        self.options["dsn"],
+                        min_size=0,
+                        max_size=self.options["pool_size"],
+                        timeout=self.options["connect_timeout_ms"] / 1000,
+                        command_timeout=self.options["timeout_ms"] / 1000,
+                        server_settings={"application_name": f"feature-gateway:{self.name}"},
+                    )
+        return self._pool
+
+    def _read_statement(self, groups: int) -> str:
+        sql = self._read_sql.get(groups)
+        if sql is None:
+            parts = [
+                f"SELECT {i} AS i, entity_key, payload FROM {self.table} "
+                f"WHERE grp = ${2 * i + 1} AND entity_key = ANY(${2 * i + 2}::text[])"
+                for i in range(groups)
+            ]
+            sql = self._read_sql[groups] = " UNION ALL ".join(parts)
+        return sql
+
+    async def migrate(self) -> None:
+        pool = await self.pool()
+        async with pool.acquire() as conn:
+            if self.dialect == "auto":
+                version = await conn.fetchval("SELECT version()")
+                self.dialect = "cockroach" if "CockroachDB" in version else "postgres"
+            schema = self.options["schema"]
+            await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+            columns = (
+                "grp TEXT NOT NULL, entity_key TEXT NOT NULL, event_us INT8 NOT NULL, "
+                "expires_at TIMESTAMPTZ, payload BYTEA NOT NULL"
+            )
+            if self.dialect == "cockroach":
+                ddl = (
+                    f"CREATE TABLE IF NOT EXISTS {self.table} ({columns}, "
+                    "PRIMARY KEY (grp, entity_key) USING HASH) "
+                    "WITH (ttl_expiration_expression = 'expires_at', ttl_job_cron = '@hourly')"
+                )
+            else:
+                ddl = f"CREATE TABLE IF NOT EXISTS {self.table} ({columns}, PRIMARY KEY (grp, entity_key))"
+            try:
+                await conn.execute(ddl)
+            except asyncpg.UniqueViolationError:
+                pass  # two gateways created it at the same moment (PostgreSQL's catalog race)
+        if self.dialect == "postgres" and self._cleanup is None:
+            self._cleanup = asyncio.create_task(self._cleanup_loop(), name=f"cleanup:{self.name}")
+
+    async def read(self, reads: Sequence[tuple[Group, Sequence[str]]]) -> list[list[bytes | None]]:
+        args: list[Any] = []
+        for group, keys in reads:
+            args += [group.name, list(keys)]
+        pool = await self.pool()
+        records = await pool.fetch(self._read_statement(len(reads)), *args)
+        found: list[dict[str, bytes]] = [{} for _ in reads]
+        for record in records:
+            found[record[0]][record[1]] = record[2]
+        return [[hits.get(k) for k in keys] for hits, (_, keys) in zip(found, reads, strict=True)]
+
+    async def write(self, group: Group, rows: Sequence[WriteRow]) -> WriteResult:
+        if not rows:
+            return WriteResult(0, 0)
+        now_us = datetime.now(UTC).timestamp() * 1_000_000
+        expires = []
+        for row in rows:
+            at = expiry_us(group, row.event_us, int(now_us))
+            expires.append(None if at is None else datetime.fromtimestamp(at / 1_000_000, UTC))
+        args = (group.name, [r.key for r in rows], [r.event_us for r in rows], expires, [r.blob for r in rows])
+        pool = await self.pool()
+        for attempt in range(_WRITE_ATTEMPTS):
+            try:
+                written = len(await pool.fetch(self._write_sql, *args))
+                return WriteResult(written, len(rows) - written)
+            except asyncpg.SerializationError:
+                # 40001: CockroachDB asks the client to retry a contended transaction.
+                if attempt == _WRITE_ATTEMPTS - 1:
+                    raise
+                await asyncio.sleep(0.01 * 2**attempt * (0.5 + random.random()))
+        raise AssertionError("unreachable")
+
+    async def delete_expired(self) -> int:
+        pool = await self.pool()
+        status = await pool.execute(
+            f"DELETE FROM {self.table} WHERE (grp, entity_key) IN (SELECT grp, entity_key FROM {self.table} "
+            f"WHERE expires_at < now() LIMIT {_CLEANUP_BATCH})"
+        )
+        return int(status.split()[-1])
+
+    async def _cleanup_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.options["cleanup_interval"])
+            try:
+                for _ in range(10_000):
+                    if await self.delete_expired() < _CLEANUP_BATCH:
+                        break
+                    await asyncio.sleep(0.05)  # small batches, spaced, so reads never queue behind a purge
+            except Exception as exc:  # the loop outlives any one failure; the next round tries again
+                log.warning("backend %s: expired-row cleanup failed: %s", self.name, exc)
+
+    async def ping(self) -> None:
+        pool = await self.pool()
+        await pool.fetchval("SELECT 1")
+
+    async def aclose(self) -> None:
+        if self._cleanup is not None:
+            self._cleanup.cancel()
+        if self._pool is not None:
+            await self._pool.close()

@@ -1,0 +1,58 @@
+"""POST /v1/features/fetch and /v1/features/write."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from opentelemetry.trace import SpanKind
+
+from app.fetch import fetch
+from app.telemetry import server_timing
+from app.write import write
+from routers.deps import GatewayDep, read_body
+from routers.models import (
+    PROBLEM_RESPONSES,
+    FetchRequest,
+    FetchResponse,
+    Problem,
+    WriteRequest,
+    WriteResponse,
+    json_body,
+)
+
+router = APIRouter(prefix="/v1/features")
+
+
+@router.post(
+    "/fetch",
+    response_model=FetchResponse,
+    operation_id="fetch_features",
+    tags=["features"],
+    summary="Fetch features of entities",
+    responses={**PROBLEM_RESPONSES, 503: {"model": Problem, "description": "strict was asked and a backend failed"}},
+    openapi_extra=json_body(FetchRequest),
+)
+async def fetch_features(request: Request, gateway: GatewayDep) -> Response:
+    started = time.perf_counter()
+    with gateway.tracer.start_as_current_span("POST /v1/features/fetch", kind=SpanKind.SERVER) as span:
+        result = await fetch(gateway, await read_body(request, gateway.settings.max_body_bytes))
+        span.set_attribute("degraded", result.degraded)
+    total_ms = (time.perf_counter() - started) * 1000
+    timing = server_timing(((n, o.ms) for n, o in result.backends.items()), total_ms)
+    return Response(content=result.body, media_type="application/json", headers={"Server-Timing": timing})
+
+
+@router.post(
+    "/write",
+    response_model=WriteResponse,
+    operation_id="write_features",
+    tags=["features"],
+    summary="Write feature values of one group",
+    responses={**PROBLEM_RESPONSES, 503: {"model": Problem, "description": "the group's backend did not answer"}},
+    openapi_extra=json_body(WriteRequest),
+)
+async def write_features(request: Request, gateway: GatewayDep) -> dict[str, Any]:
+    with gateway.tracer.start_as_current_span("POST /v1/features/write", kind=SpanKind.SERVER):
+        return await write(gateway, await read_body(request, gateway.settings.max_body_bytes))

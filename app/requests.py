@@ -22,7 +22,8 @@ _MSGSPEC_PATH = re.compile(r" - at `\$(.*)`$")
 
 
 class FetchBody(msgspec.Struct, forbid_unknown_fields=True):
-    entities: dict[str, list[int | str]]
+    # Ids are checked against each entity's dtype by `entity_key`, which names the exact field.
+    entities: dict[str, list[Any]]
     features: list[str]
     deadline_ms: float | None = None
     include_timestamps: bool = False
@@ -52,16 +53,21 @@ def decode_body(body: bytes, kind: type[msgspec.Struct], settings: Settings) -> 
         raise BadRequest(f"the body is not valid JSON: {exc}", field="(body)") from None
 
 
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def entity_key(entity: Entity, value: Any, field: str, settings: Settings) -> str:
     """The canonical storage key of one id, after checking it against the entity's dtype."""
     if entity.dtype.kind == "int64":
         if type(value) is not int:
-            raise ValidationFailed(f"{entity.join_key} ids are int64; got {value!r}", field=field)
+            raise ValidationFailed(f"{entity.join_key} ids are int64; got {_short(value)}", field=field)
         if not _INT64_MIN <= value <= _INT64_MAX:
             raise ValidationFailed("id out of int64 range", field=field)
         return str(value)
     if type(value) is not str:
-        raise ValidationFailed(f"{entity.join_key} ids are strings; got {value!r}", field=field)
+        raise ValidationFailed(f"{entity.join_key} ids are strings; got {_short(value)}", field=field)
     if not value or len(value) > settings.max_key_length:
         raise ValidationFailed(f"a string id has 1 to {settings.max_key_length} characters", field=field)
     return value

@@ -89,9 +89,9 @@ class RedisProcess:
             self.proc = None
 
 
-async def eventually(check: object, timeout: float = 5.0, interval: float = 0.05) -> None:
-    """Await `check()` until it returns truthy or the timeout passes (then assert on its last answer)."""
-    deadline = time.monotonic() + timeout
+async def eventually(check: object, within: float = 5.0, interval: float = 0.05) -> None:
+    """Await `check()` until it returns truthy or `within` seconds pass (then assert on its last answer)."""
+    deadline = time.monotonic() + within
     while True:
         result = await check()  # type: ignore[operator]
         if result or time.monotonic() > deadline:

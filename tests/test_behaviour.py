@@ -49,21 +49,43 @@ async def fetch(client: httpx.AsyncClient, **body: Any) -> dict[str, Any]:
 async def test_values_come_back_typed_and_in_request_order(gateway: GatewayFactory, names: Names, kind: str) -> None:
     async with gateway(names.registry(names.backend(kind))) as client:
         assert await write(client, "live", [live_row(101, 3), live_row(102, 8)]) == {
-            "group": "live", "written": 2, "skipped_stale": 0}
+            "group": "live",
+            "written": 2,
+            "skipped_stale": 0,
+        }
         await write(client, "history", [{"consumer_id": 101, "lifetime_orders": 17, "lifetime_value": 402.5}])
-        answer = await fetch(client, entities={"consumer_id": [102, 101]}, features=[
-            "history:lifetime_orders", "live:embedding", "live:orders_7d", "live:name", "live:active",
-            "live:raw", "live:ids", "live:avg_basket",
-        ])
+        answer = await fetch(
+            client,
+            entities={"consumer_id": [102, 101]},
+            features=[
+                "history:lifetime_orders",
+                "live:embedding",
+                "live:orders_7d",
+                "live:name",
+                "live:active",
+                "live:raw",
+                "live:ids",
+                "live:avg_basket",
+            ],
+        )
     assert answer["features"][0] == "history:lifetime_orders"
     first, second = answer["rows"]
     assert first["entity"] == {"consumer_id": 102}
-    assert first["values"] == [-1, [0.25, -1.5, 8.0], 8, "consumer 102 ✓", False,
-                               base64.b64encode(bytes([102, 0, 255])).decode(), [102, -102], 12.0]
+    assert first["values"] == [
+        -1,
+        [0.25, -1.5, 8.0],
+        8,
+        "consumer 102 ✓",
+        False,
+        base64.b64encode(bytes([102, 0, 255])).decode(),
+        [102, -102],
+        12.0,
+    ]
     assert first["statuses"] == ["MISSING"] + ["PRESENT"] * 7
     assert second["values"][:3] == [17, [0.25, -1.5, 3.0], 3]
     assert second["statuses"] == ["PRESENT"] * 8
-    assert isinstance(second["values"][2], int) and isinstance(second["values"][7], float)
+    assert isinstance(second["values"][2], int)
+    assert isinstance(second["values"][7], float)
     assert answer["degraded"] is False
     assert answer["backends"]["hot"]["status"] == "ok"
 
@@ -93,8 +115,9 @@ async def test_unknown_entities_are_missing_with_defaults(gateway: GatewayFactor
 async def test_old_values_are_expired_and_served_as_default(gateway: GatewayFactory, names: Names, kind: str) -> None:
     async with gateway(names.registry(names.backend(kind))) as client:
         await write(client, "live", [live_row(1, 5, at=stamp(-timedelta(hours=2))), live_row(2, 6)])
-        answer = await fetch(client, entities={"consumer_id": [1, 2]}, features=["live:orders_7d", "live:ids"],
-                             include_timestamps=True)
+        answer = await fetch(
+            client, entities={"consumer_id": [1, 2]}, features=["live:orders_7d", "live:ids"], include_timestamps=True
+        )
     expired, fresh = answer["rows"]
     assert expired["values"] == [0, [0, 0]]
     assert expired["statuses"] == ["EXPIRED", "EXPIRED"]
@@ -107,11 +130,15 @@ async def test_old_values_are_expired_and_served_as_default(gateway: GatewayFact
 async def test_stale_rows_are_skipped_and_counted(gateway: GatewayFactory, names: Names, kind: str) -> None:
     async with gateway(names.registry(names.backend(kind))) as client:
         await write(client, "live", [live_row(1, 10, at=stamp())])
-        result = await write(client, "live", [
-            live_row(1, 99, at=stamp(-timedelta(minutes=5))),  # older than stored: skipped
-            live_row(2, 20, at=stamp(-timedelta(minutes=1))),
-            live_row(2, 21, at=stamp()),  # the newest row of an entity in one batch wins
-        ])
+        result = await write(
+            client,
+            "live",
+            [
+                live_row(1, 99, at=stamp(-timedelta(minutes=5))),  # older than stored: skipped
+                live_row(2, 20, at=stamp(-timedelta(minutes=1))),
+                live_row(2, 21, at=stamp()),  # the newest row of an entity in one batch wins
+            ],
+        )
         answer = await fetch(client, entities={"consumer_id": [1, 2]}, features=["live:orders_7d"])
     assert result == {"group": "live", "written": 1, "skipped_stale": 2}
     assert [r["values"] for r in answer["rows"]] == [[10], [21]]
@@ -119,9 +146,17 @@ async def test_stale_rows_are_skipped_and_counted(gateway: GatewayFactory, names
 
 async def test_one_bad_row_rejects_the_whole_batch(gateway: GatewayFactory, names: Names, kind: str) -> None:
     async with gateway(names.registry(names.backend(kind))) as client:
-        response = await client.post("/v1/features/write", json={"group": "live", "rows": [
-            live_row(1, 1), live_row(2, 2), live_row(3, 3, embedding=[1.0, 2.0]),
-        ]})
+        response = await client.post(
+            "/v1/features/write",
+            json={
+                "group": "live",
+                "rows": [
+                    live_row(1, 1),
+                    live_row(2, 2),
+                    live_row(3, 3, embedding=[1.0, 2.0]),
+                ],
+            },
+        )
         answer = await fetch(client, entities={"consumer_id": [1, 2]}, features=["live:orders_7d"])
     assert response.status_code == 422
     assert response.headers["content-type"] == "application/problem+json"
@@ -168,25 +203,35 @@ async def test_one_request_across_redis_and_cockroach(gateway: GatewayFactory, n
     async with gateway(names.registry(names.backend("redis"), names.backend("cockroach"))) as client:
         await write(client, "live", [live_row(5, 3)])
         await write(client, "history", [{"consumer_id": 5, "lifetime_orders": 40, "lifetime_value": 99.5}])
-        response = await client.post("/v1/features/fetch", json={
-            "entities": {"consumer_id": [5, 6]},
-            "features": ["live:orders_7d", "history:lifetime_value", "live:avg_basket", "history:lifetime_orders"],
-        })
+        response = await client.post(
+            "/v1/features/fetch",
+            json={
+                "entities": {"consumer_id": [5, 6]},
+                "features": ["live:orders_7d", "history:lifetime_value", "live:avg_basket", "history:lifetime_orders"],
+            },
+        )
     answer = response.json()
     assert [r["values"] for r in answer["rows"]] == [[3, 99.5, 4.5, 40], [0, None, 0.5, -1]]
     assert answer["rows"][1]["statuses"] == ["MISSING"] * 4
     assert set(answer["backends"]) == {"hot", "bulk"}
     assert all(b["status"] == "ok" for b in answer["backends"].values())
     timing = response.headers["server-timing"]
-    assert timing.startswith("hot;dur=") and ", bulk;dur=" in timing and ", total;dur=" in timing
+    assert timing.startswith("hot;dur=")
+    assert ", bulk;dur=" in timing
+    assert ", total;dur=" in timing
 
 
 async def test_two_join_keys_in_one_request(gateway: GatewayFactory, names: Names) -> None:
     async with gateway(names.registry(names.backend("sqlite"))) as client:
         await write(client, "stores", [{"store_id": "s-9", "open_orders": 2}])
         await write(client, "live", [live_row(9, 4)])
-        answer = await fetch(client, entities={"consumer_id": [9, 10], "store_id": ["s-9", "s-9"]},
-                             features=["stores:open_orders", "live:orders_7d"])
-    assert [r["entity"] for r in answer["rows"]] == [{"consumer_id": 9, "store_id": "s-9"},
-                                                     {"consumer_id": 10, "store_id": "s-9"}]
+        answer = await fetch(
+            client,
+            entities={"consumer_id": [9, 10], "store_id": ["s-9", "s-9"]},
+            features=["stores:open_orders", "live:orders_7d"],
+        )
+    assert [r["entity"] for r in answer["rows"]] == [
+        {"consumer_id": 9, "store_id": "s-9"},
+        {"consumer_id": 10, "store_id": "s-9"},
+    ]
     assert [r["values"] for r in answer["rows"]] == [[2, 4], [2, 0]]

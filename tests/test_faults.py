@@ -44,11 +44,14 @@ async def test_unreachable_backend_is_unavailable_and_the_other_present(
         started = time.perf_counter()
         answer = await fetch(client, entities={"consumer_id": [1]}, features=FEATURES)
         elapsed = time.perf_counter() - started
-        strict = await client.post("/v1/features/fetch", json={
-            "entities": {"consumer_id": [1]}, "features": FEATURES, "strict": True})
+        strict = await client.post(
+            "/v1/features/fetch", json={"entities": {"consumer_id": [1]}, "features": FEATURES, "strict": True}
+        )
         ready = await client.get("/readyz")
-        write_down = await client.post("/v1/features/write", json={
-            "group": "history", "rows": [{"consumer_id": 1, "lifetime_orders": 1, "lifetime_value": 1.0}]})
+        write_down = await client.post(
+            "/v1/features/write",
+            json={"group": "history", "rows": [{"consumer_id": 1, "lifetime_orders": 1, "lifetime_value": 1.0}]},
+        )
     row = answer["rows"][0]
     assert row["values"] == [3, -1]
     assert row["statuses"] == ["PRESENT", "UNAVAILABLE"]
@@ -110,8 +113,10 @@ async def test_backend_missing_the_deadline_is_unavailable(gateway: GatewayFacto
             started = time.perf_counter()
             slow_pg = await fetch(client, entities={"consumer_id": [1]}, features=FEATURES, deadline_ms=80)
             pg_elapsed = time.perf_counter() - started
-            strict = await client.post("/v1/features/fetch", json={
-                "entities": {"consumer_id": [1]}, "features": FEATURES, "deadline_ms": 80, "strict": True})
+            strict = await client.post(
+                "/v1/features/fetch",
+                json={"entities": {"consumer_id": [1]}, "features": FEATURES, "deadline_ms": 80, "strict": True},
+            )
         after = await fetch(client, entities={"consumer_id": [1]}, features=FEATURES)
     assert slow_redis["rows"][0]["statuses"] == ["UNAVAILABLE", "PRESENT"]
     assert slow_redis["rows"][0]["values"] == [0, 9]
@@ -176,7 +181,8 @@ async def test_redis_down_at_start_is_used_once_it_answers(gateway: GatewayFacto
             up = await fetch(client, entities={"consumer_id": [1]}, features=FEATURES)
     finally:
         server.stop()
-    assert ready.status_code == 503 and "hot" in ready.json()["detail"]
+    assert ready.status_code == 503
+    assert "hot" in ready.json()["detail"]
     assert down["rows"][0]["statuses"] == ["UNAVAILABLE", "MISSING"]
     assert up["rows"][0]["statuses"] == ["PRESENT", "MISSING"]
 
@@ -194,6 +200,7 @@ async def test_postgres_down_at_start_gets_its_table_when_it_answers(gateway: Ga
             await eventually(migrated)  # the background retry created the table, no /readyz needed
             await write(client, "history", [{"consumer_id": 1, "lifetime_orders": 5, "lifetime_value": None}])
             up = await fetch(client, entities={"consumer_id": [1]}, features=FEATURES)
-    assert ready.status_code == 503 and ready.json()["backends"]["bulk"] != "ok"
+    assert ready.status_code == 503
+    assert ready.json()["backends"]["bulk"] != "ok"
     assert up["rows"][0]["statuses"] == ["MISSING", "PRESENT"]
     assert up["rows"][0]["values"] == [0, 5]

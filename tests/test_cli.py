@@ -1,0 +1,108 @@
+"""The CLI as a user runs it: check, migrate, and serve (the demo, with no servers)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import asyncpg
+import httpx
+
+from tests.conftest import PG_DSN
+from tests.support import free_port
+from tests.test_registry import GOOD
+
+CLI = [sys.executable, "-m", "app"]
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=60, env=env)
+
+
+def test_check_accepts_a_good_registry(tmp_path: Path) -> None:
+    path = tmp_path / "registry.yaml"
+    path.write_text(GOOD)
+    result = run("check", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "ok: 2 backends, 1 entities, 2 groups, 3 features" in result.stdout
+
+
+def test_check_names_the_bad_field(tmp_path: Path) -> None:
+    path = tmp_path / "registry.yaml"
+    path.write_text(GOOD.replace("ttl: 1h", "ttl: soon"))
+    result = run("check", str(path))
+    assert result.returncode == 2
+    assert f"{path}: groups.live.ttl: 'soon' is not a duration" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_check_a_missing_file(tmp_path: Path) -> None:
+    result = run("check", str(tmp_path / "nope.yaml"))
+    assert result.returncode == 2
+    assert "cannot read" in result.stderr
+
+
+def test_migrate_creates_tables_and_reports_a_dead_backend(tmp_path: Path) -> None:
+    path = tmp_path / "registry.yaml"
+    path.write_text(
+        GOOD.replace("${REDIS_URL:-redis://127.0.0.1:6379/0}", f"redis://127.0.0.1:{free_port()}/0").replace(
+            "dialect: cockroach", "dialect: auto, schema: t_cli_migrate"
+        )
+    )
+    result = run("migrate", "--registry", str(path))
+    assert result.returncode == 1
+    assert "bulk (cockroach): ready" in result.stdout
+    assert "hot (redis): failed" in result.stderr
+    asyncio.run(_drop_schema("t_cli_migrate"))
+
+
+async def _drop_schema(schema: str) -> None:
+    conn = await asyncpg.connect(PG_DSN)
+    try:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    finally:
+        await conn.close()
+
+
+def test_serve_without_registry_runs_the_demo_and_its_curl_line_works(tmp_path: Path) -> None:
+    port = free_port()
+    env = {**os.environ, "GATEWAY_DEMO_DIR": str(tmp_path / "demo")}
+    server = subprocess.Popen(
+        [*CLI, "serve", "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
+    try:
+        assert server.stdout is not None
+        curl_line = ""
+        while not curl_line:
+            line = server.stdout.readline()
+            assert line, "serve exited before printing its curl line"
+            if line.strip().startswith("curl "):
+                curl_line = line.strip()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        args = shlex.split(curl_line)
+        url = next(a for a in args if a.startswith("http://"))
+        body = args[args.index("-d") + 1]
+        assert re.search(rf"127\.0\.0\.1:{port}/v1/features/fetch$", url)
+        answer = httpx.post(url, content=body, headers={"content-type": "application/json"}, timeout=5).json()
+    finally:
+        server.terminate()
+        server.wait(15)
+        if server.stdout is not None:
+            server.stdout.close()
+    statuses = [row["statuses"] for row in answer["rows"]]
+    assert statuses[0] == ["PRESENT"] * 4  # 101: fresh everywhere
+    assert statuses[1][0] == "EXPIRED"  # 104: live features two hours old under a 1h ttl
+    assert statuses[2] == ["MISSING"] * 4  # 106: never written
+    assert answer["rows"][0]["values"][:2] == [3, 17]

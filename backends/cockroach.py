@@ -26,6 +26,20 @@ _WRITE_ATTEMPTS = 5
 _CLEANUP_BATCH = 1000
 
 
+def create_table_sql(table: str, dialect: str) -> str:
+    columns = (
+        "grp TEXT NOT NULL, entity_key TEXT NOT NULL, event_us INT8 NOT NULL, "
+        "expires_at TIMESTAMPTZ, payload BYTEA NOT NULL"
+    )
+    if dialect == "cockroach":
+        # Hash-sharded: sequential ids would otherwise pile writes onto one range.
+        return (
+            f"CREATE TABLE IF NOT EXISTS {table} ({columns}, PRIMARY KEY (grp, entity_key) USING HASH) "
+            "WITH (ttl_expiration_expression = 'expires_at', ttl_job_cron = '@hourly')"
+        )
+    return f"CREATE TABLE IF NOT EXISTS {table} ({columns}, PRIMARY KEY (grp, entity_key))"
+
+
 class CockroachBackend:
     type = "cockroach"
 
@@ -80,24 +94,14 @@ class CockroachBackend:
             if self.dialect == "auto":
                 version = await conn.fetchval("SELECT version()")
                 self.dialect = "cockroach" if "CockroachDB" in version else "postgres"
-            schema = self.options["schema"]
-            await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
-            columns = (
-                "grp TEXT NOT NULL, entity_key TEXT NOT NULL, event_us INT8 NOT NULL, "
-                "expires_at TIMESTAMPTZ, payload BYTEA NOT NULL"
-            )
-            if self.dialect == "cockroach":
-                ddl = (
-                    f"CREATE TABLE IF NOT EXISTS {self.table} ({columns}, "
-                    "PRIMARY KEY (grp, entity_key) USING HASH) "
-                    "WITH (ttl_expiration_expression = 'expires_at', ttl_job_cron = '@hourly')"
-                )
-            else:
-                ddl = f"CREATE TABLE IF NOT EXISTS {self.table} ({columns}, PRIMARY KEY (grp, entity_key))"
-            try:
-                await conn.execute(ddl)
-            except asyncpg.UniqueViolationError:
-                pass  # two gateways created it at the same moment (PostgreSQL's catalog race)
+            for ddl in (
+                f'CREATE SCHEMA IF NOT EXISTS "{self.options["schema"]}"',
+                create_table_sql(self.table, self.dialect),
+            ):
+                try:
+                    await conn.execute(ddl)
+                except asyncpg.UniqueViolationError:
+                    pass  # another gateway created it at the same moment (PostgreSQL's catalog race)
         if self.dialect == "postgres" and self._cleanup is None:
             self._cleanup = asyncio.create_task(self._cleanup_loop(), name=f"cleanup:{self.name}")
 

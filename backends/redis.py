@@ -10,9 +10,9 @@ import time
 from collections.abc import Sequence
 
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.retry import Retry
 
 from app.registry import BackendSpec, Group
 from backends.base import WriteResult, WriteRow, expiry_us
@@ -54,6 +54,7 @@ class RedisBackend:
             socket_timeout=options["timeout_ms"] / 1000,
             socket_connect_timeout=options["connect_timeout_ms"] / 1000,
             retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+            retry_on_error=[RedisConnectionError],
             client_name=f"feature-gateway:{spec.name}",
         )
         self.client = Redis(connection_pool=pool)

@@ -141,7 +141,7 @@ def make_plan(registry: Registry, features: Sequence[str], max_features: int) ->
 
 @dataclass(slots=True)
 class BackendOutcome:
-    status: str = "ok"  # ok | error | timeout
+    status: str = "ok"  # ok | error | timeout | open (circuit open: not asked)
     ms: float = 0.0
     error: str | None = None
     cells: list[list[Cell]] | None = None  # per group of this backend, per unique key
@@ -156,15 +156,20 @@ async def _read_backend(
     outcome: BackendOutcome,
 ) -> None:
     backend = gw.backends[backend_name]
+    breaker = gw.breakers[backend_name]
     with gw.tracer.start_as_current_span(f"read {backend_name}") as span:
         span.set_attribute("backend.name", backend_name)
         span.set_attribute("backend.type", backend.type)
         span.set_attribute("feature.groups", [p.group.name for p in plans])
         span.set_attribute("feature.keys", sum(len(k) for k in keys))
+        span.set_attribute("circuit.state", breaker.state)
         started = time.perf_counter()
         try:
-            blobs = await backend.read([(p.group, k) for p, k in zip(plans, keys, strict=True)])
+            # The backend's own timeout bounds it even under a generous request deadline.
+            async with asyncio.timeout(gw.read_timeout_s[backend_name]):
+                blobs = await backend.read([(p.group, k) for p, k in zip(plans, keys, strict=True)])
             outcome.ms = (time.perf_counter() - started) * 1000
+            breaker.success()
             outcome.cells = [
                 [p.cell(b, now_us) for b in group_blobs] for p, group_blobs in zip(plans, blobs, strict=True)
             ]
@@ -178,15 +183,22 @@ async def _read_backend(
             span.set_attribute("feature.expired", expired)
             span.set_attribute("outcome", "ok")
         except asyncio.CancelledError:
+            # The request's deadline passed: not the backend's fault, unless this was the probe of an open circuit.
+            breaker.abandoned()
             outcome.ms = (time.perf_counter() - started) * 1000
             outcome.status, outcome.error = "timeout", "missed the deadline"
             span.set_attribute("outcome", "timeout")
             span.set_status(Status(StatusCode.ERROR, "deadline"))
             raise
         except Exception as exc:  # any backend failure degrades the answer, never the service
+            breaker.failure()
             outcome.ms = (time.perf_counter() - started) * 1000
-            outcome.status, outcome.error = "error", f"{type(exc).__name__}: {exc}"[:300]
-            span.set_attribute("outcome", "error")
+            if isinstance(exc, TimeoutError):
+                outcome.status, outcome.error = "timeout", "backend timeout"
+            else:
+                outcome.status, outcome.error = "error", f"{type(exc).__name__}: {exc}"[:300]
+            span.set_attribute("outcome", outcome.status)
+            span.set_attribute("circuit.state", breaker.state)
             span.record_exception(exc)
             span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
 
@@ -219,18 +231,22 @@ async def fetch(gw: Gateway, raw: bytes) -> FetchResult:
     unique = {jk: _unique(keys) for jk, keys in keys_by_join.items()}
     now_us = time.time_ns() // 1000
     outcomes = {name: BackendOutcome() for name, _ in plan.by_backend}
-    tasks = []
+    tasks: dict[str, asyncio.Task[None]] = {}
     for name, indexes in plan.by_backend:
+        if not gw.breakers[name].allow():
+            outcome = outcomes[name]
+            outcome.status, outcome.error = "open", "circuit open: the backend failed repeatedly; probing it"
+            continue
         plans = [plan.groups[i] for i in indexes]
         keys = [unique[p.group.entity.join_key][0] for p in plans]
-        tasks.append(gw.spawn(_read_backend(gw, name, plans, keys, now_us, outcomes[name])))
-    _, pending = await asyncio.wait(tasks, timeout=deadline_ms / 1000)
-    for task in pending:
-        task.cancel()
-    for (name, _), task in zip(plan.by_backend, tasks, strict=True):
-        outcome = outcomes[name]
-        if task in pending:
-            outcome.status, outcome.error, outcome.ms = "timeout", "missed the deadline", deadline_ms
+        tasks[name] = gw.spawn(_read_backend(gw, name, plans, keys, now_us, outcomes[name]))
+    if tasks:
+        _, pending = await asyncio.wait(tasks.values(), timeout=deadline_ms / 1000)
+        for name, task in tasks.items():
+            if task in pending:
+                task.cancel()
+                outcome = outcomes[name]
+                outcome.status, outcome.error, outcome.ms = "timeout", "missed the deadline", deadline_ms
 
     degraded = any(o.status != "ok" for o in outcomes.values())
     if degraded and request.strict:

@@ -12,6 +12,7 @@ from typing import Any
 
 from opentelemetry import trace
 
+from app.breaker import CircuitBreaker
 from app.fetch import Plan, make_plan
 from app.registry import Registry
 from app.settings import Settings
@@ -31,6 +32,10 @@ class Gateway:
         self.backends = backends
         self.tracer = tracer
         self.migrated: dict[str, bool] = dict.fromkeys(backends, False)
+        self.breakers = {
+            name: CircuitBreaker(settings.breaker_failures, settings.breaker_reset_ms / 1000) for name in backends
+        }
+        self.read_timeout_s = {name: registry.backends[name].options["timeout_ms"] / 1000 for name in backends}
         self._plans: dict[tuple[str, ...], Plan] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
 

@@ -23,6 +23,8 @@ class Settings(BaseSettings):
     migrate_on_start: bool = Field(True, description="Create tables at start-up (and when a backend comes back)")
     migrate_retry_s: float = Field(1.0, gt=0, description="How often to retry a backend that was down at start")
     ready_timeout_ms: float = Field(1_000.0, gt=0, description="How long /readyz waits for each backend")
+    breaker_failures: int = Field(5, gt=0, description="Consecutive failures that open a backend's circuit")
+    breaker_reset_ms: float = Field(1_000.0, gt=0, description="How long an open circuit waits before one probe")
     service_name: str = Field("feature-gateway", description="OpenTelemetry service.name")
     otlp_endpoint: str | None = Field(
         None, description="OTLP/HTTP endpoint; OTEL_EXPORTER_OTLP_ENDPOINT is honoured too"

@@ -82,6 +82,13 @@ async def write(gw: Gateway, raw: bytes) -> dict[str, Any]:
         raise TooLarge(f"{len(request.rows)} rows; the limit is {settings.max_write_rows}", field="rows")
     rows, dropped = encode_rows(group, request.rows, settings)
     backend = gw.backends[group.backend]
+    breaker = gw.breakers[group.backend]
+    if not breaker.allow():
+        raise BackendFailed(
+            f"backend {group.backend} failed repeatedly and its circuit is open; nothing was written, retry shortly",
+            field="group",
+            extra={"backend": group.backend},
+        )
     with gw.tracer.start_as_current_span(f"write {group.backend}") as span:
         span.set_attribute("backend.name", group.backend)
         span.set_attribute("backend.type", backend.type)
@@ -90,6 +97,7 @@ async def write(gw: Gateway, raw: bytes) -> dict[str, Any]:
         try:
             result: WriteResult = await asyncio.wait_for(backend.write(group, rows), settings.write_timeout_ms / 1000)
         except Exception as exc:
+            breaker.failure()
             span.record_exception(exc)
             detail = "timed out" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"[:300]
             raise BackendFailed(
@@ -98,5 +106,9 @@ async def write(gw: Gateway, raw: bytes) -> dict[str, Any]:
                 field="group",
                 extra={"backend": group.backend},
             ) from None
+        except asyncio.CancelledError:
+            breaker.abandoned()
+            raise
+        breaker.success()
         span.set_attribute("outcome", "ok")
     return {"group": group.name, "written": result.written, "skipped_stale": result.skipped_stale + dropped}

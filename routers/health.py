@@ -27,7 +27,11 @@ async def health() -> dict[str, str]:
 async def ready(gateway: GatewayDep) -> JSONResponse:
     answers = await gateway.readiness()
     ready = all(a is None for a in answers.values())
-    body: dict[str, object] = {"ready": ready, "backends": {n: a or "ok" for n, a in answers.items()}}
+    body: dict[str, object] = {
+        "ready": ready,
+        "backends": {n: a or "ok" for n, a in answers.items()},
+        "circuits": {n: b.state for n, b in gateway.breakers.items()},
+    }
     if not ready:
         body["detail"] = "not answering: " + ", ".join(n for n, a in answers.items() if a is not None)
     return JSONResponse(body, status_code=200 if ready else 503)

@@ -45,7 +45,9 @@ class FetchRow(BaseModel):
 
 
 class BackendReport(BaseModel):
-    status: Literal["ok", "error", "timeout"]
+    status: Literal["ok", "error", "timeout", "open"] = Field(
+        description="open: the backend's circuit is open after repeated failures, so it was not asked"
+    )
     ms: float
     error: str | None = None
 
@@ -138,6 +140,9 @@ class Problem(BaseModel):
 class Readiness(BaseModel):
     ready: bool
     backends: dict[str, str] = Field(description="Backend -> 'ok' or why it does not answer")
+    circuits: dict[str, Literal["closed", "open", "half_open"]] = Field(
+        description="Backend -> circuit state; open: fetches skip it until a probe succeeds"
+    )
     detail: str | None = Field(None, description="The backends that do not answer")
 
 

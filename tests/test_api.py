@@ -134,9 +134,10 @@ async def test_registry_health_and_readiness(gateway: GatewayFactory, names: Nam
     assert registry["backends"]["bulk"]["type"] == "cockroach"
     assert health.json() == {"status": "ok"}
     assert ready.status_code == 200
-    assert ready.json() == {"ready": True, "backends": {"hot": "ok", "bulk": "ok"}, "detail": None} or ready.json() == {
+    assert ready.json() == {
         "ready": True,
         "backends": {"hot": "ok", "bulk": "ok"},
+        "circuits": {"hot": "closed", "bulk": "closed"},
     }
 
 

@@ -204,3 +204,41 @@ async def test_postgres_down_at_start_gets_its_table_when_it_answers(gateway: Ga
     assert ready.json()["backends"]["bulk"] != "ok"
     assert up["rows"][0]["statuses"] == ["MISSING", "PRESENT"]
     assert up["rows"][0]["values"] == [0, 5]
+
+
+async def test_circuit_opens_after_failures_and_a_probe_closes_it(gateway: GatewayFactory, names: Names) -> None:
+    proxy = TcpProxy(target_port=5432)
+    bulk = names.backend("cockroach", dsn=f"postgresql://root@127.0.0.1:{proxy.port}/test")
+    request = {"entities": {"consumer_id": [1]}, "features": FEATURES}
+    async with gateway(
+        names.registry(names.backend("sqlite"), bulk), breaker_failures=3, breaker_reset_ms=1500, migrate_retry_s=0.05
+    ) as client:
+        answers = [(await client.post("/v1/features/fetch", json=request)).json() for _ in range(5)]
+        ready = (await client.get("/readyz")).json()
+        write_open = await client.post(
+            "/v1/features/write",
+            json={"group": "history", "rows": [{"consumer_id": 1, "lifetime_orders": 1, "lifetime_value": 1.0}]},
+        )
+        async with running(proxy):
+            await eventually(lambda: _migrated(client, "bulk"))
+            still_open = (await client.post("/v1/features/fetch", json=request)).json()
+            breaker = client.app.state.gateway.breakers["bulk"]  # type: ignore[attr-defined]
+            await asyncio.sleep(max(0.0, breaker.opened_at + 1.5 - time.monotonic()) + 0.01)  # next request probes
+            probe = (await client.post("/v1/features/fetch", json=request)).json()
+            after = (await client.post("/v1/features/fetch", json=request)).json()
+            ready_after = (await client.get("/readyz")).json()
+    assert [a["backends"]["bulk"]["status"] for a in answers] == ["error", "error", "error", "open", "open"]
+    assert answers[4]["backends"]["bulk"]["ms"] == 0  # an open circuit costs nothing
+    assert answers[4]["rows"][0]["statuses"] == ["MISSING", "UNAVAILABLE"]
+    assert ready["circuits"]["bulk"] == "open"
+    assert write_open.status_code == 503
+    assert "circuit is open" in write_open.json()["detail"]
+    assert still_open["backends"]["bulk"]["status"] == "open"
+    assert probe["backends"]["bulk"]["status"] == "ok"
+    assert after["backends"]["bulk"]["status"] == "ok"
+    assert after["rows"][0]["statuses"] == ["MISSING", "MISSING"]
+    assert ready_after["circuits"]["bulk"] == "closed"
+
+
+async def _migrated(client: object, name: str) -> bool:
+    return bool(client.app.state.gateway.migrated[name])  # type: ignore[attr-defined]

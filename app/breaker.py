@@ -1,0 +1,53 @@
+"""A circuit breaker per backend: after N consecutive failures the backend is skipped (its features served
+UNAVAILABLE at once, costing about 0 ms instead of its timeout) until a single probe after `reset_s` succeeds.
+
+closed --N failures--> open --reset_s passes--> half-open (one probe) --success--> closed
+                         ^                                               |
+                         +------------------failure or cancelled---------+
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
+
+
+class CircuitBreaker:
+    def __init__(self, failures: int = 5, reset_s: float = 1.0, clock: Callable[[], float] = time.monotonic):
+        self.threshold = failures
+        self.reset_s = reset_s
+        self.clock = clock
+        self.state = CLOSED
+        self.failures = 0  # consecutive
+        self.opened_at = 0.0
+        self.trips = 0  # times it opened, for metrics and /readyz
+
+    def allow(self) -> bool:
+        """May a call go to the backend now? In half-open, only the one probe may."""
+        if self.state == CLOSED:
+            return True
+        if self.state == OPEN and self.clock() - self.opened_at >= self.reset_s:
+            self.state = HALF_OPEN
+            return True
+        return False
+
+    def success(self) -> None:
+        self.state = CLOSED
+        self.failures = 0
+
+    def failure(self) -> None:
+        self.failures += 1
+        if self.state == HALF_OPEN or self.failures >= self.threshold:
+            if self.state != OPEN:
+                self.trips += 1
+            self.state = OPEN
+            self.opened_at = self.clock()
+
+    def abandoned(self) -> None:
+        """The call was cancelled by the request's deadline: says nothing of the backend, except that a probe
+        did not prove it healthy (so a half-open circuit opens again rather than staying stuck)."""
+        if self.state == HALF_OPEN:
+            self.state = OPEN
+            self.opened_at = self.clock()

@@ -154,10 +154,11 @@ async def _read_backend(
     keys: list[list[str]],
     now_us: int,
     outcome: BackendOutcome,
+    limit_s: float | None,
 ) -> None:
     backend = gw.backends[backend_name]
     breaker = gw.breakers[backend_name]
-    with gw.tracer.start_as_current_span(f"read {backend_name}") as span:
+    with gw.span(f"read {backend_name}") as span:
         span.set_attribute("backend.name", backend_name)
         span.set_attribute("backend.type", backend.type)
         span.set_attribute("feature.groups", [p.group.name for p in plans])
@@ -165,9 +166,12 @@ async def _read_backend(
         span.set_attribute("circuit.state", breaker.state)
         started = time.perf_counter()
         try:
-            # The backend's own timeout bounds it even under a generous request deadline.
-            async with asyncio.timeout(gw.read_timeout_s[backend_name]):
-                blobs = await backend.read([(p.group, k) for p, k in zip(plans, keys, strict=True)])
+            reads = [(p.group, k) for p, k in zip(plans, keys, strict=True)]
+            if limit_s is None:
+                blobs = await backend.read(reads)
+            else:  # the backend's own timeout bounds it when the request's deadline is more generous
+                async with asyncio.timeout(limit_s):
+                    blobs = await backend.read(reads)
             outcome.ms = (time.perf_counter() - started) * 1000
             breaker.success()
             outcome.cells = [
@@ -231,7 +235,8 @@ async def fetch(gw: Gateway, raw: bytes) -> FetchResult:
     unique = {jk: _unique(keys) for jk, keys in keys_by_join.items()}
     now_us = time.time_ns() // 1000
     outcomes = {name: BackendOutcome() for name, _ in plan.by_backend}
-    tasks: dict[str, asyncio.Task[None]] = {}
+    deadline_s = deadline_ms / 1000
+    reads = []
     for name, indexes in plan.by_backend:
         if not gw.breakers[name].allow():
             outcome = outcomes[name]
@@ -239,9 +244,24 @@ async def fetch(gw: Gateway, raw: bytes) -> FetchResult:
             continue
         plans = [plan.groups[i] for i in indexes]
         keys = [unique[p.group.entity.join_key][0] for p in plans]
-        tasks[name] = gw.spawn(_read_backend(gw, name, plans, keys, now_us, outcomes[name]))
-    if tasks:
-        _, pending = await asyncio.wait(tasks.values(), timeout=deadline_ms / 1000)
+        limit_s = gw.read_timeout_s[name]
+        reads.append(
+            (
+                name,
+                _read_backend(gw, name, plans, keys, now_us, outcomes[name], limit_s if limit_s < deadline_s else None),
+            )
+        )
+    if len(reads) == 1:  # one backend: no task to spawn, the deadline cancels this one
+        name, read = reads[0]
+        try:
+            async with asyncio.timeout(deadline_s):
+                await read
+        except TimeoutError:
+            outcome = outcomes[name]
+            outcome.status, outcome.error, outcome.ms = "timeout", "missed the deadline", deadline_ms
+    elif reads:
+        tasks = {name: gw.spawn(read) for name, read in reads}
+        _, pending = await asyncio.wait(tasks.values(), timeout=deadline_s)
         for name, task in tasks.items():
             if task in pending:
                 task.cancel()

@@ -34,9 +34,10 @@ def make_tracer_provider(settings: Settings, exporter: SpanExporter | None = Non
     return provider
 
 
-def tracer_for(provider: TracerProvider | None) -> trace.Tracer:
+def tracer_for(provider: TracerProvider | None) -> trace.Tracer | None:
+    """None when tracing is off: callers skip spans entirely (see Gateway.span)."""
     if provider is None:
-        return trace.NoOpTracer()
+        return None
     return provider.get_tracer("feature-gateway")
 
 

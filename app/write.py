@@ -89,7 +89,7 @@ async def write(gw: Gateway, raw: bytes) -> dict[str, Any]:
             field="group",
             extra={"backend": group.backend},
         )
-    with gw.tracer.start_as_current_span(f"write {group.backend}") as span:
+    with gw.span(f"write {group.backend}") as span:
         span.set_attribute("backend.name", group.backend)
         span.set_attribute("backend.type", backend.type)
         span.set_attribute("feature.groups", [group.name])

@@ -10,9 +10,14 @@ from app.errors import TooLarge
 from app.gateway import Gateway
 
 
-def get_gateway(request: Request) -> Gateway:
+def gateway_of(request: Request) -> Gateway:
     gateway: Gateway = request.app.state.gateway
     return gateway
+
+
+async def get_gateway(request: Request) -> Gateway:
+    # async: FastAPI runs a plain `def` dependency in a thread pool, a thread hop on every request.
+    return gateway_of(request)
 
 
 GatewayDep = Annotated[Gateway, Depends(get_gateway)]

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import time
-from typing import Any
 
+import msgspec
 from fastapi import APIRouter, Request, Response
 from opentelemetry.trace import SpanKind
 
 from app.fetch import fetch
 from app.telemetry import server_timing
 from app.write import write
-from routers.deps import GatewayDep, read_body
+from routers.deps import gateway_of, read_body
 from routers.models import (
     PROBLEM_RESPONSES,
     FetchRequest,
@@ -21,8 +21,9 @@ from routers.models import (
     WriteResponse,
     json_body,
 )
+from routers.raw_route import RawRoute
 
-router = APIRouter(prefix="/v1/features")
+router = APIRouter(prefix="/v1/features", route_class=RawRoute)
 
 
 @router.post(
@@ -34,9 +35,10 @@ router = APIRouter(prefix="/v1/features")
     responses={**PROBLEM_RESPONSES, 503: {"model": Problem, "description": "strict was asked and a backend failed"}},
     openapi_extra=json_body(FetchRequest),
 )
-async def fetch_features(request: Request, gateway: GatewayDep) -> Response:
+async def fetch_features(request: Request) -> Response:
     started = time.perf_counter()
-    with gateway.tracer.start_as_current_span("POST /v1/features/fetch", kind=SpanKind.SERVER) as span:
+    gateway = gateway_of(request)
+    with gateway.span("POST /v1/features/fetch", SpanKind.SERVER) as span:
         result = await fetch(gateway, await read_body(request, gateway.settings.max_body_bytes))
         span.set_attribute("degraded", result.degraded)
     total_ms = (time.perf_counter() - started) * 1000
@@ -53,6 +55,8 @@ async def fetch_features(request: Request, gateway: GatewayDep) -> Response:
     responses={**PROBLEM_RESPONSES, 503: {"model": Problem, "description": "the group's backend did not answer"}},
     openapi_extra=json_body(WriteRequest),
 )
-async def write_features(request: Request, gateway: GatewayDep) -> dict[str, Any]:
-    with gateway.tracer.start_as_current_span("POST /v1/features/write", kind=SpanKind.SERVER):
-        return await write(gateway, await read_body(request, gateway.settings.max_body_bytes))
+async def write_features(request: Request) -> Response:
+    gateway = gateway_of(request)
+    with gateway.span("POST /v1/features/write", SpanKind.SERVER):
+        result = await write(gateway, await read_body(request, gateway.settings.max_body_bytes))
+    return Response(content=msgspec.json.encode(result), media_type="application/json")

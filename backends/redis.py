@@ -1,4 +1,5 @@
-"""Redis: one string key per (group, entity) holding the packed blob; a batch read is one MGET.
+"""Redis: one string key per (group, entity) holding the packed blob; a batch read is one MGET, sent on a
+pipelined connection (backends/resp.py); writes, scripts and pings go through redis-py.
 
 Key: `{key_prefix}{group}:{entity key}`. A key expires one ttl after its event time or its write (whichever
 is later) so Redis reclaims memory; the read path still checks event time against the group's ttl.
@@ -16,6 +17,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from app.registry import BackendSpec, Group
 from backends.base import WriteResult, WriteRow, expiry_us
+from backends.resp import PipelinedReader
 
 # Compares the 8 event-time bytes after the version byte (big-endian, biased: byte order = time order)
 # and writes only where the stored row is not newer. Atomic for the whole batch.
@@ -59,6 +61,12 @@ class RedisBackend:
         )
         self.client = Redis(connection_pool=pool)
         self._write_script = self.client.register_script(_WRITE_IF_NEWER)
+        self.reader = PipelinedReader(
+            options["url"],
+            timeout_s=options["timeout_ms"] / 1000,
+            connect_timeout_s=options["connect_timeout_ms"] / 1000,
+            client_name=f"feature-gateway:{spec.name}:read",
+        )
 
     def key(self, group: Group, entity_key: str) -> str:
         return f"{self.prefix}{group.name}:{entity_key}"
@@ -68,7 +76,7 @@ class RedisBackend:
 
     async def read(self, reads: Sequence[tuple[Group, Sequence[str]]]) -> list[list[bytes | None]]:
         keys = [f"{self.prefix}{group.name}:{k}" for group, entity_keys in reads for k in entity_keys]
-        blobs: list[bytes | None] = await self.client.mget(keys)  # type: ignore[assignment]
+        blobs = await self.reader.mget(keys)
         out, start = [], 0
         for _, entity_keys in reads:
             out.append(blobs[start : start + len(entity_keys)])
@@ -90,5 +98,6 @@ class RedisBackend:
         await self.client.ping()
 
     async def aclose(self) -> None:
+        await self.reader.aclose()
         await self.client.aclose()
         await self.client.connection_pool.disconnect()

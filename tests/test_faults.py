@@ -147,6 +147,7 @@ async def test_backends_are_read_concurrently(gateway: GatewayFactory, names: Na
     async with gateway(names.registry(names.backend("redis"), names.backend("cockroach"))) as client:
         await seed(client)
         admin = redis.Redis.from_url(REDIS_URL)
+        await admin.ping()  # connected beforehand, so the script below reaches Redis before the fetch
         async with postgres_locked(names, 0.1):
             # A script spinning for 100 ms holds Redis for exactly that long (a CLIENT PAUSE ends only at the
             # server's next cron tick, up to 100 ms late, which would blur the timing this test is about).

@@ -1,0 +1,104 @@
+"""The pipelined Redis read connection: order under cancellation, reconnects, AUTH and SELECT."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import pytest
+import redis.asyncio as redis
+
+from backends.resp import PipelinedReader
+from tests.conftest import REDIS_URL, Names
+from tests.support import RedisProcess
+
+_SPIN = "local t = redis.call('TIME') repeat local n = redis.call('TIME') until (n[1]-t[1])*1000000+n[2]-t[2] >= 150000"
+
+
+def reader(url: str = REDIS_URL, timeout_s: float = 1.0) -> PipelinedReader:
+    return PipelinedReader(url, timeout_s=timeout_s, connect_timeout_s=1.0, client_name="feature-gateway:test")
+
+
+async def test_a_cancelled_read_never_hands_its_reply_to_the_next(names: Names) -> None:
+    admin = redis.Redis.from_url(REDIS_URL)
+    await admin.mset({f"{names.prefix}a": b"A", f"{names.prefix}b": b"B"})
+    client = reader()
+    try:
+        await client.mget([f"{names.prefix}a"])  # connected
+        busy = asyncio.create_task(admin.eval(_SPIN, 0))
+        await asyncio.sleep(0.01)
+        slow = asyncio.create_task(client.mget([f"{names.prefix}a"]))
+        await asyncio.sleep(0.01)
+        slow.cancel()  # its reply ("A") is still coming on the shared socket
+        assert await client.mget([f"{names.prefix}b", f"{names.prefix}missing"]) == [b"B", None]
+        assert await client.mget([f"{names.prefix}a"]) == [b"A"]
+        await busy
+    finally:
+        await client.aclose()
+        await admin.aclose()
+
+
+async def test_concurrent_reads_share_one_socket_in_order(names: Names) -> None:
+    admin = redis.Redis.from_url(REDIS_URL)
+    await admin.mset({f"{names.prefix}{i}": str(i).encode() for i in range(200)})
+    client = reader()
+    try:
+        answers = await asyncio.gather(
+            *(client.mget([f"{names.prefix}{i}", f"{names.prefix}{i + 1}"]) for i in range(199))
+        )
+        clients = await admin.client_list()
+    finally:
+        await client.aclose()
+        await admin.aclose()
+    assert answers == [[str(i).encode(), str(i + 1).encode()] for i in range(199)]
+    assert sum(1 for c in clients if c["name"] == "feature-gateway:test") == 1
+
+
+async def test_auth_and_database_from_the_url() -> None:
+    server = RedisProcess()
+    server.start()
+    try:
+        admin = redis.Redis(port=server.port)
+        await admin.config_set("requirepass", "s3cret")
+        await admin.aclose()
+        admin = redis.Redis(port=server.port, password="s3cret", db=3)
+        await admin.set("k", b"in db 3")
+        client = reader(f"redis://:s3cret@127.0.0.1:{server.port}/3")
+        wrong = reader(f"redis://:nope@127.0.0.1:{server.port}/3")
+        try:
+            assert await client.mget(["k"]) == [b"in db 3"]
+            with pytest.raises(redis.ResponseError):
+                await wrong.mget(["k"])
+        finally:
+            await client.aclose()
+            await wrong.aclose()
+            await admin.aclose()
+    finally:
+        server.stop()
+
+
+async def test_a_hung_server_is_abandoned_after_the_timeout_and_reconnected() -> None:
+    server = RedisProcess()
+    server.start()
+    assert server.proc is not None
+    client = reader(f"redis://127.0.0.1:{server.port}/0", timeout_s=0.2)
+    try:
+        assert await client.mget(["k"]) == [None]
+        first = client._protocol
+        os.kill(server.proc.pid, signal.SIGSTOP)
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.3):
+                await client.mget(["k"])  # no answer: the caller's deadline gives up
+        # The reply is now overdue (> 0.2 s): the next read drops that socket and dials again, which
+        # hangs too while the server is stopped (the kernel accepts, Redis never answers the handshake).
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.3):
+                await client.mget(["k"])
+        os.kill(server.proc.pid, signal.SIGCONT)
+        assert await client.mget(["k"]) == [None]
+        assert client._protocol is not first
+    finally:
+        os.kill(server.proc.pid, signal.SIGCONT)
+        await client.aclose()
+        server.stop()

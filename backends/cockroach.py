@@ -26,6 +26,12 @@ _WRITE_ATTEMPTS = 5
 _CLEANUP_BATCH = 1000
 
 
+async def _session_untouched(conn: asyncpg.Connection) -> None:
+    """Pool release hook. The default runs `RESET ALL; UNLISTEN *; CLOSE ALL; ...` on every release: a second
+    round trip per read, awaited by the caller. The gateway never changes session state (single statements,
+    no SET, LISTEN, cursors or advisory locks), and asyncpg still rolls back a transaction left open."""
+
+
 def create_table_sql(table: str, dialect: str) -> str:
     columns = (
         "grp TEXT NOT NULL, entity_key TEXT NOT NULL, event_us INT8 NOT NULL, "
@@ -74,6 +80,7 @@ class CockroachBackend:
                         timeout=self.options["connect_timeout_ms"] / 1000,
                         command_timeout=self.options["timeout_ms"] / 1000,
                         server_settings={"application_name": f"feature-gateway:{self.name}"},
+                        reset=_session_untouched,
                     )
         return self._pool
 

@@ -13,6 +13,7 @@ import asyncpg
 import httpx
 import pytest
 import redis.asyncio as redis
+import uvloop
 
 from app.main import create_app
 from app.registry import parse_registry
@@ -77,6 +78,11 @@ groups:
     features:
       open_orders: {{dtype: int64, default: 0}}
 """
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Callable[[], Any]]:
+    """Tests run on uvloop, as the server does (its transports differ from asyncio's in small ways)."""
+    return {"uvloop": uvloop.new_event_loop}
 
 
 @pytest.fixture

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 from app.errors import RegistryError
@@ -53,8 +55,6 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from app.main import DEMO_REGISTRY
 
     if args.registry:
@@ -70,6 +70,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
             '"features": ["consumer_live:orders_7d", "consumer_history:*"]}\'',
             flush=True,
         )
+    scratch = None
+    if args.workers > 1 and not os.environ.get("GATEWAY_METRICS_DIR"):
+        # Workers count separately; they meet in this directory so a scrape of any one sees them all.
+        scratch = tempfile.mkdtemp(prefix="feature-gateway-metrics-")
+        os.environ["GATEWAY_METRICS_DIR"] = scratch
+    try:
+        _run_uvicorn(args)
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return 0
+
+
+def _run_uvicorn(args: argparse.Namespace) -> None:
+    import uvicorn
+
     uvicorn.run(
         "app.main:create_app",
         factory=True,
@@ -82,7 +98,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         access_log=args.access_log,
         timeout_graceful_shutdown=args.graceful_timeout,
     )
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

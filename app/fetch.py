@@ -8,7 +8,8 @@ import asyncio
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from operator import itemgetter
+from itertools import repeat
+from operator import is_, itemgetter
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -64,7 +65,7 @@ class GroupPlan:
             ttl_us=None if group.ttl_s is None else int(group.ttl_s * 1_000_000),
         )
 
-    def cell(self, blob: bytes | None, now_us: int) -> Cell:
+    def cell(self, blob: bytes | None, now_us: int, nulls: dict[tuple[str, int], int]) -> Cell:
         if blob is None:
             return self.missing
         try:
@@ -79,6 +80,7 @@ class GroupPlan:
             for i, value in enumerate(picked):
                 if value is None:
                     served[i], statuses[i] = self.defaults[i], MISSING
+                    nulls[(self.group.name, self.positions[i])] += 1
             return tuple(served), tuple(statuses), event_us
         return picked, self.present, event_us
 
@@ -158,6 +160,7 @@ async def _read_backend(
 ) -> None:
     backend = gw.backends[backend_name]
     breaker = gw.breakers[backend_name]
+    nulls = gw.metrics.null_values
     with gw.span(f"read {backend_name}") as span:
         span.set_attribute("backend.name", backend_name)
         span.set_attribute("backend.type", backend.type)
@@ -175,7 +178,7 @@ async def _read_backend(
             outcome.ms = (time.perf_counter() - started) * 1000
             breaker.success()
             outcome.cells = [
-                [p.cell(b, now_us) for b in group_blobs] for p, group_blobs in zip(plans, blobs, strict=True)
+                [p.cell(b, now_us, nulls) for b in group_blobs] for p, group_blobs in zip(plans, blobs, strict=True)
             ]
             found = expired = 0
             for group_cells, p in zip(outcome.cells, plans, strict=True):
@@ -285,6 +288,7 @@ async def fetch(gw: Gateway, raw: bytes) -> FetchResult:
             at = unique[gp.group.entity.join_key][1]
             columns[i] = cells[slot] if at is None else [cells[slot][j] for j in at]
 
+    _count(gw, plan, columns, outcomes, n_rows)
     rows = _merge(plan, columns, request, n_rows)
     body = msgspec.json.encode(
         {
@@ -298,6 +302,23 @@ async def fetch(gw: Gateway, raw: bytes) -> FetchResult:
         }
     )
     return FetchResult(body, outcomes, degraded)
+
+
+def _count(gw: Gateway, plan: Plan, columns: list[list[Cell]], outcomes: dict[str, BackendOutcome], n: int) -> None:
+    metrics = gw.metrics
+    for name, outcome in outcomes.items():
+        metrics.backend_read(name, outcome.status, outcome.ms)
+    for gp, column in zip(plan.groups, columns, strict=True):
+        slot = metrics.usage_slot(gp.group.name, gp.positions)
+        slot[0] += 1
+        if column[0] is gp.unavailable:
+            slot[4] += n
+            continue
+        missing = sum(map(is_, column, repeat(gp.missing)))  # identity counts, in C
+        expired = sum(map(is_, column, repeat(gp.expired)))
+        slot[1] += n - missing - expired
+        slot[2] += missing
+        slot[3] += expired
 
 
 def _merge(plan: Plan, columns: list[list[Cell]], request: FetchBody, n_rows: int) -> list[dict[str, Any]]:

@@ -6,6 +6,7 @@ Owned by the app's lifespan; `app/fetch.py` and `app/write.py` do the work again
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Coroutine, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -15,6 +16,7 @@ from opentelemetry import trace
 
 from app.breaker import CircuitBreaker
 from app.fetch import Plan, make_plan
+from app.metrics import Metrics
 from app.registry import Registry
 from app.settings import Settings
 from backends.base import FeatureBackend
@@ -33,6 +35,7 @@ class Gateway:
         self.registry = registry
         self.backends = backends
         self.tracer = tracer
+        self.metrics = Metrics(settings.metrics_dir)
         self.migrated: dict[str, bool] = dict.fromkeys(backends, False)
         self.breakers = {
             name: CircuitBreaker(settings.breaker_failures, settings.breaker_reset_ms / 1000) for name in backends
@@ -73,6 +76,16 @@ class Gateway:
         for name, done in self.migrated.items():
             if not done:
                 self.spawn(self._migrate(name, retry=True), name=f"migrate:{name}")
+        if self.metrics.directory is not None:
+            self.spawn(self._dump_metrics(), name="metrics")
+
+    async def _dump_metrics(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                self.metrics.dump()
+            except OSError as exc:
+                log.warning("could not write the metrics snapshot: %s", exc)
 
     async def _migrate(self, name: str, *, retry: bool) -> None:
         timeout = max(self.settings.ready_timeout_ms / 1000, 1.0)
@@ -117,6 +130,8 @@ class Gateway:
     async def aclose(self) -> None:
         for task in list(self._tasks):
             task.cancel()
+        with contextlib.suppress(OSError):
+            self.metrics.dump()
         for name in reversed(list(self.backends)):
             try:
                 await self.backends[name].aclose()

@@ -23,8 +23,9 @@ from app.registry import Registry, load_registry
 from app.settings import Settings
 from app.telemetry import make_tracer_provider, tracer_for
 from backends import open_backend
-from routers import features, health
+from routers import features, health, observability
 from routers import registry as registry_routes
+from routers.observability import RequestMetrics
 
 log = logging.getLogger(__name__)
 
@@ -102,4 +103,6 @@ def create_app(
     app.include_router(features.router)
     app.include_router(registry_routes.router)
     app.include_router(health.router)
+    app.include_router(observability.router)
+    app.add_middleware(RequestMetrics)
     return app

@@ -25,6 +25,9 @@ class Settings(BaseSettings):
     ready_timeout_ms: float = Field(1_000.0, gt=0, description="How long /readyz waits for each backend")
     breaker_failures: int = Field(5, gt=0, description="Consecutive failures that open a backend's circuit")
     breaker_reset_ms: float = Field(1_000.0, gt=0, description="How long an open circuit waits before one probe")
+    metrics_dir: str | None = Field(
+        None, description="Directory where workers share metric snapshots (set by `serve`; unset: one process)"
+    )
     service_name: str = Field("feature-gateway", description="OpenTelemetry service.name")
     otlp_endpoint: str | None = Field(
         None, description="OTLP/HTTP endpoint; OTEL_EXPORTER_OTLP_ENDPOINT is honoured too"

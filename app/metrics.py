@@ -1,0 +1,168 @@
+"""Counters for Prometheus, /v1/usage and the status page, cheap enough for the hot path.
+
+Feature usage is counted per *group read* (one list.count per status over a request's cells, in C), not per
+value: a cell's status holds for every feature the request asked of that group, so per-feature figures are
+expanded only when someone reads them. Values stored as null inside a PRESENT row are the exception and are
+counted one by one (they are rare and already on a slow path).
+
+With several workers each process counts its own; every second it writes a snapshot into a directory they
+share (GATEWAY_METRICS_DIR, which `feature-gateway serve` sets up), and a scrape merges them all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from bisect import bisect_left
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+STATUSES = ("PRESENT", "MISSING", "EXPIRED", "UNAVAILABLE")
+OUTCOMES = ("ok", "error", "timeout", "open")
+WINDOW_S = 5  # status-page series: one point per 5 s
+WINDOW_POINTS = 72  # six minutes
+
+
+class Histogram:
+    __slots__ = ("counts", "sum")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(LATENCY_BUCKETS_S) + 1)
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect_left(LATENCY_BUCKETS_S, seconds)] += 1
+        self.sum += seconds
+
+
+class Metrics:
+    def __init__(self, directory: str | None = None) -> None:
+        self.started = time.time()
+        self.requests: dict[tuple[str, str, int], int] = defaultdict(int)  # (route, method, status)
+        self.request_latency: dict[str, Histogram] = defaultdict(Histogram)
+        self.backend_latency: dict[str, Histogram] = defaultdict(Histogram)
+        self.backend_outcomes: dict[tuple[str, str], int] = defaultdict(int)
+        # (group, feature positions) -> [requests, PRESENT, MISSING, EXPIRED, UNAVAILABLE] in cells
+        self.usage: dict[tuple[str, tuple[int, ...]], list[int]] = {}
+        self.null_values: dict[tuple[str, int], int] = defaultdict(int)  # PRESENT rows holding a null value
+        # backend -> {window start: [count, sum_ms, max_ms]}, for the status page's chart
+        self.series: dict[str, dict[int, list[float]]] = defaultdict(dict)
+        self.directory = Path(directory) if directory else None
+
+    # -- hot path ------------------------------------------------------------------------------------
+
+    def usage_slot(self, group: str, positions: tuple[int, ...]) -> list[int]:
+        slot = self.usage.get((group, positions))
+        if slot is None:
+            slot = self.usage[(group, positions)] = [0, 0, 0, 0, 0]
+        return slot
+
+    def backend_read(self, backend: str, outcome: str, ms: float) -> None:
+        self.backend_outcomes[(backend, outcome)] += 1
+        if outcome == "open":
+            return
+        self.backend_latency[backend].observe(ms / 1000)
+        window = int(time.time()) // WINDOW_S * WINDOW_S
+        points = self.series[backend]
+        point = points.get(window)
+        if point is None:
+            point = points[window] = [0, 0.0, 0.0]
+            if len(points) > WINDOW_POINTS:
+                del points[min(points)]
+        point[0] += 1
+        point[1] += ms
+        if ms > point[2]:
+            point[2] = ms
+
+    def request(self, route: str, method: str, status: int, seconds: float) -> None:
+        self.requests[(route, method, status)] += 1
+        self.request_latency[route].observe(seconds)
+
+    # -- snapshots shared between workers --------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "requests": [[*k, v] for k, v in self.requests.items()],
+            "request_latency": {k: [h.counts, h.sum] for k, h in self.request_latency.items()},
+            "backend_latency": {k: [h.counts, h.sum] for k, h in self.backend_latency.items()},
+            "backend_outcomes": [[*k, v] for k, v in self.backend_outcomes.items()],
+            "usage": [[g, list(p), counts] for (g, p), counts in self.usage.items()],
+            "null_values": [[g, p, v] for (g, p), v in self.null_values.items()],
+            "series": {b: [[w, *point] for w, point in points.items()] for b, points in self.series.items()},
+        }
+
+    def dump(self) -> None:
+        if self.directory is None:
+            return
+        target = self.directory / f"{os.getpid()}.json"
+        scratch = target.with_suffix(".tmp")
+        scratch.write_bytes(msgspec.json.encode(self.snapshot()))
+        scratch.replace(target)  # atomic: a reader never sees half a file
+
+    def merged(self) -> Merged:
+        snapshots = [self.snapshot()]
+        if self.directory is not None:
+            own = f"{os.getpid()}.json"
+            for path in self.directory.glob("*.json"):
+                if path.name != own:
+                    with contextlib.suppress(OSError, msgspec.DecodeError):
+                        snapshots.append(msgspec.json.decode(path.read_bytes()))
+        return Merged(snapshots)
+
+
+class Merged:
+    """The sum of every worker's snapshot."""
+
+    def __init__(self, snapshots: Iterable[Mapping[str, Any]]) -> None:
+        self.requests: dict[tuple[str, str, int], int] = defaultdict(int)
+        self.request_latency: dict[str, Histogram] = defaultdict(Histogram)
+        self.backend_latency: dict[str, Histogram] = defaultdict(Histogram)
+        self.backend_outcomes: dict[tuple[str, str], int] = defaultdict(int)
+        self.usage: dict[tuple[str, tuple[int, ...]], list[int]] = defaultdict(lambda: [0, 0, 0, 0, 0])
+        self.null_values: dict[tuple[str, int], int] = defaultdict(int)
+        self.series: dict[str, dict[int, list[float]]] = defaultdict(dict)
+        for snap in snapshots:
+            for route, method, status, count in snap["requests"]:
+                self.requests[(route, method, status)] += count
+            for target, source in (
+                (self.request_latency, snap["request_latency"]),
+                (self.backend_latency, snap["backend_latency"]),
+            ):
+                for name, (counts, total) in source.items():
+                    histogram = target[name]
+                    histogram.counts = [a + b for a, b in zip(histogram.counts, counts, strict=True)]
+                    histogram.sum += total
+            for backend, outcome, count in snap["backend_outcomes"]:
+                self.backend_outcomes[(backend, outcome)] += count
+            for group, positions, counts in snap["usage"]:
+                slot = self.usage[(group, tuple(positions))]
+                for i, count in enumerate(counts):
+                    slot[i] += count
+            for group, position, count in snap["null_values"]:
+                self.null_values[(group, position)] += count
+            for backend, points in snap["series"].items():
+                for window, count, total, worst in points:
+                    point = self.series[backend].setdefault(window, [0, 0.0, 0.0])
+                    point[0] += count
+                    point[1] += total
+                    point[2] = max(point[2], worst)
+
+    def feature_usage(self) -> dict[tuple[str, int], list[int]]:
+        """(group, feature position) -> [requests, PRESENT, MISSING, EXPIRED, UNAVAILABLE] in values."""
+        per_feature: dict[tuple[str, int], list[int]] = defaultdict(lambda: [0, 0, 0, 0, 0])
+        for (group, positions), counts in self.usage.items():
+            for position in positions:
+                slot = per_feature[(group, position)]
+                for i, count in enumerate(counts):
+                    slot[i] += count
+        for (group, position), nulls in self.null_values.items():
+            slot = per_feature[(group, position)]
+            slot[1] -= nulls
+            slot[2] += nulls
+        return per_feature

@@ -1,0 +1,153 @@
+"""GET /metrics (Prometheus), GET /v1/usage (which features are read, and how often they are defaults),
+and the ASGI middleware that times every request."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import PlainTextResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.gateway import Gateway
+from app.metrics import LATENCY_BUCKETS_S, STATUSES, Histogram, Merged
+from routers.deps import GatewayDep
+
+router = APIRouter()
+PREFIX = "feature_gateway"
+
+
+class RequestMetrics:
+    """Counts and times every HTTP request by route (unknown paths share one label: no cardinality blow-up)."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+        self.routes: set[str] | None = None  # the documented paths, read from the spec at the first request
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            gateway: Gateway | None = getattr(scope["app"].state, "gateway", None)
+            if gateway is not None:
+                if self.routes is None:
+                    self.routes = {*scope["app"].openapi()["paths"], "/", "/docs", "/openapi.json"}
+                path = scope["path"]
+                gateway.metrics.request(
+                    path if path in self.routes else "other", scope["method"], status, time.perf_counter() - started
+                )
+
+
+def _labels(**labels: Any) -> str:
+    text = ",".join(
+        f'{k}="{str(v).replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"' for k, v in labels.items()
+    )
+    return "{" + text + "}"
+
+
+def _histogram(lines: list[str], name: str, histogram: Histogram, **labels: Any) -> None:
+    cumulative = 0
+    for bound, count in zip((*LATENCY_BUCKETS_S, float("inf")), histogram.counts, strict=True):
+        cumulative += count
+        le = "+Inf" if bound == float("inf") else f"{bound:g}"
+        lines.append(f"{name}_bucket{_labels(**labels, le=le)} {cumulative}")
+    lines.append(f"{name}_sum{_labels(**labels)} {histogram.sum:.6f}")
+    lines.append(f"{name}_count{_labels(**labels)} {cumulative}")
+
+
+def render_prometheus(gateway: Gateway, merged: Merged) -> str:
+    lines: list[str] = []
+
+    def family(name: str, kind: str, text: str) -> str:
+        full = f"{PREFIX}_{name}"
+        lines.append(f"# HELP {full} {text}")
+        lines.append(f"# TYPE {full} {kind}")
+        return full
+
+    name = family("http_requests_total", "counter", "HTTP requests by route, method and status code.")
+    for (route, method, status), count in sorted(merged.requests.items()):
+        lines.append(f"{name}{_labels(route=route, method=method, status=status)} {count}")
+    name = family("http_request_duration_seconds", "histogram", "HTTP request latency by route.")
+    for route, histogram in sorted(merged.request_latency.items()):
+        _histogram(lines, name, histogram, route=route)
+    name = family("backend_read_duration_seconds", "histogram", "Backend read latency (fetch path).")
+    for backend, histogram in sorted(merged.backend_latency.items()):
+        _histogram(lines, name, histogram, backend=backend)
+    name = family("backend_reads_total", "counter", "Backend reads by outcome: ok, error, timeout, open (skipped).")
+    for (backend, outcome), count in sorted(merged.backend_outcomes.items()):
+        lines.append(f"{name}{_labels(backend=backend, outcome=outcome)} {count}")
+    name = family("backend_circuit_state", "gauge", "1 for the circuit state each backend is in.")
+    for backend, breaker in gateway.breakers.items():
+        for state in ("closed", "open", "half_open"):
+            lines.append(f"{name}{_labels(backend=backend, state=state)} {int(breaker.state == state)}")
+    requested = family("feature_requests_total", "counter", "Fetch requests that asked for each feature.")
+    served = family("feature_values_total", "counter", "Values served per feature by status (non-PRESENT = default).")
+    usage = merged.feature_usage()
+    groups = gateway.registry.groups
+    for (group, position), counts in sorted(usage.items()):
+        feature = groups[group].features[position].name if group in groups else str(position)
+        lines.append(f"{requested}{_labels(group=group, feature=feature)} {counts[0]}")
+        for status_name, count in zip(STATUSES, counts[1:], strict=True):
+            lines.append(f"{served}{_labels(group=group, feature=feature, status=status_name)} {count}")
+    return "\n".join(lines) + "\n"
+
+
+def usage_report(gateway: Gateway, merged: Merged) -> dict[str, Any]:
+    usage = merged.feature_usage()
+    groups: dict[str, Any] = {}
+    never: list[str] = []
+    for group in gateway.registry.groups.values():
+        features = {}
+        for feature in group.features:
+            requests, *by_status = usage.get((group.name, feature.index), [0, 0, 0, 0, 0])
+            values = sum(by_status)
+            if requests == 0:
+                never.append(feature.ref)
+            features[feature.name] = {
+                "requests": requests,
+                "values": values,
+                "statuses": dict(zip(STATUSES, by_status, strict=True)),
+                "default_rate": round((values - by_status[0]) / values, 4) if values else None,
+            }
+        groups[group.name] = {"backend": group.backend, "features": features}
+    return {"since": merged_since(gateway), "groups": groups, "never_requested": never}
+
+
+def merged_since(gateway: Gateway) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(gateway.metrics.started))
+
+
+@router.get(
+    "/metrics",
+    operation_id="metrics",
+    tags=["observability"],
+    summary="Prometheus metrics",
+    response_class=PlainTextResponse,
+)
+async def metrics(gateway: GatewayDep) -> PlainTextResponse:
+    return PlainTextResponse(
+        render_prometheus(gateway, gateway.metrics.merged()), media_type="text/plain; version=0.0.4; charset=utf-8"
+    )
+
+
+@router.get(
+    "/v1/usage",
+    operation_id="get_usage",
+    tags=["observability"],
+    summary="Per feature: how often it is requested and how often it is served as a default",
+)
+async def get_usage(gateway: GatewayDep) -> dict[str, Any]:
+    return usage_report(gateway, gateway.metrics.merged())

@@ -1,0 +1,101 @@
+"""Prometheus metrics and feature-usage insight: what was asked, and how often it was a default."""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+from pathlib import Path
+
+from app.metrics import Metrics
+from tests.conftest import GatewayFactory, Names
+from tests.test_behaviour import fetch, live_row, stamp, write
+from tests.test_faults import closed_backend
+
+SAMPLE = re.compile(r"^(?P<name>[a-z_]+)(?:\{(?P<labels>[^}]*)\})? (?P<value>[0-9.e+-]+|\+Inf)$")
+
+
+def parse_metrics(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    samples = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        match = SAMPLE.match(line)
+        assert match, f"not a Prometheus sample: {line!r}"
+        labels = frozenset(re.findall(r'(\w+)="([^"]*)"', match["labels"] or ""))
+        samples[(match["name"], labels)] = float(match["value"])
+    return samples
+
+
+def value(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float:
+    return samples[(f"feature_gateway_{name}", frozenset(labels.items()))]
+
+
+async def test_usage_counts_every_status_per_feature(gateway: GatewayFactory, names: Names) -> None:
+    registry = names.registry(names.backend("sqlite"), closed_backend("redis", names))
+    async with gateway(registry) as client:
+        await write(
+            client,
+            "live",
+            [live_row(1, 1), live_row(2, 2, at=stamp(-timedelta(hours=2))), live_row(3, 3, embedding=None)],
+        )
+        for _ in range(2):
+            await fetch(
+                client,
+                entities={"consumer_id": [1, 2, 3, 4]},
+                features=["live:orders_7d", "live:embedding", "history:lifetime_orders"],
+            )
+        await fetch(client, entities={"consumer_id": [1]}, features=["live:orders_7d"])
+        usage = (await client.get("/v1/usage")).json()
+        text = (await client.get("/metrics")).text
+    orders = usage["groups"]["live"]["features"]["orders_7d"]
+    assert orders["requests"] == 3
+    assert orders["values"] == 9
+    assert orders["statuses"] == {"PRESENT": 5, "MISSING": 2, "EXPIRED": 2, "UNAVAILABLE": 0}
+    assert orders["default_rate"] == round(4 / 9, 4)
+    embedding = usage["groups"]["live"]["features"]["embedding"]
+    # consumer 3 wrote a null embedding: its row is PRESENT, that value is MISSING (served as the default)
+    assert embedding["statuses"] == {"PRESENT": 2, "MISSING": 4, "EXPIRED": 2, "UNAVAILABLE": 0}
+    history = usage["groups"]["history"]["features"]["lifetime_orders"]
+    assert history["statuses"]["UNAVAILABLE"] == 8
+    assert history["default_rate"] == 1.0
+    assert "live:avg_basket" in usage["never_requested"]
+    assert "live:orders_7d" not in usage["never_requested"]
+
+    samples = parse_metrics(text)
+    assert value(samples, "feature_requests_total", group="live", feature="orders_7d") == 3
+    assert value(samples, "feature_values_total", group="live", feature="embedding", status="MISSING") == 4
+    assert value(samples, "backend_reads_total", backend="bulk", outcome="error") == 2
+    assert value(samples, "backend_reads_total", backend="hot", outcome="ok") == 3
+    assert value(samples, "backend_circuit_state", backend="hot", state="closed") == 1
+    assert value(samples, "http_requests_total", route="/v1/features/fetch", method="POST", status="200") == 3
+    assert value(samples, "backend_read_duration_seconds_count", backend="hot") == 3
+    buckets = [
+        v
+        for (n, labels), v in samples.items()
+        if n == "feature_gateway_backend_read_duration_seconds_bucket" and ("backend", "hot") in labels
+    ]
+    assert buckets == sorted(buckets)  # cumulative
+
+
+async def test_unknown_paths_share_one_route_label(gateway: GatewayFactory, names: Names) -> None:
+    async with gateway(names.registry(names.backend("sqlite"))) as client:
+        for i in range(3):
+            await client.get(f"/no/such/path/{i}")
+        samples = parse_metrics((await client.get("/metrics")).text)
+    assert value(samples, "http_requests_total", route="other", method="GET", status="404") == 3
+
+
+def test_workers_snapshots_are_merged(tmp_path: Path) -> None:
+    first, second = Metrics(str(tmp_path)), Metrics(str(tmp_path))
+    first.backend_read("hot", "ok", 1.5)
+    first.usage_slot("live", (0, 1))[1] += 4
+    first.dump()
+    second.backend_read("hot", "timeout", 50.0)
+    second.usage_slot("live", (0, 1))[1] += 6
+    # `second` is another process in production; here it has the same pid, so rename first's snapshot.
+    (tmp_path / next(p.name for p in tmp_path.glob("*.json"))).rename(tmp_path / "12345.json")
+    merged = second.merged()
+    assert merged.backend_outcomes[("hot", "ok")] == 1
+    assert merged.backend_outcomes[("hot", "timeout")] == 1
+    assert sum(merged.backend_latency["hot"].counts) == 2
+    assert merged.feature_usage()[("live", 0)][1] == 10

@@ -106,3 +106,29 @@ def test_serve_without_registry_runs_the_demo_and_its_curl_line_works(tmp_path: 
     assert statuses[1][0] == "EXPIRED"  # 104: live features two hours old under a 1h ttl
     assert statuses[2] == ["MISSING"] * 4  # 106: never written
     assert answer["rows"][0]["values"][:2] == [3, 17]
+
+
+def test_two_workers_report_one_set_of_metrics(tmp_path: Path) -> None:
+    port = free_port()
+    env = {**os.environ, "GATEWAY_DEMO_DIR": str(tmp_path / "demo")}
+    env.pop("GATEWAY_METRICS_DIR", None)
+    server = subprocess.Popen([*CLI, "serve", "--port", str(port), "--workers", "2", "--log-level", "warning"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    base = f"http://127.0.0.1:{port}"
+    body = {"entities": {"consumer_id": [101]}, "features": ["consumer_live:orders_7d"]}
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        for _ in range(20):  # a new connection each time, so both workers serve some
+            assert httpx.post(f"{base}/v1/features/fetch", json=body, timeout=5).status_code == 200
+        time.sleep(1.5)  # each worker writes its snapshot every second
+        line = 'feature_gateway_http_requests_total{route="/v1/features/fetch",method="POST",status="200"} 20'
+        assert line in httpx.get(f"{base}/metrics", timeout=5).text
+    finally:
+        server.terminate()
+        server.wait(20)

@@ -15,8 +15,8 @@ from typing import Any
 from opentelemetry import trace
 
 from app.breaker import CircuitBreaker
-from app.fetch import Plan, make_plan
 from app.metrics import Metrics
+from app.plan import Plan, make_plan
 from app.registry import Registry
 from app.settings import Settings
 from backends.base import FeatureBackend

@@ -112,8 +112,12 @@ def test_two_workers_report_one_set_of_metrics(tmp_path: Path) -> None:
     port = free_port()
     env = {**os.environ, "GATEWAY_DEMO_DIR": str(tmp_path / "demo")}
     env.pop("GATEWAY_METRICS_DIR", None)
-    server = subprocess.Popen([*CLI, "serve", "--port", str(port), "--workers", "2", "--log-level", "warning"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    server = subprocess.Popen(
+        [*CLI, "serve", "--port", str(port), "--workers", "2", "--log-level", "warning"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
     base = f"http://127.0.0.1:{port}"
     body = {"entities": {"consumer_id": [101]}, "features": ["consumer_live:orders_7d"]}
     try:

@@ -1,0 +1,76 @@
+"""Feast's feature-server protocol (POST /get-online-features), answered by the same fetch path.
+
+A Feast client changes only its URL. Unlike Feast, statuses are exact and non-present values carry the
+group's declared default: EXPIRED is Feast's OUTSIDE_MAX_AGE, MISSING its NOT_FOUND, and a backend that failed
+(no Feast equivalent) is INVALID, Feast's status for a value that could not be determined.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from app.errors import ValidationFailed
+from app.fetch import Served, merge_rows, serve
+from app.requests import FetchBody, decode_body
+
+if TYPE_CHECKING:
+    from app.gateway import Gateway
+
+FEAST_STATUS = {"PRESENT": "PRESENT", "MISSING": "NOT_FOUND", "EXPIRED": "OUTSIDE_MAX_AGE", "UNAVAILABLE": "INVALID"}
+EPOCH = "1970-01-01T00:00:00Z"  # Feast's event time for entity columns and values it did not find
+
+
+class FeastBody(msgspec.Struct):
+    # Feast clients send a few fields this gateway has no use for (e.g. query_embedding); they are ignored.
+    features: list[str] = []
+    entities: dict[str, list[Any]] = {}
+    full_feature_names: bool = False
+    feature_service: str | None = None
+
+
+async def get_online_features(gw: Gateway, raw: bytes) -> tuple[bytes, Served]:
+    body: FeastBody = decode_body(raw, FeastBody, gw.settings)
+    if body.feature_service is not None:
+        raise ValidationFailed("feature services are not supported; list the features", field="feature_service")
+    served = await serve(gw, FetchBody(entities=body.entities, features=body.features))
+    rows = merge_rows(served, timestamps=True)
+    names = list(body.entities)
+    results: list[dict[str, Any]] = [
+        {"values": ids, "statuses": ["PRESENT"] * len(ids), "event_timestamps": [EPOCH] * len(ids)}
+        for ids in body.entities.values()
+    ]
+    for j, ref in enumerate(served.plan.features):
+        group, _, feature = ref.partition(":")
+        names.append(f"{group}__{feature}" if body.full_feature_names else feature)
+        results.append(
+            {
+                "values": [row["values"][j] for row in rows],
+                "statuses": [FEAST_STATUS[row["statuses"][j]] for row in rows],
+                "event_timestamps": [row["event_timestamps"][j] or EPOCH for row in rows],
+            }
+        )
+    return msgspec.json.encode({"metadata": {"feature_names": names}, "results": results}), served
+
+
+class FeastWriteBody(msgspec.Struct):
+    feature_view_name: str
+    df: dict[str, list[Any]]
+    allow_registry_cache: bool = True
+    transform_on_write: bool = True
+
+
+def feast_write_rows(raw: bytes, gw: Gateway) -> bytes:
+    """Feast's POST /write-to-online-store (columnar `df`) -> our write body (rows), validated by the write path.
+
+    Feast sends naive UTC `event_timestamp`s (our parser takes naive as UTC) and a `created` column we ignore.
+    """
+    body: FeastWriteBody = decode_body(raw, FeastWriteBody, gw.settings)
+    columns = {k: v for k, v in body.df.items() if k != "created"}
+    lengths = {len(v) for v in columns.values()}
+    if len(lengths) > 1:
+        raise ValidationFailed("every column of df needs the same length", field="df")
+    count = lengths.pop() if lengths else 0
+    rows = [{name: values[i] for name, values in columns.items()} for i in range(count)]
+    return msgspec.json.encode({"group": body.feature_view_name, "rows": rows})

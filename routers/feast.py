@@ -1,0 +1,143 @@
+"""POST /get-online-features: Feast's feature-server endpoint, so Feast clients only change their URL."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import msgspec
+from fastapi import APIRouter, Request, Response
+from opentelemetry.trace import SpanKind
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.feast import feast_write_rows, get_online_features
+from app.telemetry import server_timing
+from app.write import write
+from routers.deps import gateway_of, read_body
+from routers.models import PROBLEM_RESPONSES, Problem, json_body
+from routers.raw_route import RawRoute
+
+router = APIRouter(route_class=RawRoute)
+
+
+class FeastRequest(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "features": ["consumer_live:orders_7d", "consumer_history:lifetime_value"],
+                    "entities": {"consumer_id": [101, 106]},
+                    "full_feature_names": False,
+                }
+            ]
+        }
+    )
+
+    features: list[str] = Field(description="`feature_view:feature` references (our groups are Feast's views)")
+    entities: dict[str, list[int | str]]
+    full_feature_names: bool = Field(False, description="Name columns `view__feature` instead of `feature`")
+
+
+class FeastColumn(BaseModel):
+    values: list[Any]
+    statuses: list[str] = Field(description="PRESENT, NOT_FOUND, OUTSIDE_MAX_AGE or INVALID (backend failed)")
+    event_timestamps: list[str]
+
+
+class FeastMetadata(BaseModel):
+    feature_names: list[str]
+
+
+class FeastResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "metadata": {"feature_names": ["consumer_id", "orders_7d", "lifetime_value"]},
+                    "results": [
+                        {
+                            "values": [101, 106],
+                            "statuses": ["PRESENT", "PRESENT"],
+                            "event_timestamps": ["1970-01-01T00:00:00Z", "1970-01-01T00:00:00Z"],
+                        },
+                        {
+                            "values": [3, 0],
+                            "statuses": ["PRESENT", "NOT_FOUND"],
+                            "event_timestamps": ["2026-11-26T10:00:00Z", "1970-01-01T00:00:00Z"],
+                        },
+                        {
+                            "values": [402.5, 0.0],
+                            "statuses": ["PRESENT", "NOT_FOUND"],
+                            "event_timestamps": ["2026-11-26T10:00:00Z", "1970-01-01T00:00:00Z"],
+                        },
+                    ],
+                }
+            ]
+        }
+    )
+
+    metadata: FeastMetadata
+    results: list[FeastColumn]
+
+
+@router.post(
+    "/get-online-features",
+    response_model=FeastResponse,
+    operation_id="get_online_features_feast",
+    tags=["feast"],
+    summary="Feast-compatible fetch (columnar results, Feast status names)",
+    responses={**PROBLEM_RESPONSES, 503: {"model": Problem}},
+    openapi_extra=json_body(FeastRequest),
+)
+async def feast_get_online_features(request: Request) -> Response:
+    started = time.perf_counter()
+    gateway = gateway_of(request)
+    with gateway.span("POST /get-online-features", SpanKind.SERVER):
+        body, served = await get_online_features(gateway, await read_body(request, gateway.settings.max_body_bytes))
+    total_ms = (time.perf_counter() - started) * 1000
+    headers = {
+        "Server-Timing": server_timing(((n, o.ms) for n, o in served.outcomes.items()), total_ms),
+        # Feast's shape has no place for it; a client that cares can read it here.
+        "X-Feature-Gateway-Degraded": "true" if served.degraded else "false",
+    }
+    return Response(content=body, media_type="application/json", headers=headers)
+
+
+class FeastWriteRequest(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "feature_view_name": "store_stats",
+                    "df": {
+                        "store_id": ["s-1"],
+                        "prep_time_p50": [12.5],
+                        "open_orders": [4],
+                        "event_timestamp": ["2026-11-26T10:00:00"],
+                        "created": [None],
+                    },
+                    "allow_registry_cache": False,
+                }
+            ]
+        }
+    )
+
+    feature_view_name: str = Field(description="The group to write")
+    df: dict[str, list[Any]] = Field(description="Columns: the join key, every feature, event_timestamp")
+    allow_registry_cache: bool = True
+
+
+@router.post(
+    "/write-to-online-store",
+    operation_id="write_to_online_store_feast",
+    tags=["feast"],
+    summary="Feast-compatible write (columnar), through the same validated write path",
+    responses={**PROBLEM_RESPONSES, 503: {"model": Problem}},
+    openapi_extra=json_body(FeastWriteRequest),
+)
+async def feast_write_to_online_store(request: Request) -> Response:
+    gateway = gateway_of(request)
+    with gateway.span("POST /write-to-online-store", SpanKind.SERVER):
+        rows = feast_write_rows(await read_body(request, gateway.settings.max_body_bytes), gateway)
+        result = await write(gateway, rows)
+    return Response(content=msgspec.json.encode(result), media_type="application/json")

@@ -23,7 +23,7 @@ from app.registry import Registry, load_registry
 from app.settings import Settings
 from app.telemetry import make_tracer_provider, tracer_for
 from backends import open_backend
-from routers import feast, features, health, observability
+from routers import feast, features, health, observability, status
 from routers import registry as registry_routes
 from routers.observability import RequestMetrics
 
@@ -105,5 +105,6 @@ def create_app(
     app.include_router(health.router)
     app.include_router(observability.router)
     app.include_router(feast.router)
+    app.include_router(status.router)
     app.add_middleware(RequestMetrics)
     return app

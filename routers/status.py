@@ -1,0 +1,65 @@
+"""The status page at `/` (one static HTML file, no build step) and the JSON it polls, GET /v1/status."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import HTMLResponse
+
+from app.metrics import STATUSES
+from routers.deps import GatewayDep
+
+router = APIRouter()
+PAGE = (Path(__file__).parent / "static" / "status.html").read_text(encoding="utf-8")
+
+
+@router.get("/", include_in_schema=False, response_class=HTMLResponse)
+async def status_page() -> HTMLResponse:
+    return HTMLResponse(PAGE)
+
+
+@router.get(
+    "/v1/status",
+    operation_id="get_status",
+    tags=["observability"],
+    summary="What the status page shows: registry, backends with latency series, default rates",
+)
+async def get_status(gateway: GatewayDep) -> dict[str, Any]:
+    merged = gateway.metrics.merged()
+    backends: dict[str, Any] = {}
+    for name, backend in gateway.backends.items():
+        points = sorted(merged.series.get(name, {}).items())
+        reads = {o: c for (b, o), c in merged.backend_outcomes.items() if b == name}
+        backends[name] = {
+            "type": backend.type,
+            "circuit": gateway.breakers[name].state,
+            "migrated": gateway.migrated[name],
+            "reads": reads,
+            # [window start (unix s), reads, mean ms, max ms]
+            "series": [
+                [w, int(c), round(total / c, 3) if c else 0.0, round(worst, 3)] for w, (c, total, worst) in points
+            ],
+        }
+    usage = merged.feature_usage()
+    groups: dict[str, Any] = {}
+    for group in gateway.registry.groups.values():
+        totals = [0, 0, 0, 0]
+        for feature in group.features:
+            for i, count in enumerate(usage.get((group.name, feature.index), [0, 0, 0, 0, 0])[1:]):
+                totals[i] += count
+        values = sum(totals)
+        groups[group.name] = {
+            "values": values,
+            "statuses": dict(zip(STATUSES, totals, strict=True)),
+            "default_rate": round((values - totals[0]) / values, 4) if values else None,
+        }
+    return {
+        "now": time.time(),
+        "started": gateway.metrics.started,
+        "registry": gateway.registry.describe(),
+        "backends": backends,
+        "groups": groups,
+    }

@@ -75,7 +75,9 @@ def test_status_page_shows_registry_and_charts_fetches(demo_server: str) -> None
         assert name in dom
     assert re.search(r'<tr data-backend="hot">.*?closed', dom, re.S)
     points = [int(n) for n in re.findall(r'data-points="(\d+)"', dom)]
-    assert points and all(n >= 1 for n in points), points  # both backends have latency data
-    assert "<polyline" in dom and "<circle" in dom
+    assert len(points) == 2  # both backends have a chart...
+    assert min(points) >= 1, points  # ...with latency data
+    assert "<polyline" in dom
+    assert "<circle" in dom
     # 101 fresh, 104 live expired, 106 missing: consumer_live served 2 of 3 rows as defaults.
     assert re.search(r'<tr data-group="consumer_live">.*?66\.7%', dom, re.S)

@@ -10,9 +10,11 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from opentelemetry.sdk.trace.export import SpanExporter
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -25,6 +27,7 @@ from app.telemetry import make_tracer_provider, tracer_for
 from backends import open_backend
 from routers import feast, features, health, observability, status
 from routers import registry as registry_routes
+from routers.models import add_request_schemas
 from routers.observability import RequestMetrics
 
 log = logging.getLogger(__name__)
@@ -107,4 +110,17 @@ def create_app(
     app.include_router(feast.router)
     app.include_router(status.router)
     app.add_middleware(RequestMetrics)
+    install_openapi(app)
     return app
+
+
+def install_openapi(app: FastAPI) -> None:
+    """FastAPI's spec plus the request schemas of routes that read raw bodies (see routers.models.json_body)."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            spec = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+            app.openapi_schema = add_request_schemas(spec)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

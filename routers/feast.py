@@ -14,7 +14,7 @@ from app.feast import feast_write_rows, get_online_features
 from app.telemetry import server_timing
 from app.write import write
 from routers.deps import gateway_of, read_body
-from routers.models import PROBLEM_RESPONSES, Problem, json_body
+from routers.models import json_body, problems
 from routers.raw_route import RawRoute
 
 router = APIRouter(route_class=RawRoute)
@@ -86,7 +86,7 @@ class FeastResponse(BaseModel):
     operation_id="get_online_features_feast",
     tags=["feast"],
     summary="Feast-compatible fetch (columnar results, Feast status names)",
-    responses={**PROBLEM_RESPONSES, 503: {"model": Problem}},
+    responses=problems(status_503="strict was asked and a backend failed"),
     openapi_extra=json_body(FeastRequest),
 )
 async def feast_get_online_features(request: Request) -> Response:
@@ -132,7 +132,7 @@ class FeastWriteRequest(BaseModel):
     operation_id="write_to_online_store_feast",
     tags=["feast"],
     summary="Feast-compatible write (columnar), through the same validated write path",
-    responses={**PROBLEM_RESPONSES, 503: {"model": Problem}},
+    responses=problems(status_503="the group's backend did not answer"),
     openapi_extra=json_body(FeastWriteRequest),
 )
 async def feast_write_to_online_store(request: Request) -> Response:

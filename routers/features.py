@@ -13,13 +13,12 @@ from app.telemetry import server_timing
 from app.write import write
 from routers.deps import gateway_of, read_body
 from routers.models import (
-    PROBLEM_RESPONSES,
     FetchRequest,
     FetchResponse,
-    Problem,
     WriteRequest,
     WriteResponse,
     json_body,
+    problems,
 )
 from routers.raw_route import RawRoute
 
@@ -32,7 +31,7 @@ router = APIRouter(prefix="/v1/features", route_class=RawRoute)
     operation_id="fetch_features",
     tags=["features"],
     summary="Fetch features of entities",
-    responses={**PROBLEM_RESPONSES, 503: {"model": Problem, "description": "strict was asked and a backend failed"}},
+    responses=problems(status_503="strict was asked and a backend failed"),
     openapi_extra=json_body(FetchRequest),
 )
 async def fetch_features(request: Request) -> Response:
@@ -52,7 +51,7 @@ async def fetch_features(request: Request) -> Response:
     operation_id="write_features",
     tags=["features"],
     summary="Write feature values of one group",
-    responses={**PROBLEM_RESPONSES, 503: {"model": Problem, "description": "the group's backend did not answer"}},
+    responses=problems(status_503="the group's backend did not answer"),
     openapi_extra=json_body(WriteRequest),
 )
 async def write_features(request: Request) -> Response:

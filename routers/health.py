@@ -6,12 +6,12 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from routers.deps import GatewayDep
-from routers.models import Readiness
+from routers.models import Health, Readiness
 
 router = APIRouter()
 
 
-@router.get("/healthz", operation_id="health", tags=["health"], summary="The process is alive")
+@router.get("/healthz", operation_id="health", tags=["health"], summary="The process is alive", response_model=Health)
 async def health() -> dict[str, str]:
     return {"status": "ok"}
 

@@ -138,6 +138,19 @@ class Problem(BaseModel):
 
 
 class Readiness(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "ready": False,
+                    "backends": {"hot": "ok", "bulk": "ConnectionRefusedError: [Errno 111] Connect call failed"},
+                    "circuits": {"hot": "closed", "bulk": "open"},
+                    "detail": "not answering: bulk",
+                }
+            ]
+        }
+    )
+
     ready: bool
     backends: dict[str, str] = Field(description="Backend -> 'ok' or why it does not answer")
     circuits: dict[str, Literal["closed", "open", "half_open"]] = Field(
@@ -146,19 +159,160 @@ class Readiness(BaseModel):
     detail: str | None = Field(None, description="The backends that do not answer")
 
 
-PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
-    code: {"model": Problem, "content": {"application/problem+json": {}}, "description": text}
-    for code, text in {400: "Malformed body", 413: "Over a limit", 422: "Invalid field"}.items()
-}
+NAMED_SCHEMAS: dict[str, type[BaseModel]] = {"Problem": Problem}
+
+
+def problems(**extra: str) -> dict[int | str, dict[str, Any]]:
+    """Error responses of a route: 400, 413, 422 and any others given as `status_503="why"`.
+
+    Declared as `application/problem+json` only (FastAPI's `model=` would also claim application/json),
+    so generated clients parse them into a typed Problem."""
+    texts = {"400": "Malformed body", "413": "Over a limit", "422": "Invalid field"}
+    texts.update({key.removeprefix("status_"): text for key, text in extra.items()})
+    schema = {"$ref": "#/components/schemas/Problem"}
+    return {
+        int(code): {"description": text, "content": {"application/problem+json": {"schema": schema}}}
+        for code, text in texts.items()
+    }
 
 
 def json_body(model: type[BaseModel]) -> dict[str, Any]:
-    """`openapi_extra` documenting a request body the route reads as raw bytes."""
-    return {
-        "requestBody": {
-            "required": True,
-            "content": {
-                "application/json": {"schema": model.model_json_schema(ref_template="#/components/schemas/{model}")}
-            },
+    """`openapi_extra` documenting a request body the route reads as raw bytes, by reference to a named schema
+    (so generated SDKs call it `FetchRequest`, not `FetchFeaturesFetchRequest`); see `add_request_schemas`."""
+    NAMED_SCHEMAS[model.__name__] = model
+    schema = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+def add_request_schemas(spec: dict[str, Any]) -> dict[str, Any]:
+    """Add the schemas routes refer to by name but FastAPI does not know of (raw bodies, problem+json)."""
+    schemas = spec.setdefault("components", {}).setdefault("schemas", {})
+    for name, model in NAMED_SCHEMAS.items():
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(schema.pop("$defs", {}))
+        schemas[name] = schema
+    return spec
+
+
+class Health(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"status": "ok"}]})
+
+    status: Literal["ok"]
+
+
+class RegistryDocument(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "backends": {"hot": {"type": "redis", "url": "redis://cache:6379/0", "key_prefix": "fg:"}},
+                    "entities": {"consumer": {"join_key": "consumer_id", "dtype": "int64"}},
+                    "groups": {
+                        "consumer_live": {
+                            "entity": "consumer",
+                            "backend": "hot",
+                            "ttl_seconds": 3600.0,
+                            "description": "",
+                            "features": {"orders_7d": {"dtype": "int64", "default": 0}},
+                        }
+                    },
+                }
+            ]
         }
-    }
+    )
+
+    backends: dict[str, dict[str, Any]] = Field(description="Backend -> type and options (passwords redacted)")
+    entities: dict[str, dict[str, str]]
+    groups: dict[str, dict[str, Any]] = Field(description="Group -> entity, backend, ttl_seconds, features")
+
+
+class FeatureUsage(BaseModel):
+    requests: int = Field(description="Fetch requests that asked for it")
+    values: int = Field(description="Values served")
+    statuses: dict[str, int] = Field(description="Values served per status")
+    default_rate: float | None = Field(description="Share of values served as the default (not PRESENT)")
+
+
+class GroupUsage(BaseModel):
+    backend: str
+    features: dict[str, FeatureUsage]
+
+
+class UsageReport(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "since": "2026-11-26T10:00:00Z",
+                    "groups": {
+                        "consumer_live": {
+                            "backend": "hot",
+                            "features": {
+                                "orders_7d": {
+                                    "requests": 120,
+                                    "values": 360,
+                                    "default_rate": 0.6667,
+                                    "statuses": {"PRESENT": 120, "MISSING": 120, "EXPIRED": 120, "UNAVAILABLE": 0},
+                                }
+                            },
+                        }
+                    },
+                    "never_requested": ["consumer_live:avg_basket"],
+                }
+            ]
+        }
+    )
+
+    since: str = Field(description="Counting started (the oldest worker's start), RFC 3339")
+    groups: dict[str, GroupUsage]
+    never_requested: list[str] = Field(description="Features no request has asked for since `since`")
+
+
+class BackendStatus(BaseModel):
+    type: str
+    circuit: Literal["closed", "open", "half_open"]
+    migrated: bool
+    reads: dict[str, int] = Field(description="Reads by outcome: ok, error, timeout, open")
+    series: list[list[float]] = Field(description="[window start (unix s), reads, mean ms, max ms] per 5 s")
+
+
+class GroupStatus(BaseModel):
+    values: int
+    statuses: dict[str, int]
+    default_rate: float | None
+
+
+class StatusReport(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "now": 1795726812.5,
+                    "started": 1795726809.7,
+                    "registry": {"backends": {}, "entities": {}, "groups": {}},
+                    "backends": {
+                        "hot": {
+                            "type": "redis",
+                            "circuit": "closed",
+                            "migrated": True,
+                            "reads": {"ok": 30},
+                            "series": [[1795726810, 30, 0.41, 1.2]],
+                        }
+                    },
+                    "groups": {
+                        "consumer_live": {
+                            "values": 90,
+                            "default_rate": 0.1,
+                            "statuses": {"PRESENT": 81, "MISSING": 9, "EXPIRED": 0, "UNAVAILABLE": 0},
+                        }
+                    },
+                }
+            ]
+        }
+    )
+
+    now: float
+    started: float
+    registry: RegistryDocument
+    backends: dict[str, BackendStatus]
+    groups: dict[str, GroupStatus]

@@ -13,6 +13,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.gateway import Gateway
 from app.metrics import LATENCY_BUCKETS_S, STATUSES, Histogram, Merged
 from routers.deps import GatewayDep
+from routers.models import UsageReport
 
 router = APIRouter()
 PREFIX = "feature_gateway"
@@ -145,6 +146,7 @@ async def metrics(gateway: GatewayDep) -> PlainTextResponse:
 
 @router.get(
     "/v1/usage",
+    response_model=UsageReport,
     operation_id="get_usage",
     tags=["observability"],
     summary="Per feature: how often it is requested and how often it is served as a default",

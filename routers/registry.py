@@ -7,10 +7,17 @@ from typing import Any
 from fastapi import APIRouter
 
 from routers.deps import GatewayDep
+from routers.models import RegistryDocument
 
 router = APIRouter()
 
 
-@router.get("/v1/registry", operation_id="get_registry", tags=["registry"], summary="The feature registry")
+@router.get(
+    "/v1/registry",
+    operation_id="get_registry",
+    tags=["registry"],
+    summary="The feature registry",
+    response_model=RegistryDocument,
+)
 async def get_registry(gateway: GatewayDep) -> dict[str, Any]:
     return gateway.registry.describe()

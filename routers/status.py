@@ -11,6 +11,7 @@ from fastapi.responses import HTMLResponse
 
 from app.metrics import STATUSES
 from routers.deps import GatewayDep
+from routers.models import StatusReport
 
 router = APIRouter()
 PAGE = (Path(__file__).parent / "static" / "status.html").read_text(encoding="utf-8")
@@ -23,6 +24,7 @@ async def status_page() -> HTMLResponse:
 
 @router.get(
     "/v1/status",
+    response_model=StatusReport,
     operation_id="get_status",
     tags=["observability"],
     summary="What the status page shows: registry, backends with latency series, default rates",

@@ -156,6 +156,9 @@ async def test_openapi_has_readable_operations(gateway: GatewayFactory, names: N
     assert {"fetch_features", "write_features", "get_registry", "health", "ready"} <= operations.keys()
     fetch_op = operations["fetch_features"]
     assert fetch_op["tags"] == ["features"]
-    body_schema = fetch_op["requestBody"]["content"]["application/json"]["schema"]
+    ref = fetch_op["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+    assert ref == "#/components/schemas/FetchRequest"
+    body_schema = spec["components"]["schemas"]["FetchRequest"]
+    assert body_schema["examples"]
     assert set(body_schema["properties"]) == {"entities", "features", "deadline_ms", "include_timestamps", "strict"}
     assert "422" in fetch_op["responses"]

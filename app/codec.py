@@ -1,16 +1,5 @@
-"""Feature dtypes and the stored value layout, shared by every backend.
-
-One blob per (group, entity):
-
-    byte 0      layout version (1)
-    bytes 1-8   event time, microseconds since the epoch + 2**63, big-endian
-                (so comparing the 8 raw bytes orders event times: Redis' write script relies on it)
-    bytes 9-    MessagePack array of the group's values in registry order; null = no value.
-                Arrays (embeddings) are one `bin` of packed little-endian numbers.
-
-Backends store and return blobs; they never look inside except at the event time bytes.
-A group may gain features at its end: older blobs decode with null (MISSING) for them.
-"""
+"""Feature dtypes: parsing `float32[16]`, checking a JSON/YAML value against a dtype, and the stored form
+of each value (see app/layout.py for how a group's values become one blob)."""
 
 from __future__ import annotations
 
@@ -19,20 +8,11 @@ import binascii
 import math
 import re
 import struct
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import msgspec
-
-LAYOUT_VERSION = 1
-_TS_BIAS = 1 << 63
-_HEADER = 9
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 _FLOAT32_MAX = 3.4028234663852886e38
-
-_encoder = msgspec.msgpack.Encoder()
-_decoder = msgspec.msgpack.Decoder()
 
 
 class CodecError(ValueError):
@@ -137,34 +117,3 @@ def parse_dtype(text: str) -> DType:
     raise CodecError(
         f"unknown dtype {text!r}; known: bool, int64, float64, string, bytes, float32[N], float64[N], int64[N]"
     )
-
-
-def encode_blob(event_us: int, stored_values: Sequence[Any]) -> bytes:
-    return b"\x01" + (event_us + _TS_BIAS).to_bytes(8, "big") + _encoder.encode(stored_values)
-
-
-def blob_event_us(blob: bytes) -> int:
-    return int.from_bytes(blob[1:_HEADER], "big") - _TS_BIAS
-
-
-def make_decoder(dtypes: Sequence[DType]) -> Callable[[bytes], tuple[int, list[Any]]]:
-    """A decoder for one group's blobs: blob -> (event time in us, served values in registry order)."""
-    width = len(dtypes)
-    arrays = [(i, struct.Struct(f"<{d.length}{d.item}").unpack) for i, d in enumerate(dtypes) if d.kind == "array"]
-    decode = _decoder.decode
-
-    def decode_blob(blob: bytes) -> tuple[int, list[Any]]:
-        if blob[0] != LAYOUT_VERSION:
-            raise CodecError(f"unknown layout version {blob[0]}")
-        values = decode(memoryview(blob)[_HEADER:])
-        if type(values) is not list:
-            raise CodecError("payload is not an array")
-        if len(values) != width:
-            # Features were appended to the group since this blob was written, or removed from its end.
-            values = (values + [None] * width)[:width]
-        for i, unpack in arrays:
-            if values[i] is not None:
-                values[i] = list(unpack(values[i]))
-        return int.from_bytes(blob[1:_HEADER], "big") - _TS_BIAS, values
-
-    return decode_blob

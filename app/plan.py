@@ -9,8 +9,6 @@ from dataclasses import dataclass
 from operator import itemgetter
 from typing import Any
 
-import msgspec
-
 from app.codec import CodecError
 from app.errors import TooLarge, ValidationFailed
 from app.registry import Group, Registry
@@ -34,6 +32,7 @@ class GroupPlan:
     group: Group
     positions: tuple[int, ...]  # indexes into the group's stored values, in the order they are served
     pick: Callable[[Sequence[Any]], tuple[Any, ...]]
+    decode: Callable[[bytes], tuple[int, list[Any]]]
     defaults: tuple[Any, ...]
     present: tuple[str, ...]
     missing: Cell
@@ -43,12 +42,13 @@ class GroupPlan:
 
     @classmethod
     def build(cls, group: Group, positions: Sequence[int]) -> GroupPlan:
-        defaults = tuple(group.features[p].default for p in positions)
+        defaults = tuple(group.by_index[p].default for p in positions)
         width = len(positions)
         return cls(
             group=group,
             positions=tuple(positions),
             pick=_getter(positions),
+            decode=group.codec.decode,
             defaults=defaults,
             present=(PRESENT,) * width,
             missing=(defaults, (MISSING,) * width, None),
@@ -61,8 +61,8 @@ class GroupPlan:
         if blob is None:
             return self.missing
         try:
-            event_us, values = self.group.decode(blob)
-        except (CodecError, msgspec.DecodeError, IndexError):
+            event_us, values = self.decode(blob)
+        except CodecError:
             return self.missing  # unreadable (foreign or future layout): as good as absent
         if self.ttl_us is not None and now_us - event_us > self.ttl_us:
             return self.expired
@@ -123,7 +123,7 @@ def make_plan(registry: Registry, features: Sequence[str], max_features: int) ->
     by_backend: dict[str, list[int]] = {}
     for i, gp in enumerate(group_plans):
         by_backend.setdefault(gp.group.backend, []).append(i)
-    refs = tuple(f"{g}:{registry.groups[g].features[p].name}" for g, p in columns)
+    refs = tuple(f"{g}:{registry.groups[g].by_index[p].name}" for g, p in columns)
     return Plan(
         features=refs,
         groups=group_plans,

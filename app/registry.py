@@ -17,8 +17,9 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from app.codec import ENTITY_DTYPES, CodecError, DType, make_decoder, parse_dtype
+from app.codec import ENTITY_DTYPES, CodecError, DType, parse_dtype
 from app.errors import RegistryError
+from app.layout import GroupCodec
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -39,7 +40,7 @@ class Feature:
     ref: str  # "group:feature"
     dtype: DType
     default: Any  # served form (lists for arrays), None when not declared
-    index: int  # position in the group's stored values
+    index: int  # position in the group's stored values (app/layout.py: int64s, then float64s, then the rest)
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +51,8 @@ class Group:
     ttl_s: float | None
     features: tuple[Feature, ...]
     by_name: Mapping[str, Feature]
-    decode: Callable[[bytes], tuple[int, list[Any]]] = field(repr=False, compare=False)
+    by_index: Mapping[int, Feature]  # by stored position
+    codec: GroupCodec = field(repr=False, compare=False)
     description: str = ""
 
 
@@ -362,7 +364,12 @@ class _Builder:
             except ValueError as exc:
                 raise self.fail(f"{path}.ttl", str(exc)) from None
         raw_features = self.mapping(spec.get("features"), f"{path}.features")
-        features = tuple(self.feature(name, f, fspec, i) for i, (f, fspec) in enumerate(raw_features.items()))
+        dtypes = [self.feature_dtype(f"{path}.features.{f}", fspec) for f, fspec in raw_features.items()]
+        codec = GroupCodec(dtypes)
+        features = tuple(
+            self.feature(name, f, fspec, dtype, codec.stored_index[i])
+            for i, ((f, fspec), dtype) in enumerate(zip(raw_features.items(), dtypes, strict=True))
+        )
         return Group(
             name=name,
             entity=entities[spec["entity"]],
@@ -370,20 +377,25 @@ class _Builder:
             ttl_s=ttl,
             features=features,
             by_name=MappingProxyType({f.name: f for f in features}),
+            by_index=MappingProxyType({f.index: f for f in features}),
             description=str(spec.get("description", "")),
-            decode=make_decoder([f.dtype for f in features]),
+            codec=codec,
         )
 
-    def feature(self, group: str, name: str, spec: Any, index: int) -> Feature:
-        path = f"groups.{group}.features.{name}"
+    def feature_dtype(self, path: str, spec: Any) -> DType:
         if isinstance(spec, str):
             spec = {"dtype": spec}
         spec = self.mapping(spec, path)
         self.only(spec, path, {"dtype", "default", "description"})
         try:
-            dtype = parse_dtype(str(spec.get("dtype")))
+            return parse_dtype(str(spec.get("dtype")))
         except CodecError as exc:
             raise self.fail(f"{path}.dtype", str(exc)) from None
+
+    def feature(self, group: str, name: str, spec: Any, dtype: DType, index: int) -> Feature:
+        path = f"groups.{group}.features.{name}"
+        if isinstance(spec, str):
+            spec = {"dtype": spec}
         default = spec.get("default")
         if default is not None:
             try:

@@ -12,7 +12,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from app.codec import CodecError, encode_blob
+from app.codec import CodecError
 from app.errors import BackendFailed, TooLarge, ValidationFailed
 from app.registry import Group
 from app.requests import WriteBody, decode_body, entity_key, parse_event_time
@@ -60,7 +60,7 @@ def encode_rows(group: Group, rows: Sequence[dict[str, Any]], settings: Settings
                 stored.append(None if value is None else feature.dtype.check(value))
             except CodecError as exc:
                 raise ValidationFailed(str(exc), field=f"{where}.{feature.name}") from None
-        encoded = WriteRow(key, event_us, encode_blob(event_us, stored))
+        encoded = WriteRow(key, event_us, group.codec.encode(event_us, stored))
         previous = newest.get(key)
         if previous is not None:
             dropped += 1

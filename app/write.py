@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from app.codec import CodecError
@@ -27,60 +27,61 @@ EVENT_TIMESTAMP = "event_timestamp"
 
 def encode_rows(group: Group, rows: Sequence[dict[str, Any]], settings: Settings) -> tuple[list[WriteRow], int]:
     """Validate and encode rows. Returns one row per entity (the newest) and how many older duplicates fell."""
-    join_key = group.entity.join_key
-    allowed = {join_key, EVENT_TIMESTAMP, *group.by_name}
     now_us = time.time_ns() // 1000
+    return keep_newest(encode_row(group, row, settings, now_us, f"rows[{i}]") for i, row in enumerate(rows))
+
+
+def encode_row(group: Group, row: dict[str, Any], settings: Settings, now_us: int, where: str) -> WriteRow:
+    """Validate and encode one row; `now_us` is its event time when it has none. Errors name `{where}.{field}`."""
+    join_key = group.entity.join_key
+    if join_key not in row:
+        raise ValidationFailed(f"row lacks its join key {join_key!r}", field=f"{where}.{join_key}")
+    for name in row:
+        if name != join_key and name != EVENT_TIMESTAMP and name not in group.by_name:
+            raise ValidationFailed(
+                f"unknown field {name!r}; group {group.name} has {', '.join(group.by_name)}",
+                field=f"{where}.{name}",
+            )
+    key = entity_key(group.entity, row[join_key], f"{where}.{join_key}", settings)
+    event_us = (
+        parse_event_time(row[EVENT_TIMESTAMP], f"{where}.{EVENT_TIMESTAMP}")
+        if (row.get(EVENT_TIMESTAMP) is not None)
+        else now_us
+    )
+    stored: list[Any] = []
+    for feature in group.features:
+        if feature.name not in row:
+            raise ValidationFailed(
+                f"row lacks feature {feature.name!r}; a group's row is written whole, send null for no value",
+                field=f"{where}.{feature.name}",
+            )
+        value = row[feature.name]
+        try:
+            stored.append(None if value is None else feature.dtype.check(value))
+        except CodecError as exc:
+            raise ValidationFailed(str(exc), field=f"{where}.{feature.name}") from None
+    return WriteRow(key, event_us, group.codec.encode(event_us, stored))
+
+
+def keep_newest(rows: Iterable[WriteRow]) -> tuple[list[WriteRow], int]:
+    """One row per entity key, the newest (the later one on a tie), and how many older duplicates fell."""
     newest: dict[str, WriteRow] = {}
     dropped = 0
-    for i, row in enumerate(rows):
-        where = f"rows[{i}]"
-        if join_key not in row:
-            raise ValidationFailed(f"row lacks its join key {join_key!r}", field=f"{where}.{join_key}")
-        for name in row:
-            if name not in allowed:
-                raise ValidationFailed(
-                    f"unknown field {name!r}; group {group.name} has {', '.join(group.by_name)}",
-                    field=f"{where}.{name}",
-                )
-        key = entity_key(group.entity, row[join_key], f"{where}.{join_key}", settings)
-        event_us = (
-            parse_event_time(row[EVENT_TIMESTAMP], f"{where}.{EVENT_TIMESTAMP}")
-            if (row.get(EVENT_TIMESTAMP) is not None)
-            else now_us
-        )
-        stored: list[Any] = []
-        for feature in group.features:
-            if feature.name not in row:
-                raise ValidationFailed(
-                    f"row lacks feature {feature.name!r}; a group's row is written whole, send null for no value",
-                    field=f"{where}.{feature.name}",
-                )
-            value = row[feature.name]
-            try:
-                stored.append(None if value is None else feature.dtype.check(value))
-            except CodecError as exc:
-                raise ValidationFailed(str(exc), field=f"{where}.{feature.name}") from None
-        encoded = WriteRow(key, event_us, group.codec.encode(event_us, stored))
-        previous = newest.get(key)
+    for row in rows:
+        previous = newest.get(row.key)
         if previous is not None:
             dropped += 1
-            if previous.event_us > event_us:
+            if previous.event_us > row.event_us:
                 continue
-        newest[key] = encoded
+        newest[row.key] = row
     return list(newest.values()), dropped
 
 
-async def write(gw: Gateway, raw: bytes) -> dict[str, Any]:
-    settings = gw.settings
-    request: WriteBody = decode_body(raw, WriteBody, settings)
-    group = gw.registry.groups.get(request.group)
-    if group is None:
-        raise ValidationFailed(f"unknown group; groups: {', '.join(gw.registry.groups)}", field="group")
-    if not request.rows:
-        raise ValidationFailed("give at least one row", field="rows")
-    if len(request.rows) > settings.max_write_rows:
-        raise TooLarge(f"{len(request.rows)} rows; the limit is {settings.max_write_rows}", field="rows")
-    rows, dropped = encode_rows(group, request.rows, settings)
+async def store(gw: Gateway, group: Group, rows: Sequence[WriteRow]) -> WriteResult:
+    """Write encoded rows to the group's backend, through its circuit breaker and under the write timeout.
+
+    Any failure is a BackendFailed; retrying one is safe (a row never replaces newer data).
+    """
     backend = gw.backends[group.backend]
     breaker = gw.breakers[group.backend]
     if not breaker.allow():
@@ -95,7 +96,9 @@ async def write(gw: Gateway, raw: bytes) -> dict[str, Any]:
         span.set_attribute("feature.groups", [group.name])
         span.set_attribute("feature.keys", len(rows))
         try:
-            result: WriteResult = await asyncio.wait_for(backend.write(group, rows), settings.write_timeout_ms / 1000)
+            result: WriteResult = await asyncio.wait_for(
+                backend.write(group, rows), gw.settings.write_timeout_ms / 1000
+            )
         except Exception as exc:
             breaker.failure()
             span.record_exception(exc)
@@ -111,4 +114,19 @@ async def write(gw: Gateway, raw: bytes) -> dict[str, Any]:
             raise
         breaker.success()
         span.set_attribute("outcome", "ok")
+    return result
+
+
+async def write(gw: Gateway, raw: bytes) -> dict[str, Any]:
+    settings = gw.settings
+    request: WriteBody = decode_body(raw, WriteBody, settings)
+    group = gw.registry.groups.get(request.group)
+    if group is None:
+        raise ValidationFailed(f"unknown group; groups: {', '.join(gw.registry.groups)}", field="group")
+    if not request.rows:
+        raise ValidationFailed("give at least one row", field="rows")
+    if len(request.rows) > settings.max_write_rows:
+        raise TooLarge(f"{len(request.rows)} rows; the limit is {settings.max_write_rows}", field="rows")
+    rows, dropped = encode_rows(group, request.rows, settings)
+    result = await store(gw, group, rows)
     return {"group": group.name, "written": result.written, "skipped_stale": result.skipped_stale + dropped}

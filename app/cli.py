@@ -1,4 +1,4 @@
-"""`feature-gateway serve | check | migrate`."""
+"""`feature-gateway serve | check | migrate | materialize`."""
 
 from __future__ import annotations
 
@@ -52,6 +52,48 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         return 1 if failed else 0
 
     return asyncio.run(run())
+
+
+def cmd_materialize(args: argparse.Namespace) -> int:
+    """Exit 0: every row stored (or stale); 3: finished, some rows rejected; 1: backend failed (rerun resumes);
+    2: nothing could start (arguments, registry, file, checkpoint); 130: interrupted (rerun resumes)."""
+    from app.errors import BackendFailed
+    from app.materialize import MaterializeError, open_load, progress_for, run_load
+    from app.settings import Settings
+
+    settings = Settings()
+    registry_path = args.registry or settings.registry
+    if registry_path is None:
+        print("error: give --registry FILE (or set GATEWAY_REGISTRY)", file=sys.stderr)
+        return 2
+    registry = _load(registry_path)
+    path = Path(args.file)
+    try:
+        load = open_load(
+            registry,
+            args.group,
+            path,
+            settings=settings,
+            fmt=args.format,
+            batch_size=args.batch_size,
+            checkpoint_path=Path(args.checkpoint) if args.checkpoint else None,
+            restart=args.restart,
+        )
+        if load.checkpoint.rows_done:
+            print(f"resuming after row {load.checkpoint.rows_done:,} ({load.checkpoint_path})", file=sys.stderr)
+        progress = progress_for(not args.no_progress, f"{path.name} -> {args.group}")
+        report = asyncio.run(run_load(load, retries=args.retries, progress=progress))
+    except MaterializeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except BackendFailed as exc:
+        print(f"error: {exc.detail}\nrerun the same command to continue from the last stored batch", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to continue from the last stored batch", file=sys.stderr)
+        return 130
+    print("\n".join(report.lines()), flush=True)
+    return 3 if report.rejected else 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -121,6 +163,23 @@ def main(argv: list[str] | None = None) -> int:
     migrate = sub.add_parser("migrate", help="create every backend's tables (idempotent; also done at start-up)")
     migrate.add_argument("--registry", required=True)
     migrate.set_defaults(run=cmd_migrate)
+
+    materialize = sub.add_parser(
+        "materialize",
+        help="load a Parquet, CSV or JSON Lines file into a group (validated, batched, resumable)",
+        description="Load FILE into one group through the write path's validation, in batches; a rerun of the "
+        "same command after a crash continues after the last stored batch.",
+    )
+    materialize.add_argument("file", help="the rows: .parquet, .csv or .jsonl (.csv.gz and .jsonl.gz too)")
+    materialize.add_argument("--group", required=True, help="the feature group the rows belong to")
+    materialize.add_argument("--registry", help="registry YAML (default: $GATEWAY_REGISTRY)")
+    materialize.add_argument("--format", choices=["parquet", "csv", "jsonl"], help="default: from the extension")
+    materialize.add_argument("--batch-size", type=int, default=1000, help="rows per write [1000]")
+    materialize.add_argument("--checkpoint", help="progress file [FILE.GROUP.checkpoint.json next to FILE]")
+    materialize.add_argument("--restart", action="store_true", help="ignore a checkpoint; load from the first row")
+    materialize.add_argument("--retries", type=int, default=3, help="retries of a failed batch write [3]")
+    materialize.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    materialize.set_defaults(run=cmd_materialize)
 
     args = parser.parse_args(argv)
     result: int = args.run(args)

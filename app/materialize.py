@@ -56,7 +56,10 @@ _IDENTITY = {"redis": ("url", "key_prefix"), "cockroach": ("dsn", "schema", "tab
 
 
 class MaterializeError(Exception):
-    """The load cannot start: bad arguments, an unreadable file, columns that do not fit, a foreign checkpoint."""
+    """Bad arguments, a file that cannot be read or whose columns do not fit, a foreign checkpoint.
+
+    Raised before anything is written, except when a file turns out unreadable partway (then it says so).
+    """
 
 
 # -- typing CSV text -----------------------------------------------------------------------------------
@@ -670,6 +673,18 @@ def open_load(
     return Load(registry, group, path, source, checkpoint, checkpoint_path, settings, batch_size)
 
 
+async def _next_batch(pending: asyncio.Future[Prepared | None], checkpoint: Checkpoint) -> Prepared | None:
+    try:
+        return await pending
+    except MaterializeError as exc:  # the file turned out unreadable partway (bad CSV quoting, a cut .gz)
+        if not checkpoint.rows_done:
+            raise
+        raise MaterializeError(
+            f"{exc}; the load stopped after row {checkpoint.rows_done:,} (stored); once the file is fixed, "
+            "load it again with --restart (rewriting the rows stored already is harmless)"
+        ) from None
+
+
 async def run_load(load: Load, *, retries: int = 3, progress: Progress | None = None) -> Report:
     """Store the batches, reading and validating the next one in a thread while the current one is written.
 
@@ -696,7 +711,7 @@ async def run_load(load: Load, *, retries: int = 3, progress: Progress | None = 
         if progress is not None:
             progress.begin(checkpoint.rows_done)
         pending = asyncio.ensure_future(asyncio.to_thread(next, batches, None))
-        while (batch := await pending) is not None:
+        while (batch := await _next_batch(pending, checkpoint)) is not None:
             pending = asyncio.ensure_future(asyncio.to_thread(next, batches, None))  # read ahead while storing
             result = await _store(gw, group, batch.rows, retries) if batch.rows else WriteResult(0, 0)
             await asyncio.to_thread(load.record, batch, result)

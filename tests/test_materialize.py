@@ -382,6 +382,16 @@ async def test_parquet_columns_are_checked_too_and_a_pandas_index_is_ignored(nam
         await load(registry_for(names, "sqlite"), path, group="stores")
 
 
+async def test_a_file_unreadable_partway_stops_after_the_rows_before_it(names: Names, tmp_path: Path) -> None:
+    path = write_file(tmp_path / "live.csv", [live_row(i) for i in range(1, 41)])
+    lines = path.read_text().splitlines(keepends=True)
+    lines[26] = lines[26].replace(",", ',"broken"quote,', 1)  # row 26: not CSV at all
+    path.write_text("".join(lines))
+    with pytest.raises(MaterializeError, match=r"line 27: not valid CSV.*stopped after row 20 \(stored\)"):
+        await load(registry_for(names, "sqlite"), path, batch_size=10)
+    assert msgspec.json.decode(default_checkpoint(path, "live").read_bytes())["rows_done"] == 20
+
+
 async def test_gzipped_text_files_load(names: Names, tmp_path: Path) -> None:
     import gzip
 

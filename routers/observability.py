@@ -99,7 +99,8 @@ def render_prometheus(gateway: Gateway, merged: Merged) -> str:
     usage = merged.feature_usage()
     groups = gateway.registry.groups
     for (group, position), counts in sorted(usage.items()):
-        feature = groups[group].features[position].name if group in groups else str(position)
+        known = groups[group].by_index.get(position) if group in groups else None
+        feature = known.name if known is not None else f"#{position}"  # counted under an older registry
         lines.append(f"{requested}{_labels(group=group, feature=feature)} {counts[0]}")
         for status_name, count in zip(STATUSES, counts[1:], strict=True):
             lines.append(f"{served}{_labels(group=group, feature=feature, status=status_name)} {count}")

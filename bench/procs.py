@@ -158,6 +158,7 @@ class GatewayProcess:
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
+        self._log_start = 0  # this run's part of a log file that --log-dir may have kept from earlier runs
 
     @property
     def url(self) -> str:
@@ -166,7 +167,9 @@ class GatewayProcess:
     def started_workers(self) -> int:
         """How many worker processes finished start-up (uvicorn logs it once per worker)."""
         try:
-            return self.log_path.read_text(errors="replace").count("Application startup complete")
+            with self.log_path.open("rb") as f:
+                f.seek(self._log_start)
+                return f.read().count(b"Application startup complete")
         except OSError:
             return 0
 
@@ -194,6 +197,7 @@ class GatewayProcess:
             "info",
         ]
         self._log = self.log_path.open("ab")
+        self._log_start = self._log.tell()
         self.proc = subprocess.Popen(
             command, stdout=self._log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
         )

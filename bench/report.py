@@ -56,6 +56,7 @@ class Report:
                 "measure": name,
                 "runs": len(results),
                 "requests": sum(r.requests for r in results),
+                "failed": sum(r.failures for r in results),
                 "rps": median(r.rps for r in results),
                 "p50_ms": median(r.p50_ms for r in results),
                 "p99_ms": median(r.p99_ms for r in results),
@@ -94,7 +95,10 @@ def table(summary: list[dict[str, Any]]) -> str:
         if "bytes_per_value" in row:
             lines.append(f"| {row['measure']} | {row['bytes_per_value']:,.1f} B/value | | | | | | |")
             continue
-        cells = [row["measure"], f"{row['rps']:,.0f} req/s", _ms(row["p50_ms"]), _ms(row["p99_ms"])]
+        result = f"{row['rps']:,.0f} req/s"
+        if row.get("failed"):
+            result = f"FAILED: {row['failed']:,} of {row['requests']:,} requests"
+        cells = [row["measure"], result, _ms(row["p50_ms"]), _ms(row["p99_ms"])]
         cells += [
             _ms(row.get(k)) for k in ("floor_p50_ms", "floor_p99_ms", "overhead_p50_ms", "gateway_cpu_ms_per_request")
         ]

@@ -111,6 +111,7 @@ def caption(report: Report) -> str:
     meta, args = report.meta, report.meta["args"]
     load_text = f"{min(loads):.1f}-{max(loads):.1f}" if loads else "?"
     repeats = f", median of {args['repeat']} runs" if int(args["repeat"]) > 1 else ""
+    repeats += f", nice {args['nice']}" if args.get("nice", "0") != "0" else ""
     return (
         f"{int(args['entities']):,} entities per group; {args['duration']} s measured per workload after "
         f"{args['warmup']} s warm-up{repeats}; wrk with random ids; gateway {meta.get('commit', '?')}; "

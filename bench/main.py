@@ -41,6 +41,7 @@ from bench.data import entity_ids, generate, verify, write_rows
 from bench.measure import (
     Floor,
     Workload,
+    WrkOptions,
     WrkResult,
     log_result,
     pg_size,
@@ -195,7 +196,7 @@ def machine() -> dict[str, Any]:
 
 async def load_data(
     args: argparse.Namespace, registry: Registry, gateway: GatewayProcess, redis_url: str, report: Report
-) -> dict[str, list[list[Any]]]:
+) -> None:
     ids = list(entity_ids(args.entities))
     order = (*REDIS_GROUPS, SQL_GROUP)
     data = {name: generate(registry.groups[name], args.entities, args.seed) for name in order}
@@ -231,7 +232,6 @@ async def load_data(
     values = args.entities * len(registry.groups[SQL_GROUP].features)
     measured = "PostgreSQL pg_total_relation_size after VACUUM ANALYZE"
     report.storage.append(Storage(SQL_GROUP, measured, size.total_bytes, values, size.total_bytes / values))
-    return data
 
 
 async def run(args: argparse.Namespace, report: Report, log_dir: Path) -> None:
@@ -255,14 +255,7 @@ async def run(args: argparse.Namespace, report: Report, log_dir: Path) -> None:
         report.meta["versions"] = await _server_versions(redis_server.url, args.pg_dsn)
         features = [f.ref for name in FETCHED for f in registry.groups[name].features]
         id_max = args.entities  # ids are 1..entities
-        wrk_common: dict[str, Any] = {
-            "id_max": id_max,
-            "seed": args.seed,
-            "deadline_ms": args.deadline_ms,
-            "threads": args.wrk_threads,
-            "pool": 2000,
-            "log_path": log_dir / "wrk.log",
-        }
+        wrk_options = WrkOptions(wrk, id_max, args.seed, args.deadline_ms, args.wrk_threads, 2000, log_dir / "wrk.log")
 
         gateway = GatewayProcess(REGISTRY, 1, env, log_dir / "gateway-1.log")
         gateway.spawn()
@@ -275,7 +268,7 @@ async def run(args: argparse.Namespace, report: Report, log_dir: Path) -> None:
         for size in args.sizes:
             workload = Workload(f"{size} x {len(features)}, 1 conn, 1 worker", size, features, 1, 1, args.duration)
             for _ in range(args.repeat):  # gateway then floor, back to back: each pair sees the same box
-                report.record(await _wrk_with_warmup(wrk, gateway, workload, args, wrk_common))
+                report.record(await _wrk_with_warmup(wrk_options, gateway, workload, args.warmup))
                 floor_result = await floor.run(size, id_max, args.duration, args.warmup, args.seed)
                 report.record(floor_result)
                 log_result(floor_result, f"floor {size} x {len(features)}")
@@ -290,7 +283,7 @@ async def run(args: argparse.Namespace, report: Report, log_dir: Path) -> None:
             name = f"1 x {len(features)}, {args.connections} conns, {workers} worker{'s' if workers > 1 else ''}"
             workload = Workload(name, 1, features, args.connections, workers, args.duration)
             for _ in range(args.repeat):
-                report.record(await _wrk_with_warmup(wrk, gateway, workload, args, wrk_common))
+                report.record(await _wrk_with_warmup(wrk_options, gateway, workload, args.warmup))
         gateway.check_alive()
     finally:
         if floor is not None:
@@ -304,16 +297,14 @@ async def run(args: argparse.Namespace, report: Report, log_dir: Path) -> None:
 
 
 async def _wrk_with_warmup(
-    wrk: str, gateway: GatewayProcess, workload: Workload, args: argparse.Namespace, common: dict[str, Any]
+    options: WrkOptions, gateway: GatewayProcess, workload: Workload, warmup_s: int
 ) -> WrkResult:
-    if args.warmup:
+    if warmup_s:
         # Unmeasured: fills the gateway's pools and caches at this concurrency. Other ids than the measured run.
-        warm = await run_wrk(
-            wrk, gateway.url, workload, **{**common, "seed": common["seed"] + 1000}, duration_s=args.warmup
-        )
+        warm = await run_wrk(options, gateway.url, workload, duration_s=warmup_s, seed=options.seed + 1000)
         if warm.failures or not warm.requests:
             raise BenchError("warm-up failed: " + "; ".join(warm.problems()))
-    result = await run_wrk(wrk, gateway.url, workload, **common, cpu_seconds=gateway.cpu_seconds)
+    result = await run_wrk(options, gateway.url, workload, cpu_seconds=gateway.cpu_seconds)
     gateway.check_alive()
     log_result(result, workload.name)
     return result

@@ -80,24 +80,31 @@ class WrkResult:
         return found
 
 
+@dataclass(frozen=True)
+class WrkOptions:
+    wrk: str  # the binary
+    id_max: int  # ids are drawn from FIRST_ID..id_max
+    seed: int
+    deadline_ms: int
+    threads: int
+    pool: int  # requests each wrk thread builds up front and cycles through
+    log_path: Path  # wrk's own output is appended here
+
+
 async def run_wrk(
-    wrk: str,
+    options: WrkOptions,
     url: str,
     workload: Workload,
     *,
-    id_max: int,
-    seed: int,
-    deadline_ms: int,
-    threads: int,
-    pool: int,
-    log_path: Path,
     duration_s: int | None = None,
+    seed: int | None = None,
     cpu_seconds: Callable[[], float] | None = None,
 ) -> WrkResult:
+    """One wrk run of `workload` against the gateway at `url`; `cpu_seconds` reads the gateway's CPU time."""
     duration = workload.duration_s if duration_s is None else duration_s
-    threads = max(1, min(threads, workload.connections))
+    threads = max(1, min(options.threads, workload.connections))
     command = [
-        wrk,
+        options.wrk,
         f"-t{threads}",
         f"-c{workload.connections}",
         f"-d{duration}s",
@@ -109,12 +116,12 @@ async def run_wrk(
         "--",
         str(workload.entities),
         str(FIRST_ID),
-        str(id_max),
-        str(seed),
-        str(pool),
+        str(options.id_max),
+        str(options.seed if seed is None else seed),
+        str(options.pool),
         JOIN_KEY,
         json.dumps(list(workload.features), separators=(",", ":")),
-        str(deadline_ms),
+        str(options.deadline_ms),
     ]
     load_before = os.getloadavg()[0]
     cpu_before = cpu_seconds() if cpu_seconds else 0.0
@@ -124,7 +131,7 @@ async def run_wrk(
     out_bytes, _ = await proc.communicate()
     cpu_used = cpu_seconds() - cpu_before if cpu_seconds else None
     out = out_bytes.decode(errors="replace")
-    with log_path.open("a") as f:
+    with options.log_path.open("a") as f:
         f.write(f"$ {' '.join(command[:9])} -- ...\n{out}\n")
     line = next((x for x in out.splitlines() if x.startswith("BENCH_JSON ")), None)
     if proc.returncode != 0 or line is None:
@@ -259,13 +266,17 @@ class Floor:
         return reads
 
     @staticmethod
-    async def _once(reads: list[_Read]) -> None:
+    async def _once(reads: list[_Read]) -> int:
+        """Issue one fetch's reads concurrently; the nanoseconds until the last answered."""
+        started = time.perf_counter_ns()
         results = await asyncio.gather(*(r.call(*r.args) for r in reads))
+        elapsed = time.perf_counter_ns() - started
         for read, result in zip(reads, results, strict=True):
             found = sum(b is not None for b in result) if read.redis else len(result)
             if found != read.expected:
                 kind = "MGET" if read.redis else "SELECT"
                 raise BenchError(f"the floor's {kind} found {found} of {read.expected} stored values")
+        return elapsed
 
     async def run(self, entities: int, id_max: int, duration_s: float, warmup_s: float, seed: int) -> FloorResult:
         rng = random.Random(f"{seed}:floor:{entities}")
@@ -275,17 +286,14 @@ class Floor:
             batches.append(self._reads(list(dict.fromkeys(ids))))  # the gateway reads each key once
         load_before = os.getloadavg()[0]
         timings: list[float] = []
-        clock = time.perf_counter_ns
         for phase, seconds in (("warmup", warmup_s), ("measure", duration_s)):
             end = time.monotonic() + seconds
             i = 0
             while time.monotonic() < end:
-                reads = batches[i % len(batches)]
+                elapsed_ns = await self._once(batches[i % len(batches)])
                 i += 1
-                started = clock()
-                await self._once(reads)
                 if phase == "measure":
-                    timings.append((clock() - started) / 1e6)
+                    timings.append(elapsed_ns / 1e6)
         timings.sort()
         return FloorResult(
             entities=entities,

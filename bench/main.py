@@ -280,7 +280,8 @@ async def run(args: argparse.Namespace, report: Report, log_dir: Path) -> None:
                 gateway.spawn()
                 await gateway.wait_ready()
                 log(f"gateway restarted with {workers} workers")
-            name = f"1 x {len(features)}, {args.connections} conns, {workers} worker{'s' if workers > 1 else ''}"
+            conns = f"{args.connections} conn{'s' if args.connections > 1 else ''}"
+            name = f"1 x {len(features)}, {conns}, {workers} worker{'s' if workers > 1 else ''}"
             workload = Workload(name, 1, features, args.connections, workers, args.duration)
             for _ in range(args.repeat):
                 report.record(await _wrk_with_warmup(wrk_options, gateway, workload, args.warmup))

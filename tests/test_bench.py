@@ -1,0 +1,115 @@
+"""The benchmark's own arithmetic (the smoke run in scripts/test exercises the rest on real services)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from app.registry import load_registry
+from bench.data import generate
+from bench.main import REGISTRY
+from bench.measure import FloorResult, WrkResult, percentile
+from bench.report import Report, Storage, compare, table
+
+
+def wrk_result(name: str, entities: int, connections: int, p50: float, rps: float, **extra: Any) -> WrkResult:
+    fields: dict[str, Any] = {
+        "workload": name,
+        "entities": entities,
+        "features": 100,
+        "connections": connections,
+        "workers": 1,
+        "duration_s": 10.0,
+        "requests": int(rps * 10),
+        "rps": rps,
+        "p50_ms": p50,
+        "p90_ms": p50 * 2,
+        "p99_ms": p50 * 3,
+        "p99_9_ms": p50 * 4,
+        "max_ms": p50 * 5,
+        "mean_ms": p50,
+        "non200": 0,
+        "non200_by_status": {},
+        "socket_errors": dict.fromkeys(("connect", "read", "write", "status", "timeout"), 0),
+        "first_failure": None,
+        "load_average": (1.0, 1.0),
+        "gateway_cpu_ms_per_request": 0.5,
+    }
+    return WrkResult(**(fields | extra))
+
+
+def floor_result(entities: int, p50: float) -> FloorResult:
+    return FloorResult(entities, 10.0, 1000, p50, p50 * 2, p50 * 3, p50 * 4, (1.0, 1.0))
+
+
+def test_percentile_is_nearest_rank() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 50) == 50.0
+    assert percentile(values, 99) == 99.0
+    assert percentile(values, 100) == 100.0
+    assert percentile([7.0], 99) == 7.0
+    assert percentile([], 50) == 0.0
+
+
+def test_summary_takes_medians_and_subtracts_the_floor() -> None:
+    report = Report(meta={})
+    for p50, rps in ((1.0, 900.0), (3.0, 300.0), (2.0, 500.0)):
+        report.record(wrk_result("1 x 100, 1 conn, 1 worker", 1, 1, p50, rps))
+        report.record(floor_result(1, p50 / 4))
+    report.record(wrk_result("1 x 100, 32 conns, 1 worker", 1, 32, 20.0, 1500.0))
+    report.storage.append(Storage("live", "Redis", 4_500_000, 500_000, 9.0))
+    rows = report.summary()
+    assert rows[0]["runs"] == 3
+    assert rows[0]["p50_ms"] == 2.0
+    assert rows[0]["rps"] == 500.0
+    assert rows[0]["floor_p50_ms"] == 0.5
+    assert rows[0]["overhead_p50_ms"] == 1.5
+    assert "floor_p50_ms" not in rows[1]  # the floor is taken at one connection only
+    assert rows[2] == {"measure": "storage: live on Redis (50 numeric)", "bytes_per_value": 9.0}
+    assert report.problems == []
+    text = table(rows)
+    assert "| 1 x 100, 1 conn, 1 worker | 500 req/s | 2.000 | 6.000 | 0.500 | 1.500 | 1.500 | 0.500 |" in text
+    assert "| storage: live on Redis (50 numeric) | 9.0 B/value |" in text
+
+
+def test_failed_and_empty_runs_are_problems_and_marked_in_the_table() -> None:
+    report = Report(meta={})
+    errors = dict.fromkeys(("connect", "read", "write", "status", "timeout"), 0) | {"timeout": 2}
+    report.record(wrk_result("a", 1, 1, 1.0, 100.0, non200=3, non200_by_status={"503": 3}, socket_errors=errors))
+    report.record(wrk_result("b", 1, 1, 0.0, 0.0))
+    report.record(FloorResult(1, 1.0, 0, 0.0, 0.0, 0.0, 0.0, (0.0, 0.0)))
+    assert len(report.problems) == 3
+    assert "5 of 1000 requests failed" in report.problems[0]
+    assert "no request completed" in report.problems[1]
+    assert "FAILED: 5 of 1,000 requests" in table(report.summary())
+
+
+def test_compare_shows_each_shared_measure_with_its_ratio(tmp_path: Path) -> None:
+    files = []
+    for name, p50 in (("before", 2.0), ("after", 1.0)):
+        report = Report(meta={})
+        report.record(wrk_result("1 x 100, 1 conn, 1 worker", 1, 1, p50, 1 / p50 * 1000))
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(report.to_json(), default=str))
+        files.append(path)
+    text = compare(*files)
+    assert "| 1 x 100, 1 conn, 1 worker | p50 ms | 2.000 | 1.000 | 0.50x |" in text
+    assert "| 1 x 100, 1 conn, 1 worker | req/s | 500 | 1,000 | 2.00x |" in text
+
+
+def test_generated_data_follows_the_registry_and_the_seed() -> None:
+    registry = load_registry(REGISTRY, env={})
+    live, embed = registry.groups["live"], registry.groups["embed"]
+    rows = generate(live, 20, seed=1)
+    assert rows == generate(live, 20, seed=1)
+    assert rows != generate(live, 20, seed=2)
+    assert len(rows) == 20
+    assert all(len(r) == len(live.features) == 50 for r in rows)
+    ints = [v for r in rows for f, v in zip(live.features, r, strict=True) if f.dtype.kind == "int64"]
+    floats = [v for r in rows for f, v in zip(live.features, r, strict=True) if f.dtype.kind == "float64"]
+    assert len(ints) == len(floats) == 20 * 25
+    assert all(type(v) is int and 0 <= v <= 999 for v in ints)
+    assert all(type(v) is float for v in floats)
+    vectors = generate(embed, 3, seed=1)
+    assert all(len(r) == 1 and len(r[0]) == 32 for r in vectors)

@@ -136,3 +136,36 @@ def test_two_workers_report_one_set_of_metrics(tmp_path: Path) -> None:
     finally:
         server.terminate()
         server.wait(20)
+
+
+def test_a_client_hanging_up_mid_body_is_not_logged_as_an_error(tmp_path: Path) -> None:
+    import socket
+
+    port = free_port()
+    env = {**os.environ, "GATEWAY_DEMO_DIR": str(tmp_path / "demo")}
+    log = tmp_path / "server.log"
+    with log.open("w") as sink:
+        server = subprocess.Popen([*CLI, "serve", "--port", str(port)], stdout=sink, stderr=subprocess.STDOUT, env=env)
+        try:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                try:
+                    if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    time.sleep(0.1)
+            for _ in range(3):
+                with socket.create_connection(("127.0.0.1", port)) as sock:
+                    sock.sendall(
+                        b"POST /v1/features/fetch HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                        b'Content-Length: 1000\r\n\r\n{"entities":'
+                    )
+                    time.sleep(0.05)
+            time.sleep(0.3)
+            assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200
+        finally:
+            server.terminate()
+            server.wait(20)
+    text = log.read_text()
+    assert "unhandled error" not in text
+    assert "Traceback" not in text

@@ -164,6 +164,10 @@ def load_keys(settings: Settings, registry: Registry | None) -> KeyRing:
     if inline is not None and path is not None:
         raise KeyConfigError(INLINE_SOURCE, "(root)", "GATEWAY_API_KEYS_FILE is set too: configure keys in one place")
     if inline is not None:
+        if not inline.strip():
+            raise KeyConfigError(
+                INLINE_SOURCE, "(root)", "empty; give a JSON list of keys, or unset it to run without authentication"
+            )
         return KeyRing(parse_keys(_json(inline, INLINE_SOURCE), INLINE_SOURCE, registry), INLINE_SOURCE)
     if path is not None:
         source = str(path)

@@ -5,9 +5,10 @@ A client sends `Authorization: Bearer <token>`. The gateway keeps no token, only
     [{"name": "ranker", "sha256": "<64 hex digits>", "scopes": ["read"], "groups": ["consumer_live"]}]
 
 from GATEWAY_API_KEYS (JSON) or GATEWAY_API_KEYS_FILE (YAML or JSON); `feature-gateway keys new` makes a
-token and its entry. Scopes: `read` (fetch, registry), `write` (write), `admin` (everything, and any admin
-endpoint to come). `groups`, when given, limits the key to those feature groups. Every endpoint but
-/healthz then needs a key; with no keys configured authentication is off (and `serve` binds to loopback only).
+token and its entry. Scopes: `read` (fetch, Feast fetch, registry, usage, metrics), `write` (write, Feast
+write), `admin` (everything, and any admin endpoint to come). `groups`, when given, limits the key to those
+feature groups. Every endpoint then needs a key but /healthz, /docs and /openapi.json (these describe the API,
+not its data); with no keys configured authentication is off (and `serve` binds to loopback only).
 
 Why a plain SHA-256 rather than bcrypt, scrypt or argon2: those are slow on purpose so that a stolen hash of a
 low-entropy human password cannot be guessed quickly. A token here is 256 random bits, so finding it from its
@@ -135,6 +136,12 @@ def check_feature_groups(features: Sequence[str], groups: Collection[str]) -> No
 def check_write_group(group: str, groups: Collection[str]) -> None:
     if group not in groups:
         raise Forbidden(f"this API key may not write feature group {group!r}", field="group")
+
+
+def check_every_group(groups: Collection[str] | None, what: str) -> None:
+    """Forbidden for a group-limited key: `what` reports on every group."""
+    if groups is not None:
+        raise Forbidden(f"this API key is limited to some feature groups; {what} reports on all of them")
 
 
 def visible_registry(registry: Registry, groups: Collection[str] | None) -> dict[str, Any]:

@@ -87,12 +87,19 @@ def assert_problem(response: httpx.Response, status: int) -> dict[str, Any]:
 # -- 401: no key, unknown or malformed ------------------------------------------------------------------
 
 
+FEAST_FETCH = {"features": ["live:orders_7d"], "entities": {"consumer_id": [1]}}
+FEAST_WRITE = {"feature_view_name": "stores", "df": {"store_id": ["s-1"], "open_orders": [4]}}
 ENDPOINTS: list[tuple[str, str, Any]] = [
     ("POST", "/v1/features/fetch", FETCH_LIVE),
     ("POST", "/v1/features/write", {"group": "live", "rows": [live_row(1, 1)]}),
     ("GET", "/v1/registry", None),
     ("GET", "/readyz", None),
+    ("POST", "/get-online-features", FEAST_FETCH),
+    ("POST", "/write-to-online-store", FEAST_WRITE),
+    ("GET", "/metrics", None),
+    ("GET", "/v1/usage", None),
 ]
+OPEN = {"/healthz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
 
 
 @pytest.mark.parametrize(("method", "path", "body"), ENDPOINTS)
@@ -108,6 +115,22 @@ async def test_every_endpoint_but_healthz_needs_a_key(
     assert_problem(unknown, 401)
     assert unknown.headers["www-authenticate"] == 'Bearer realm="feature-gateway", error="invalid_token"'
     assert admitted.status_code == 200, admitted.text
+
+
+async def test_no_route_is_left_open(gateway: GatewayFactory, names: Names, keys: Keys) -> None:
+    """Every operation of the spec, including any added after this test was written, refuses a request with no key."""
+    async with gateway(two_sqlite(names), api_keys=keys.config) as client:
+        spec = (await client.get("/openapi.json")).json()
+        routes = [(method.upper(), path) for path, ops in spec["paths"].items() for method in ops]
+        assert {path for _, path, _ in ENDPOINTS} <= {path for _, path in routes}
+        answers = {}
+        for method, path in routes:
+            if path not in OPEN:
+                answers[(method, path)] = (
+                    await client.request(method, path.replace("{", "").replace("}", ""))
+                ).status_code
+    assert len(answers) >= len(ENDPOINTS)
+    assert {route: status for route, status in answers.items() if status != 401} == {}
 
 
 @pytest.mark.parametrize(
@@ -160,8 +183,8 @@ async def test_healthz_docs_and_spec_stay_open(gateway: GatewayFactory, names: N
     assert bad_key_health.status_code == 200
     assert docs.status_code == 200
     assert spec.status_code == 200
-    # The spec describes the API, not the deployment: no group of this registry appears in it.
-    assert "open_orders" not in spec.text
+    # The spec describes the API, not the deployment: nothing of this registry (its backends' paths) is in it.
+    assert str(names.dir) not in spec.text
 
 
 # -- 403: scopes ----------------------------------------------------------------------------------------
@@ -179,6 +202,14 @@ async def test_scopes(gateway: GatewayFactory, names: Names, keys: Keys) -> None
         admin_writes = await client.post("/v1/features/write", json=write_body, headers=keys.auth("admin"))
         admin_fetches = await client.post("/v1/features/fetch", json=FETCH_LIVE, headers=keys.auth("admin"))
         readiness = {name: await client.get("/readyz", headers=keys.auth(name)) for name in keys.tokens}
+        reader_feast_writes = await client.post("/write-to-online-store", json=FEAST_WRITE, headers=keys.auth("reader"))
+        writer_feast_writes = await client.post("/write-to-online-store", json=FEAST_WRITE, headers=keys.auth("writer"))
+        writer_feast_fetches = await client.post("/get-online-features", json=FEAST_FETCH, headers=keys.auth("writer"))
+        reader_feast_fetches = await client.post("/get-online-features", json=FEAST_FETCH, headers=keys.auth("reader"))
+        writer_metrics = await client.get("/metrics", headers=keys.auth("writer"))
+        reader_metrics = await client.get("/metrics", headers=keys.auth("reader"))
+        writer_usage = await client.get("/v1/usage", headers=keys.auth("writer"))
+        reader_usage = await client.get("/v1/usage", headers=keys.auth("reader"))
 
     assert writer_writes.json() == {"group": "live", "written": 1, "skipped_stale": 0}
     assert reader_fetches.json()["rows"][0]["values"] == [3]
@@ -187,10 +218,18 @@ async def test_scopes(gateway: GatewayFactory, names: Names, keys: Keys) -> None
     assert admin_fetches.json()["rows"][0]["values"] == [3]
     assert all(r.status_code == 200 for r in readiness.values()), {n: r.text for n, r in readiness.items()}
 
+    assert writer_feast_writes.json()["written"] == 1
+    assert reader_feast_fetches.json()["results"][1]["values"] == [3]
+    assert reader_metrics.status_code == 200
+    assert reader_usage.status_code == 200
     for response, scope, name in (
         (reader_writes, "write", "reader"),
         (writer_fetches, "read", "writer"),
         (writer_registry, "read", "writer"),
+        (reader_feast_writes, "write", "reader"),
+        (writer_feast_fetches, "read", "writer"),
+        (writer_metrics, "read", "writer"),
+        (writer_usage, "read", "writer"),
     ):
         problem = assert_problem(response, 403)
         assert f"'{scope}' scope" in problem["detail"]
@@ -293,6 +332,36 @@ async def test_a_group_limited_key_sees_only_its_groups_in_the_registry(
     assert set(full["backends"]) == {"hot", "bulk"}
 
 
+async def test_group_limits_on_the_feast_and_observability_endpoints(
+    gateway: GatewayFactory, names: Names, keys: Keys
+) -> None:
+    other_fetch = {"features": ["live:orders_7d", "history:lifetime_orders"], "entities": {"consumer_id": [1]}}
+    async with gateway(two_sqlite(names), api_keys=keys.config) as client:
+        own_fetch = await client.post("/get-online-features", json=FEAST_FETCH, headers=keys.auth("live_reader"))
+        other = await client.post("/get-online-features", json=other_fetch, headers=keys.auth("live_reader"))
+        other_write = await client.post("/write-to-online-store", json=FEAST_WRITE, headers=keys.auth("live_writer"))
+        own_write = await client.post(
+            "/write-to-online-store",
+            json={"feature_view_name": "live", "df": {k: [v] for k, v in live_row(1, 2).items()}},
+            headers=keys.auth("live_writer"),
+        )
+        limited_usage = (await client.get("/v1/usage", headers=keys.auth("live_reader"))).json()
+        full_usage = (await client.get("/v1/usage", headers=keys.auth("reader"))).json()
+        limited_metrics = await client.get("/metrics", headers=keys.auth("live_reader"))
+        stored = await client.post("/v1/features/fetch", json={**FETCH_LIVE}, headers=keys.auth("admin"))
+    assert own_fetch.status_code == 200, own_fetch.text
+    assert assert_problem(other, 403)["detail"] == "this API key may not use feature group 'history'"
+    assert assert_problem(other_write, 403)["detail"] == "this API key may not write feature group 'stores'"
+    assert own_write.json()["written"] == 1
+    assert stored.json()["rows"][0]["values"] == [2]
+    assert set(limited_usage["groups"]) == {"live"}
+    assert all(ref.startswith("live:") for ref in limited_usage["never_requested"])
+    assert set(full_usage["groups"]) == {"live", "history", "stores"}
+    assert "history:lifetime_value" in full_usage["never_requested"]
+    problem = assert_problem(limited_metrics, 403)
+    assert problem["detail"] == "this API key is limited to some feature groups; /metrics reports on all of them"
+
+
 # -- no keys configured ---------------------------------------------------------------------------------
 
 
@@ -336,10 +405,16 @@ async def test_the_spec_declares_the_bearer_scheme(gateway: GatewayFactory, name
     assert operations["get_registry"]["security"] == [{"bearerAuth": ["read"]}]
     assert operations["write_features"]["security"] == [{"bearerAuth": ["write"]}]
     assert operations["ready"]["security"] == [{"bearerAuth": []}]
+    assert operations["get_online_features_feast"]["security"] == [{"bearerAuth": ["read"]}]
+    assert operations["write_to_online_store_feast"]["security"] == [{"bearerAuth": ["write"]}]
+    assert operations["metrics"]["security"] == [{"bearerAuth": ["read"]}]
+    assert operations["get_usage"]["security"] == [{"bearerAuth": ["read"]}]
     assert "security" not in operations["health"]
     assert "security" not in spec  # no global requirement: /healthz stays open
-    for name in ("fetch_features", "write_features", "get_registry", "ready"):
-        assert {"401", "403"} <= operations[name]["responses"].keys(), name
+    for name, operation in operations.items():
+        if name != "health":
+            assert operation.get("security"), f"{name} does not declare that it needs a key"
+            assert {"401", "403"} <= operation["responses"].keys(), name
     assert operations["fetch_features"]["tags"] == ["features"]
     assert operations["get_registry"]["tags"] == ["registry"]
     assert operations["ready"]["tags"] == ["health"]

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import importlib
+import inspect
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -98,6 +101,7 @@ ENDPOINTS: list[tuple[str, str, Any]] = [
     ("POST", "/write-to-online-store", FEAST_WRITE),
     ("GET", "/metrics", None),
     ("GET", "/v1/usage", None),
+    ("GET", "/v1/status", None),
 ]
 OPEN = {"/healthz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
 
@@ -348,6 +352,9 @@ async def test_group_limits_on_the_feast_and_observability_endpoints(
         limited_usage = (await client.get("/v1/usage", headers=keys.auth("live_reader"))).json()
         full_usage = (await client.get("/v1/usage", headers=keys.auth("reader"))).json()
         limited_metrics = await client.get("/metrics", headers=keys.auth("live_reader"))
+        limited_status = await client.get("/v1/status", headers=keys.auth("live_reader"))
+        status = await client.get("/v1/status", headers=keys.auth("reader"))
+        page = await client.get("/")
         stored = await client.post("/v1/features/fetch", json={**FETCH_LIVE}, headers=keys.auth("admin"))
     assert own_fetch.status_code == 200, own_fetch.text
     assert assert_problem(other, 403)["detail"] == "this API key may not use feature group 'history'"
@@ -360,6 +367,10 @@ async def test_group_limits_on_the_feast_and_observability_endpoints(
     assert "history:lifetime_value" in full_usage["never_requested"]
     problem = assert_problem(limited_metrics, 403)
     assert problem["detail"] == "this API key is limited to some feature groups; /metrics reports on all of them"
+    problem = assert_problem(limited_status, 403)
+    assert problem["detail"] == "this API key is limited to some feature groups; /v1/status reports on all of them"
+    assert set(status.json()["groups"]) == {"live", "history", "stores"}
+    assert page.status_code == 200  # the status page itself holds no data; it sends the key it is given
 
 
 # -- no keys configured ---------------------------------------------------------------------------------
@@ -409,6 +420,7 @@ async def test_the_spec_declares_the_bearer_scheme(gateway: GatewayFactory, name
     assert operations["write_to_online_store_feast"]["security"] == [{"bearerAuth": ["write"]}]
     assert operations["metrics"]["security"] == [{"bearerAuth": ["read"]}]
     assert operations["get_usage"]["security"] == [{"bearerAuth": ["read"]}]
+    assert operations["get_status"]["security"] == [{"bearerAuth": ["read"]}]
     assert "security" not in operations["health"]
     assert "security" not in spec  # no global requirement: /healthz stays open
     for name, operation in operations.items():
@@ -783,3 +795,61 @@ def test_keys_new_with_several_scopes_and_groups(tmp_path: Path) -> None:
     assert entry["groups"] == ["consumer_live", "store_stats"]
     [key] = parse_keys([entry], "test", None)
     assert key.groups == frozenset({"consumer_live", "store_stats"})
+
+
+def test_a_generated_sdk_sends_the_key(tmp_path: Path) -> None:
+    """The spec's bearer scheme makes openapi-python-client generate an AuthenticatedClient that sends the key."""
+    token = new_token()
+    port = free_port()
+    env = cli_env(tmp_path, GATEWAY_API_KEYS=json.dumps([key_entry("sdk", token, ["read"], ["store_stats"])]))
+    server = subprocess.Popen(
+        [*CLI, "serve", "--port", str(port), "--log-level", "warning"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    sdk_dir = tmp_path / "sdk"
+    try:
+        wait_until_up(port, server)
+        base = f"http://127.0.0.1:{port}"
+        spec = tmp_path / "openapi.json"
+        spec.write_bytes(httpx.get(f"{base}/openapi.json", timeout=5).content)
+        bin_dir = Path(sys.executable).parent
+        generator = shutil.which("openapi-python-client", path=str(bin_dir))
+        assert generator, "openapi-python-client is in the dev extras"
+        result = subprocess.run(
+            [generator, "generate", "--path", str(spec), "--output-path", str(sdk_dir)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"},
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        sys.path.insert(0, str(sdk_dir))
+        try:
+            sdk = importlib.import_module("feature_gateway_client")
+            fetch_features = importlib.import_module("feature_gateway_client.api.features.fetch_features")
+            models = importlib.import_module("feature_gateway_client.models")
+            assert "client: AuthenticatedClient," in inspect.getsource(fetch_features.sync)
+
+            def body(features: list[str]) -> Any:
+                entities = models.FetchRequestEntities.from_dict({"store_id": ["s-1"]})
+                return models.FetchRequest(entities=entities, features=features)
+
+            with sdk.AuthenticatedClient(base_url=base, token=token) as client:
+                answer = fetch_features.sync_detailed(client=client, body=body(["store_stats:*"]))
+                other = fetch_features.sync_detailed(client=client, body=body(["consumer_live:orders_7d"]))
+            with sdk.Client(base_url=base) as anonymous:
+                refused = fetch_features.sync_detailed(client=anonymous, body=body(["store_stats:*"]))
+        finally:
+            sys.path.remove(str(sdk_dir))
+            for name in [m for m in sys.modules if m.startswith("feature_gateway_client")]:
+                del sys.modules[name]
+    finally:
+        server.terminate()
+        server.wait(15)
+    assert answer.status_code == 200, answer.content
+    assert answer.parsed.features[0].startswith("store_stats:")
+    assert other.status_code == 403
+    assert other.parsed.detail == "this API key may not use feature group 'consumer_live'"
+    assert refused.status_code == 401

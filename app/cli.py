@@ -1,17 +1,23 @@
-"""`feature-gateway serve | check | migrate | materialize`."""
+"""`feature-gateway serve | check | migrate | materialize | keys new`."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
+import json
 import os
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 
-from app.errors import RegistryError
+from pydantic import ValidationError
+
+from app.auth import SCOPES, KeyRing, key_entry, load_keys, new_token, parse_keys
+from app.errors import KeyConfigError, RegistryError
 from app.registry import Registry, load_registry
+from app.settings import Settings
 
 
 def _load(path: str | Path) -> Registry:
@@ -20,6 +26,27 @@ def _load(path: str | Path) -> Registry:
     except RegistryError as exc:
         print(f"error: invalid registry: {exc.detail}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _keys(registry: Registry) -> KeyRing:
+    try:
+        return load_keys(Settings(), registry)
+    except ValidationError as exc:
+        print(f"error: invalid settings: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyConfigError as exc:
+        print(f"error: invalid API keys: {exc.detail}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or localhost: only this machine can connect."""
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name other than localhost may resolve anywhere
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -100,16 +127,28 @@ def cmd_materialize(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from app.main import DEMO_REGISTRY
 
+    # A bad registry or key config stops here with its message, not in each worker.
     if args.registry:
         os.environ["GATEWAY_REGISTRY"] = str(Path(args.registry).resolve())
-        _load(args.registry)  # a bad registry stops here with its message, not in each worker
+        registry = _load(args.registry)
     else:
         os.environ.pop("GATEWAY_REGISTRY", None)
-        _load(DEMO_REGISTRY)
+        registry = _load(DEMO_REGISTRY)
+    keyring = _keys(registry)
+    if not keyring.enabled and not is_loopback(args.host):
+        print(
+            f"error: refusing to serve on {args.host}: no API keys are configured, so anyone who can reach the "
+            "port could read and write every feature. Configure keys (GATEWAY_API_KEYS or GATEWAY_API_KEYS_FILE; "
+            "`feature-gateway keys new` makes one) or serve on loopback only (--host 127.0.0.1, ::1 or localhost).",
+            file=sys.stderr,
+        )
+        return 2
+    if not args.registry:
         print("Serving the demo registry on embedded SQLite (no servers needed). Try:")
         print(
             f"  curl -s http://{args.host}:{args.port}/v1/features/fetch -H 'content-type: application/json' "
-            '-d \'{"entities": {"consumer_id": [101, 104, 106]}, '
+            + ('-H "authorization: Bearer $TOKEN" ' if keyring.enabled else "")
+            + '-d \'{"entities": {"consumer_id": [101, 104, 106]}, '
             '"features": ["consumer_live:orders_7d", "consumer_history:*"]}\'',
             flush=True,
         )
@@ -141,6 +180,27 @@ def _run_uvicorn(args: argparse.Namespace) -> None:
         access_log=args.access_log,
         timeout_graceful_shutdown=args.graceful_timeout,
     )
+
+
+def cmd_keys_new(args: argparse.Namespace) -> int:
+    registry = _load(args.registry) if args.registry else None
+    token = new_token()
+    entry = key_entry(args.name, token, list(dict.fromkeys(args.scope)), list(dict.fromkeys(args.group or ())))
+    try:
+        parse_keys([entry], "keys new", registry)  # the rules start-up applies, so the entry will load
+    except KeyConfigError as exc:
+        option = exc.path.removeprefix("[0].").partition("[")[0].replace("scopes", "scope").replace("groups", "group")
+        print(f"error: --{option}: {exc.reason}", file=sys.stderr)
+        return 2
+    print(f"token: {token}")
+    print(f"entry: {json.dumps(entry)}")
+    print(
+        "The token is shown only this once: give it to the client now (it sends 'Authorization: Bearer <token>').\n"
+        "The gateway keeps only its SHA-256: add the entry to the JSON list in GATEWAY_API_KEYS, or to the list\n"
+        "in the file GATEWAY_API_KEYS_FILE names (YAML or JSON), and restart the gateway.",
+        file=sys.stderr,
+    )
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -181,6 +241,15 @@ def main(argv: list[str] | None = None) -> int:
     materialize.add_argument("--retries", type=int, default=3, help="retries of a failed batch write [3]")
     materialize.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     materialize.set_defaults(run=cmd_materialize)
+
+    keys = sub.add_parser("keys", help="manage API keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    new = keys_sub.add_parser("new", help="make an API key: prints its token once and the config entry to add")
+    new.add_argument("--name", required=True, help="the key's id, as logs and the config show it")
+    new.add_argument("--scope", action="append", required=True, choices=SCOPES, help="repeat for several scopes")
+    new.add_argument("--group", action="append", help="limit the key to this feature group (repeat for several)")
+    new.add_argument("--registry", help="check that the groups exist in this registry")
+    new.set_defaults(run=cmd_keys_new)
 
     args = parser.parse_args(argv)
     result: int = args.run(args)

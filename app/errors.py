@@ -2,10 +2,13 @@
 
 GatewayError
 ├── RegistryError          the registry file is invalid (start-up, `check`); names file and field path
+├── KeyConfigError         the API key config is invalid (start-up); names its source and field path
 ├── RequestError (4xx)     the client sent something we will not serve
 │   ├── BadRequest         400: body is not JSON, or not an object
 │   ├── ValidationFailed   422: a field has the wrong type, an unknown feature, a bad row...
-│   └── TooLarge           413: over a configured limit (entities, features, rows, body bytes)
+│   ├── TooLarge           413: over a configured limit (entities, features, rows, body bytes)
+│   ├── Unauthorized       401: no API key, or an unknown or malformed one (sends WWW-Authenticate: Bearer)
+│   └── Forbidden          403: the key lacks the scope or a feature group; names that, never the key
 └── ServiceError (5xx)
     ├── StrictDegraded     503: `strict` was asked and a backend failed
     └── BackendFailed      503: a write could not reach its backend
@@ -41,10 +44,25 @@ class GatewayError(Exception):
         body.update(self.extra)
         return body
 
+    def headers(self) -> dict[str, str] | None:
+        """Response headers the status needs (WWW-Authenticate on a 401)."""
+        return None
+
 
 class RegistryError(GatewayError):
     title = "Invalid registry"
     type_slug = "invalid-registry"
+
+    def __init__(self, source: str, path: str, reason: str):
+        super().__init__(f"{source}: {path}: {reason}", field=path)
+        self.source = source
+        self.path = path
+        self.reason = reason
+
+
+class KeyConfigError(GatewayError):
+    title = "Invalid API key config"
+    type_slug = "invalid-key-config"
 
     def __init__(self, source: str, path: str, reason: str):
         super().__init__(f"{source}: {path}: {reason}", field=path)
@@ -73,6 +91,42 @@ class TooLarge(RequestError):
     status = 413
     title = "Request over a limit"
     type_slug = "over-limit"
+
+
+# RFC 6750 section 3: the challenge a client gets back; the realm is fixed, error codes are the RFC's.
+_CHALLENGE = 'Bearer realm="feature-gateway"'
+
+
+class Unauthorized(RequestError):
+    """401. `invalid_token` says a token was sent but is unknown or malformed; without it, none was sent."""
+
+    status = 401
+    title = "Not authenticated"
+    type_slug = "unauthorized"
+
+    def __init__(self, detail: str, *, invalid_token: bool):
+        super().__init__(detail)
+        self.invalid_token = invalid_token
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": _CHALLENGE + (', error="invalid_token"' if self.invalid_token else "")}
+
+
+class Forbidden(RequestError):
+    """403. With `scope`, the key lacks that scope (and the challenge says which one the request needs)."""
+
+    status = 403
+    title = "Not allowed"
+    type_slug = "forbidden"
+
+    def __init__(self, detail: str, *, field: str | None = None, scope: str | None = None):
+        super().__init__(detail, field=field)
+        self.scope = scope
+
+    def headers(self) -> dict[str, str] | None:
+        if self.scope is None:
+            return None
+        return {"WWW-Authenticate": f'{_CHALLENGE}, error="insufficient_scope", scope="{self.scope}"'}
 
 
 class ServiceError(GatewayError):

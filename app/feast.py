@@ -7,6 +7,7 @@ group's declared default: EXPIRED is Feast's OUTSIDE_MAX_AGE, MISSING its NOT_FO
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -30,11 +31,12 @@ class FeastBody(msgspec.Struct):
     feature_service: str | None = None
 
 
-async def get_online_features(gw: Gateway, raw: bytes) -> tuple[bytes, Served]:
+async def get_online_features(gw: Gateway, raw: bytes, groups: Collection[str] | None = None) -> tuple[bytes, Served]:
+    """`groups`: the feature groups the caller's API key may use (None: all)."""
     body: FeastBody = decode_body(raw, FeastBody, gw.settings)
     if body.feature_service is not None:
         raise ValidationFailed("feature services are not supported; list the features", field="feature_service")
-    served = await serve(gw, FetchBody(entities=body.entities, features=body.features))
+    served = await serve(gw, FetchBody(entities=body.entities, features=body.features), groups)
     rows = merge_rows(served, timestamps=True)
     names = list(body.entities)
     results: list[dict[str, Any]] = [

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from itertools import repeat
 from operator import is_
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 from opentelemetry.trace import Status, StatusCode
 
+from app.auth import check_feature_groups
 from app.errors import StrictDegraded, ValidationFailed
 from app.plan import PRESENT, Cell, GroupPlan, Plan
 from app.requests import FetchBody, check_entities, decode_body, format_event_time
@@ -119,9 +121,9 @@ class Served:
     degraded: bool
 
 
-async def fetch(gw: Gateway, raw: bytes) -> FetchResult:
-    """POST /v1/features/fetch: JSON in, JSON out."""
-    served = await serve(gw, decode_body(raw, FetchBody, gw.settings))
+async def fetch(gw: Gateway, raw: bytes, groups: Collection[str] | None = None) -> FetchResult:
+    """POST /v1/features/fetch: JSON in, JSON out. `groups`: those the caller's API key may use (None: all)."""
+    served = await serve(gw, decode_body(raw, FetchBody, gw.settings), groups)
     rows = merge_rows(served)
     body = msgspec.json.encode(
         {
@@ -137,9 +139,14 @@ async def fetch(gw: Gateway, raw: bytes) -> FetchResult:
     return FetchResult(body, served.outcomes, served.degraded)
 
 
-async def serve(gw: Gateway, request: FetchBody) -> Served:
-    """Validate against the registry, read every backend under the deadline, count usage."""
+async def serve(gw: Gateway, request: FetchBody, groups: Collection[str] | None = None) -> Served:
+    """Validate against the registry, read every backend under the deadline, count usage.
+
+    `groups`: the feature groups the caller's API key may use (None: all).
+    """
     settings = gw.settings
+    if groups is not None:
+        check_feature_groups(request.features, groups)
     plan = gw.plan(request.features)
     n_rows, keys_by_join = check_entities(request.entities, gw.registry, set(plan.join_keys), settings)
     deadline_ms = settings.default_deadline_ms if request.deadline_ms is None else request.deadline_ms

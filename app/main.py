@@ -1,7 +1,8 @@
 """The app factory and its lifespan, which owns every backend connection.
 
-Nothing is opened at import: `create_app()` reads and validates the registry (a bad one fails here, before
-the port is bound); the lifespan opens backends, migrates them, and closes them in reverse on shutdown.
+Nothing is opened at import: `create_app()` reads and validates the registry and the API keys (a bad one
+fails here, before the port is bound); the lifespan opens backends, migrates them, and closes them in reverse
+on shutdown.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from opentelemetry.sdk.trace.export import SpanExporter
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from app.auth import load_keys
 from app.errors import GatewayError
 from app.gateway import Gateway
 from app.registry import Registry, load_registry
@@ -47,7 +49,7 @@ def problem_response(status: int, title: str, detail: str, field: str | None = N
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(GatewayError)
     async def gateway_error(request: Request, exc: GatewayError) -> JSONResponse:
-        return JSONResponse(exc.problem(), status_code=exc.status, media_type=PROBLEM)
+        return JSONResponse(exc.problem(), status_code=exc.status, media_type=PROBLEM, headers=exc.headers())
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -82,6 +84,7 @@ def create_app(
     settings = settings or Settings()
     if registry is None:
         registry = load_registry(settings.registry or DEMO_REGISTRY)
+    keyring = load_keys(settings, registry)
     demo = settings.registry is None and registry.source == str(DEMO_REGISTRY)
     provider = make_tracer_provider(settings, span_exporter)
 
@@ -89,6 +92,13 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         backends = {name: open_backend(spec, registry) for name, spec in registry.backends.items()}
         gateway = Gateway(settings, registry, backends, tracer_for(provider))
+        if keyring.enabled:
+            log.info("API keys: %d configured (%s)", len(keyring.keys), keyring.source)
+        else:
+            log.warning(
+                "authentication is off: no API keys configured (GATEWAY_API_KEYS or GATEWAY_API_KEYS_FILE); "
+                "anyone who can reach this port can read and write every feature"
+            )
         try:
             await gateway.start()
             if demo:
@@ -108,6 +118,7 @@ def create_app(
         summary="One endpoint for ML features from Redis, CockroachDB and SQLite, with defaults and statuses",
         lifespan=lifespan,
     )
+    app.state.keyring = keyring
     install_error_handlers(app)
     app.include_router(features.router)
     app.include_router(registry_routes.router)

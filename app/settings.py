@@ -28,6 +28,12 @@ class Settings(BaseSettings):
     metrics_dir: str | None = Field(
         None, description="Directory where workers share metric snapshots (set by `serve`; unset: one process)"
     )
+    api_keys: str | None = Field(
+        None,
+        description="API keys: a JSON list of {name, sha256, scopes, groups?} (`feature-gateway keys new` makes one); "
+        "unset with api_keys_file unset: authentication is off and `serve` binds only to loopback",
+    )
+    api_keys_file: Path | None = Field(None, description="API keys in a YAML or JSON file (the same list)")
     service_name: str = Field("feature-gateway", description="OpenTelemetry service.name")
     otlp_endpoint: str | None = Field(
         None, description="OTLP/HTTP endpoint; OTEL_EXPORTER_OTLP_ENDPOINT is honoured too"

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from app.auth import check_write_group
 from app.codec import CodecError
 from app.errors import BackendFailed, TooLarge, ValidationFailed
 from app.registry import Group
@@ -117,9 +118,12 @@ async def store(gw: Gateway, group: Group, rows: Sequence[WriteRow]) -> WriteRes
     return result
 
 
-async def write(gw: Gateway, raw: bytes) -> dict[str, Any]:
+async def write(gw: Gateway, raw: bytes, groups: Collection[str] | None = None) -> dict[str, Any]:
+    """`groups`: the feature groups the caller's API key may write (None: all)."""
     settings = gw.settings
     request: WriteBody = decode_body(raw, WriteBody, settings)
+    if groups is not None:
+        check_write_group(request.group, groups)
     group = gw.registry.groups.get(request.group)
     if group is None:
         raise ValidationFailed(f"unknown group; groups: {', '.join(gw.registry.groups)}", field="group")

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from app.feast import feast_write_rows, get_online_features
 from app.telemetry import server_timing
 from app.write import write
-from routers.deps import gateway_of, read_body
+from routers.deps import authorize, gateway_of, read_body, security
 from routers.models import json_body, problems
 from routers.raw_route import RawRoute
 
@@ -87,13 +87,15 @@ class FeastResponse(BaseModel):
     tags=["feast"],
     summary="Feast-compatible fetch (columnar results, Feast status names)",
     responses=problems(status_503="strict was asked and a backend failed"),
-    openapi_extra=json_body(FeastRequest),
+    openapi_extra={**json_body(FeastRequest), **security("read")},
 )
 async def feast_get_online_features(request: Request) -> Response:
     started = time.perf_counter()
+    key = authorize(request, "read")
     gateway = gateway_of(request)
     with gateway.span("POST /get-online-features", SpanKind.SERVER):
-        body, served = await get_online_features(gateway, await read_body(request, gateway.settings.max_body_bytes))
+        raw = await read_body(request, gateway.settings.max_body_bytes)
+        body, served = await get_online_features(gateway, raw, None if key is None else key.groups)
     total_ms = (time.perf_counter() - started) * 1000
     headers = {
         "Server-Timing": server_timing(((n, o.ms) for n, o in served.outcomes.items()), total_ms),
@@ -133,11 +135,12 @@ class FeastWriteRequest(BaseModel):
     tags=["feast"],
     summary="Feast-compatible write (columnar), through the same validated write path",
     responses=problems(status_503="the group's backend did not answer"),
-    openapi_extra=json_body(FeastWriteRequest),
+    openapi_extra={**json_body(FeastWriteRequest), **security("write")},
 )
 async def feast_write_to_online_store(request: Request) -> Response:
+    key = authorize(request, "write")
     gateway = gateway_of(request)
     with gateway.span("POST /write-to-online-store", SpanKind.SERVER):
         rows = feast_write_rows(await read_body(request, gateway.settings.max_body_bytes), gateway)
-        result = await write(gateway, rows)
+        result = await write(gateway, rows, None if key is None else key.groups)
     return Response(content=msgspec.json.encode(result), media_type="application/json")

@@ -11,7 +11,7 @@ from opentelemetry.trace import SpanKind
 from app.fetch import fetch
 from app.telemetry import server_timing
 from app.write import write
-from routers.deps import gateway_of, read_body
+from routers.deps import authorize, gateway_of, read_body, security
 from routers.models import (
     FetchRequest,
     FetchResponse,
@@ -32,13 +32,15 @@ router = APIRouter(prefix="/v1/features", route_class=RawRoute)
     tags=["features"],
     summary="Fetch features of entities",
     responses=problems(status_503="strict was asked and a backend failed"),
-    openapi_extra=json_body(FetchRequest),
+    openapi_extra={**json_body(FetchRequest), **security("read")},
 )
 async def fetch_features(request: Request) -> Response:
     started = time.perf_counter()
+    key = authorize(request, "read")
     gateway = gateway_of(request)
     with gateway.span("POST /v1/features/fetch", SpanKind.SERVER) as span:
-        result = await fetch(gateway, await read_body(request, gateway.settings.max_body_bytes))
+        groups = None if key is None else key.groups
+        result = await fetch(gateway, await read_body(request, gateway.settings.max_body_bytes), groups=groups)
         span.set_attribute("degraded", result.degraded)
     total_ms = (time.perf_counter() - started) * 1000
     timing = server_timing(((n, o.ms) for n, o in result.backends.items()), total_ms)
@@ -52,10 +54,12 @@ async def fetch_features(request: Request) -> Response:
     tags=["features"],
     summary="Write feature values of one group",
     responses=problems(status_503="the group's backend did not answer"),
-    openapi_extra=json_body(WriteRequest),
+    openapi_extra={**json_body(WriteRequest), **security("write")},
 )
 async def write_features(request: Request) -> Response:
+    key = authorize(request, "write")
     gateway = gateway_of(request)
     with gateway.span("POST /v1/features/write", SpanKind.SERVER):
-        result = await write(gateway, await read_body(request, gateway.settings.max_body_bytes))
+        groups = None if key is None else key.groups
+        result = await write(gateway, await read_body(request, gateway.settings.max_body_bytes), groups=groups)
     return Response(content=msgspec.json.encode(result), media_type="application/json")

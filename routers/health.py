@@ -1,12 +1,12 @@
-"""GET /healthz (the process answers) and /readyz (every backend answers)."""
+"""GET /healthz (the process answers; never needs an API key) and /readyz (every backend answers; needs any key)."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from routers.deps import GatewayDep
-from routers.models import Health, Readiness
+from routers.deps import AnyKey, GatewayDep
+from routers.models import AUTH_RESPONSES, Health, Readiness
 
 router = APIRouter()
 
@@ -22,9 +22,9 @@ async def health() -> dict[str, str]:
     tags=["health"],
     summary="Every backend answers",
     response_model=Readiness,
-    responses={503: {"model": Readiness, "description": "a backend does not answer"}},
+    responses={503: {"model": Readiness, "description": "a backend does not answer"}, **AUTH_RESPONSES},
 )
-async def ready(gateway: GatewayDep) -> JSONResponse:
+async def ready(gateway: GatewayDep, _key: AnyKey) -> JSONResponse:
     answers = await gateway.readiness()
     ready = all(a is None for a in answers.values())
     body: dict[str, object] = {

@@ -163,17 +163,31 @@ NAMED_SCHEMAS: dict[str, type[BaseModel]] = {"Problem": Problem}
 
 
 def problems(**extra: str) -> dict[int | str, dict[str, Any]]:
-    """Error responses of a route: 400, 413, 422 and any others given as `status_503="why"`.
+    """Error responses of a route: 400, 401, 403, 413, 422 and any others given as `status_503="why"`.
 
     Declared as `application/problem+json` only (FastAPI's `model=` would also claim application/json),
     so generated clients parse them into a typed Problem."""
-    texts = {"400": "Malformed body", "413": "Over a limit", "422": "Invalid field"}
+    texts = {"400": "Malformed body", "413": "Over a limit", "422": "Invalid field", **_AUTH_TEXTS}
     texts.update({key.removeprefix("status_"): text for key, text in extra.items()})
+    return _problem_responses(texts)
+
+
+_AUTH_TEXTS = {
+    "401": "No API key, or an unknown or malformed one (when keys are configured)",
+    "403": "The API key lacks the scope or a feature group",
+}
+
+
+def _problem_responses(texts: dict[str, str]) -> dict[int | str, dict[str, Any]]:
     schema = {"$ref": "#/components/schemas/Problem"}
     return {
         int(code): {"description": text, "content": {"application/problem+json": {"schema": schema}}}
         for code, text in texts.items()
     }
+
+
+# The errors of a route that takes an API key but no body.
+AUTH_RESPONSES = _problem_responses(_AUTH_TEXTS)
 
 
 def json_body(model: type[BaseModel]) -> dict[str, Any]:

@@ -10,10 +10,11 @@ from fastapi import APIRouter
 from fastapi.responses import PlainTextResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.auth import check_every_group
 from app.gateway import Gateway
 from app.metrics import LATENCY_BUCKETS_S, STATUSES, Histogram, Merged
-from routers.deps import GatewayDep
-from routers.models import UsageReport
+from routers.deps import GatewayDep, ReadKey
+from routers.models import AUTH_RESPONSES, UsageReport
 
 router = APIRouter()
 PREFIX = "feature_gateway"
@@ -138,8 +139,12 @@ def merged_since(gateway: Gateway) -> str:
     tags=["observability"],
     summary="Prometheus metrics",
     response_class=PlainTextResponse,
+    responses=AUTH_RESPONSES,
 )
-async def metrics(gateway: GatewayDep) -> PlainTextResponse:
+async def metrics(gateway: GatewayDep, key: ReadKey) -> PlainTextResponse:
+    """Needs the read scope on a key that is not limited to some feature groups (it reports on all of them)."""
+    if key is not None:
+        check_every_group(key.groups, "/metrics")
     return PlainTextResponse(
         render_prometheus(gateway, gateway.metrics.merged()), media_type="text/plain; version=0.0.4; charset=utf-8"
     )
@@ -151,6 +156,13 @@ async def metrics(gateway: GatewayDep) -> PlainTextResponse:
     operation_id="get_usage",
     tags=["observability"],
     summary="Per feature: how often it is requested and how often it is served as a default",
+    responses=AUTH_RESPONSES,
 )
-async def get_usage(gateway: GatewayDep) -> dict[str, Any]:
-    return usage_report(gateway, gateway.metrics.merged())
+async def get_usage(gateway: GatewayDep, key: ReadKey) -> dict[str, Any]:
+    """A key limited to some feature groups sees only those."""
+    report = usage_report(gateway, gateway.metrics.merged())
+    if key is not None and key.groups is not None:
+        allowed = key.groups
+        report["groups"] = {name: g for name, g in report["groups"].items() if name in allowed}
+        report["never_requested"] = [r for r in report["never_requested"] if r.partition(":")[0] in allowed]
+    return report

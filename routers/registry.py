@@ -6,8 +6,9 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from routers.deps import GatewayDep
-from routers.models import RegistryDocument
+from app.auth import visible_registry
+from routers.deps import GatewayDep, ReadKey
+from routers.models import AUTH_RESPONSES, RegistryDocument
 
 router = APIRouter()
 
@@ -18,6 +19,8 @@ router = APIRouter()
     tags=["registry"],
     summary="The feature registry",
     response_model=RegistryDocument,
+    responses=AUTH_RESPONSES,
 )
-async def get_registry(gateway: GatewayDep) -> dict[str, Any]:
-    return gateway.registry.describe()
+async def get_registry(gateway: GatewayDep, key: ReadKey) -> dict[str, Any]:
+    """A key limited to some feature groups sees only those (and their entities and backends)."""
+    return visible_registry(gateway.registry, None if key is None else key.groups)

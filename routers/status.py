@@ -1,4 +1,8 @@
-"""The status page at `/` (one static HTML file, no build step) and the JSON it polls, GET /v1/status."""
+"""The status page at `/` (one static HTML file, no build step) and the JSON it polls, GET /v1/status.
+
+The page holds no data, so it is served without an API key (like /docs); it asks for a key and sends it to
+/v1/status, which needs one with the read scope and no group limit when keys are configured.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +13,10 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import HTMLResponse
 
+from app.auth import check_every_group
 from app.metrics import STATUSES
-from routers.deps import GatewayDep
-from routers.models import StatusReport
+from routers.deps import GatewayDep, ReadKey
+from routers.models import AUTH_RESPONSES, StatusReport
 
 router = APIRouter()
 PAGE = (Path(__file__).parent / "static" / "status.html").read_text(encoding="utf-8")
@@ -28,8 +33,12 @@ async def status_page() -> HTMLResponse:
     operation_id="get_status",
     tags=["observability"],
     summary="What the status page shows: registry, backends with latency series, default rates",
+    responses=AUTH_RESPONSES,
 )
-async def get_status(gateway: GatewayDep) -> dict[str, Any]:
+async def get_status(gateway: GatewayDep, key: ReadKey) -> dict[str, Any]:
+    """Needs the read scope on a key that is not limited to some feature groups (it shows all of them)."""
+    if key is not None:
+        check_every_group(key.groups, "/v1/status")
     merged = gateway.metrics.merged()
     backends: dict[str, Any] = {}
     for name, backend in gateway.backends.items():

@@ -20,6 +20,7 @@ import random
 import statistics
 import tempfile
 import time
+from collections.abc import MutableMapping
 from typing import Any
 
 from fastapi import FastAPI
@@ -110,7 +111,7 @@ async def call(app: FastAPI, method: str, path: str, token: str | None, body: by
         sent = True
         return {"type": "http.request", "body": body, "more_body": False}
 
-    async def send(message: dict[str, Any]) -> None:
+    async def send(message: MutableMapping[str, Any]) -> None:
         nonlocal status
         if message["type"] == "http.response.start":
             status = message["status"]

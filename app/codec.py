@@ -8,11 +8,15 @@ import binascii
 import math
 import re
 import struct
+import sys
 from dataclasses import dataclass
 from typing import Any
 
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 _FLOAT32_MAX = 3.4028234663852886e38
+# JSON integers are unbounded; past these, float() raises OverflowError instead of rounding.
+_INT_AS_FLOAT_MAX = int(sys.float_info.max)
+_INT_AS_FLOAT_MIN = -_INT_AS_FLOAT_MAX
 
 
 class CodecError(ValueError):
@@ -39,6 +43,8 @@ class DType:
             return value
         if kind == "float64":
             if type(value) is int:
+                if not _INT_AS_FLOAT_MIN <= value <= _INT_AS_FLOAT_MAX:  # float() would raise OverflowError
+                    raise CodecError("number out of float64 range")
                 return float(value)
             if type(value) is not float:
                 raise CodecError(f"expected a number (float64), got {_type_name(value)}")
@@ -78,6 +84,8 @@ class DType:
             for item in value:
                 if type(item) not in (int, float):
                     raise CodecError(f"expected numeric items ({self.name}), got {_type_name(item)}")
+                if type(item) is int and not _INT_AS_FLOAT_MIN <= item <= _INT_AS_FLOAT_MAX:
+                    raise CodecError(f"item out of {self.name} range")
                 if not math.isfinite(item) or abs(item) > limit:
                     raise CodecError(f"item {item!r} is not a finite {self.name} value")
         return struct.pack(f"<{self.length}{self.item}", *value)

@@ -7,6 +7,7 @@ the two to each other.
 from __future__ import annotations
 
 import re
+import reprlib
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -35,15 +36,33 @@ class WriteBody(msgspec.Struct, forbid_unknown_fields=True):
     rows: list[dict[str, Any]]
 
 
+_LENIENT: dict[type[msgspec.Struct], msgspec.json.Decoder[Any]] = {}
+
+
+def _lenient_decoder(kind: type[msgspec.Struct]) -> msgspec.json.Decoder[Any]:
+    decoder = _LENIENT.get(kind)
+    if decoder is None:
+        decoder = _LENIENT[kind] = msgspec.json.Decoder(kind, float_hook=float)
+    return decoder
+
+
 def decode_body(body: bytes, kind: type[msgspec.Struct], settings: Settings) -> Any:
     if len(body) > settings.max_body_bytes:
         raise TooLarge(f"the body is {len(body)} bytes; the limit is {settings.max_body_bytes}", field="(body)")
     try:
-        return msgspec.json.decode(body, type=kind)
+        try:
+            return msgspec.json.decode(body, type=kind)
+        except msgspec.ValidationError as exc:
+            if not str(exc).startswith("Number out of range"):
+                raise
+        # A number literal past float64 (1e309) in a free-form value (an id, a row's feature): decoded as
+        # infinity, the dtype checks that follow refuse it naming the exact field (msgspec cannot: `[...]`).
+        return _lenient_decoder(kind).decode(body)
     except msgspec.ValidationError as exc:
         message = str(exc)
         match = _MSGSPEC_PATH.search(message)
-        field = match[1].lstrip(".") if match else "(body)"
+        # `[...]` stands for "some key of this object" in msgspec's paths: name the object instead.
+        field = match[1].lstrip(".").partition("[...]")[0] if match else "(body)"
         reason = message[: match.start()] if match else message
         if reason.startswith("Object contains unknown field"):
             reason = f"unknown field; expected one of {', '.join(kind.__struct_fields__)}"
@@ -51,10 +70,18 @@ def decode_body(body: bytes, kind: type[msgspec.Struct], settings: Settings) -> 
         raise ValidationFailed(reason, field=field or "(body)") from None
     except msgspec.DecodeError as exc:
         raise BadRequest(f"the body is not valid JSON: {exc}", field="(body)") from None
+    except RecursionError:
+        # msgspec refuses nesting past the interpreter's recursion limit at once, before building anything.
+        raise BadRequest("the body is nested too deeply", field="(body)") from None
+
+
+_repr = reprlib.Repr()
+_repr.maxlevel, _repr.maxstring, _repr.maxother = 3, 40, 40
 
 
 def _short(value: Any) -> str:
-    text = repr(value)
+    """A bounded repr for error messages: a deeply nested or huge value costs a few levels, not a recursion."""
+    text = _repr.repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
 
@@ -70,6 +97,9 @@ def entity_key(entity: Entity, value: Any, field: str, settings: Settings) -> st
         raise ValidationFailed(f"{entity.join_key} ids are strings; got {_short(value)}", field=field)
     if not value or len(value) > settings.max_key_length:
         raise ValidationFailed(f"a string id has 1 to {settings.max_key_length} characters", field=field)
+    if "\x00" in value:
+        # PostgreSQL/CockroachDB TEXT cannot hold NUL: refused here so every backend treats the id alike.
+        raise ValidationFailed("a string id may not contain NUL (U+0000)", field=field)
     return value
 
 

@@ -62,9 +62,11 @@ def decode_body(body: bytes, kind: type[msgspec.Struct], settings: Settings) -> 
         message = str(exc)
         match = _MSGSPEC_PATH.search(message)
         # `[...]` stands for "some key of this object" in msgspec's paths: name the object instead.
-        field = match[1].lstrip(".").partition("[...]")[0] if match else "(body)"
+        field = match[1].lstrip(".").partition("[...]")[0] if match else ""
         reason = message[: match.start()] if match else message
-        if reason.startswith("Object contains unknown field"):
+        if reason.startswith("Object missing required field"):
+            field = ".".join(filter(None, (field, message.split("`")[1])))  # name the missing field itself
+        elif reason.startswith("Object contains unknown field"):
             reason = f"unknown field; expected one of {', '.join(kind.__struct_fields__)}"
             field = message.split("`")[1] if not match else field
         raise ValidationFailed(reason, field=field or "(body)") from None

@@ -88,6 +88,7 @@ class WriteRequest(BaseModel):
                             "event_timestamp": "2026-11-26T10:00:00Z",
                             "orders_7d": 3,
                             "avg_basket": 23.5,
+                            "is_active": True,
                             "embedding": [0.1, 0.2, 0.3, 0.4],
                         }
                     ],

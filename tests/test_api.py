@@ -73,7 +73,7 @@ async def test_bad_fetch_bodies_get_problem_json(
     [
         ({"group": "nope", "rows": [{"consumer_id": 1}]}, 422, "group"),
         ({"group": "live", "rows": []}, 422, "rows"),
-        ({"group": "live"}, 422, "(body)"),
+        ({"group": "live"}, 422, "rows"),
         ({"group": "live", "rows": [{"orders_7d": 1}]}, 422, "rows[0].consumer_id"),
         ({"group": "live", "rows": [1]}, 422, "rows[0]"),
         ({"group": "live", "rows": [{"consumer_id": 1}] * 6}, 413, "rows"),

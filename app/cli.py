@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import ipaddress
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -165,9 +169,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _log_config(level: str) -> dict[str, Any]:
+    """uvicorn's logging, plus the gateway's own loggers (backend up/down, shutdown) on the same handler."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    for name in ("app", "backends"):
+        config["loggers"][name] = {"handlers": ["default"], "level": level.upper(), "propagate": False}
+    return config
+
+
+def _exit_after_drain(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)
+
+
 def _run_uvicorn(args: argparse.Namespace) -> None:
     import uvicorn
 
+    # On SIGTERM uvicorn stops accepting, drains in-flight requests, runs the lifespan shutdown (closing every
+    # pool), then raises the SIGTERM again so the previous handler acts: with the default one the process
+    # would die of it (status 143) after a clean shutdown, skipping cmd_serve's cleanup. This handler makes
+    # a clean drain exit 0.
+    signal.signal(signal.SIGTERM, _exit_after_drain)
     uvicorn.run(
         "app.main:create_app",
         factory=True,
@@ -177,6 +200,7 @@ def _run_uvicorn(args: argparse.Namespace) -> None:
         loop="uvloop",
         http="httptools",
         log_level=args.log_level,
+        log_config=_log_config(args.log_level),
         access_log=args.access_log,
         timeout_graceful_shutdown=args.graceful_timeout,
     )

@@ -109,6 +109,7 @@ def create_app(
             yield
         finally:
             await gateway.aclose()
+            log.info("closed backends %s", ", ".join(reversed(gateway.backends)))
             if provider is not None:
                 provider.shutdown()
 

@@ -94,11 +94,32 @@ def _postgres_bin() -> Path:
     raise RuntimeError("no PostgreSQL server binaries (postgres, initdb) under /usr/lib/postgresql/*/bin or on PATH")
 
 
+def _children(pid: int) -> list[int]:
+    """Processes whose parent is `pid` (PostgreSQL backends each lead their own process group, so
+    signalling the postmaster's group does not reach them)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue  # it ended meanwhile
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+def _signal_all(pids: list[int], signum: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):  # it ended meanwhile
+            os.kill(pid, signum)
+
+
 class PostgresProcess:
     """A PostgreSQL server of the test's own: trust auth, user root, database `test`, fsync off.
 
-    PostgreSQL refuses to run as root; as root it runs as the `postgres` system user. It runs in its own
-    process group, so `freeze()` stops the postmaster and every backend at once, like a hung machine.
+    PostgreSQL refuses to run as root; as root it runs as the `postgres` system user. `freeze()` stops the
+    postmaster and every backend, like a hung machine; `crash()` kills them all.
     """
 
     def __init__(self) -> None:
@@ -125,6 +146,11 @@ class PostgresProcess:
         data = self.dir / "data"
         self._run(str(self.bin / "initdb"), "-D", str(data), "-U", "root", "--auth=trust", "-E", "UTF8", "--no-sync")
         self._log = (self.dir / "server.log").open("wb")
+        self._launch()
+        self._run(str(self.bin / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "root", "test")
+
+    def _launch(self) -> None:
+        data = self.dir / "data"
         self.proc = subprocess.Popen(
             [
                 str(self.bin / "postgres"),
@@ -153,27 +179,39 @@ class PostgresProcess:
             assert self.proc.poll() is None, (self.dir / "server.log").read_text()
             assert time.monotonic() < deadline, "PostgreSQL did not start"
             time.sleep(0.05)
-        self._run(str(self.bin / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "root", "test")
+
+    def crash(self) -> None:
+        """SIGKILL the postmaster and every backend, as a machine or container dying would."""
+        assert self.proc is not None
+        children = _children(self.proc.pid)
+        os.kill(self.proc.pid, signal.SIGKILL)
+        _signal_all(children, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def restart(self) -> None:
+        """Start again on the same port and data (after `crash()`: crash recovery, then it accepts)."""
+        self._launch()
 
     def freeze(self) -> None:
+        """SIGSTOP the postmaster (no new sessions) and then every backend (open sessions hang too)."""
         assert self.proc is not None
-        os.killpg(self.proc.pid, signal.SIGSTOP)
+        os.kill(self.proc.pid, signal.SIGSTOP)
+        _signal_all(_children(self.proc.pid), signal.SIGSTOP)
 
     def thaw(self) -> None:
         assert self.proc is not None
-        os.killpg(self.proc.pid, signal.SIGCONT)
+        _signal_all(_children(self.proc.pid), signal.SIGCONT)
+        os.kill(self.proc.pid, signal.SIGCONT)
 
     def stop(self) -> None:
         if self.proc is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGCONT)
+            if self.proc.poll() is None:
+                self.thaw()
                 self.proc.send_signal(signal.SIGINT)  # fast shutdown: it removes its shared memory
             try:
                 self.proc.wait(15)
             except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+                self.crash()
             self.proc = None
         if self._log is not None:
             self._log.close()

@@ -4,6 +4,7 @@ then the lifespan closes every pool and the process exits 0."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import socket
 import time
@@ -55,12 +56,15 @@ async def gateway_clients(admin: redis.Redis) -> int:
 
 async def test_sigterm_drains_in_flight_requests_then_closes_pools(tmp_path: Path) -> None:
     store = RedisProcess()
-    store.start()
     registry = tmp_path / "registry.yaml"
     registry.write_text(REGISTRY.format(redis_url=store.url, sqlite=tmp_path / "bulk.sqlite"))
     server = GatewayProcess(registry, tmp_path / "gateway.log", "--graceful-timeout", "10")
-    admin = redis.Redis.from_url(store.url)
-    try:
+    async with contextlib.AsyncExitStack() as stack:  # everything is stopped however the test ends
+        stack.callback(store.stop)
+        stack.callback(server.stop)
+        admin = redis.Redis.from_url(store.url)
+        stack.push_async_callback(admin.aclose)
+        store.start()
         server.start()
         ids = list(range(1, 21))
         async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
@@ -94,10 +98,6 @@ async def test_sigterm_drains_in_flight_requests_then_closes_pools(tmp_path: Pat
         code = await asyncio.to_thread(server.wait, 15)
         log = server.log()
         assert await gateway_clients(admin) == 0
-    finally:
-        await admin.aclose()
-        server.stop()
-        store.stop()
 
     for response in responses:
         assert response.status_code == 200, response.text

@@ -72,6 +72,9 @@ def decode_body(body: bytes, kind: type[msgspec.Struct], settings: Settings) -> 
         raise ValidationFailed(reason, field=field or "(body)") from None
     except msgspec.DecodeError as exc:
         raise BadRequest(f"the body is not valid JSON: {exc}", field="(body)") from None
+    except UnicodeDecodeError:
+        # msgspec raises this (not DecodeError) for a string that is not UTF-8.
+        raise BadRequest("the body is not valid UTF-8", field="(body)") from None
     except RecursionError:
         # msgspec refuses nesting past the interpreter's recursion limit at once, before building anything.
         raise BadRequest("the body is nested too deeply", field="(body)") from None

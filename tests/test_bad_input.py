@@ -52,6 +52,26 @@ async def test_nan_and_infinity_are_not_json(gateway: GatewayFactory, names: Nam
 
 
 @pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/features/fetch", b'{"entities": {"store_id": ["\xff"]}, "features": ["stores:open_orders"]}'),
+        ("/v1/features/fetch", b'{"entities": {"store_id": ["\xed\xa0\x80"]}, "features": ["stores:open_orders"]}'),
+        ("/v1/features/fetch", b'{"entities": {"\xc3\x28": [1]}, "features": ["live:orders_7d"]}'),
+        ("/v1/features/write", row_bytes().replace(b'"name": "n"', b'"name": "\xfe\xff"')),
+        ("/v1/features/fetch", b'{"entities": {"store_id": ["\\ud800"]}, "features": ["stores:open_orders"]}'),
+        ("/v1/features/fetch", b"\xef\xbb\xbf" + GOOD_FETCH),  # a byte-order mark: JSON forbids it
+    ],
+)
+async def test_text_that_is_not_utf8_is_malformed(
+    gateway: GatewayFactory, names: Names, path: str, body: bytes
+) -> None:
+    """Invalid UTF-8 (raw bytes, a UTF-8-encoded surrogate, a lone \\ud800 escape) is a 400, not a 500."""
+    async with gateway(names.registry(names.backend("sqlite"))) as client:
+        response = await client.post(path, content=body)
+    assert_problem(response, 400, "(body)")
+
+
+@pytest.mark.parametrize(
     ("body", "field"),
     [
         (row_bytes(avg_basket="1e309"), "rows[0].avg_basket"),

@@ -230,46 +230,50 @@ async def test_faults_under_load(tmp_path: Path) -> None:
             assert (await write("history", HISTORY_ROWS)).status_code == 200
             load = Load(client)
             driver = asyncio.create_task(load.run())
-            # Warm-up: the pools open their connections as concurrency rises (cold-start costs, reported
-            # apart and not held to the deadline), then a healthy baseline.
-            await asyncio.sleep(WARM_UP_S)
-            warm_up, load.samples = load.samples, []
-            await asyncio.sleep(1.0)
+            try:
+                # Warm-up: the pools open their connections as concurrency rises (cold-start costs, reported
+                # apart and not held to the deadline), then a healthy baseline.
+                await asyncio.sleep(WARM_UP_S)
+                warm_up, load.samples = load.samples, []
+                await asyncio.sleep(1.0)
 
-            # 1. Redis dies (SIGKILL) and comes back empty on the same port; the data is written again.
-            started = time.monotonic()
-            await asyncio.to_thread(store.stop)
-            await asyncio.sleep(FAULT_S)
-            await asyncio.to_thread(RedisProcess.start, store)
-            faults.append(Fault("redis SIGKILL + restart", "hot", started, time.monotonic()))
-            attempts, took = await retry_until_ok(lambda: write("live", LIVE_ROWS), within=RECOVERY_S)
-            notes.append(f"rewrite after the Redis restart: {attempts} attempt(s), {took * 1000:.0f} ms")
-            await asyncio.sleep(SETTLE_S)
+                # 1. Redis dies (SIGKILL) and comes back empty on the same port; the data is written again.
+                started = time.monotonic()
+                await asyncio.to_thread(store.stop)
+                await asyncio.sleep(FAULT_S)
+                await asyncio.to_thread(RedisProcess.start, store)
+                faults.append(Fault("redis SIGKILL + restart", "hot", started, time.monotonic()))
+                attempts, took = await retry_until_ok(lambda: write("live", LIVE_ROWS), within=RECOVERY_S)
+                notes.append(f"rewrite after the Redis restart: {attempts} attempt(s), {took * 1000:.0f} ms")
+                await asyncio.sleep(SETTLE_S)
 
-            # 2. PostgreSQL hangs (SIGSTOP on the postmaster and every backend), then resumes.
-            started = time.monotonic()
-            postgres.freeze()
-            await asyncio.sleep(FAULT_S)
-            postgres.thaw()
-            faults.append(Fault("postgres SIGSTOP/SIGCONT", "bulk", started, time.monotonic()))
-            await asyncio.sleep(SETTLE_S)
+                # 2. PostgreSQL hangs (SIGSTOP on the postmaster and every backend), then resumes.
+                started = time.monotonic()
+                postgres.freeze()
+                await asyncio.sleep(FAULT_S)
+                postgres.thaw()
+                faults.append(Fault("postgres SIGSTOP/SIGCONT", "bulk", started, time.monotonic()))
+                await asyncio.sleep(SETTLE_S)
 
-            # 3. PostgreSQL crashes (SIGKILL, every pooled connection dies) and restarts on the same data.
-            started = time.monotonic()
-            postgres.crash()
-            await asyncio.sleep(FAULT_S)
-            await asyncio.to_thread(postgres.restart)
-            faults.append(Fault("postgres SIGKILL + restart", "bulk", started, time.monotonic()))
-            await asyncio.sleep(SETTLE_S)
+                # 3. PostgreSQL crashes (SIGKILL, every pooled connection dies) and restarts on the same data.
+                started = time.monotonic()
+                postgres.crash()
+                await asyncio.sleep(FAULT_S)
+                await asyncio.to_thread(postgres.restart)
+                faults.append(Fault("postgres SIGKILL + restart", "bulk", started, time.monotonic()))
+                await asyncio.sleep(SETTLE_S)
 
-            # 4. An operator terminates the gateway's PostgreSQL sessions (pg_terminate_backend).
-            started = time.monotonic()
-            terminated = await terminate_gateway_connections(postgres.dsn)
-            faults.append(Fault(f"pg_terminate_backend x{terminated}", "bulk", started, time.monotonic(), instant=True))
-            await asyncio.sleep(SETTLE_S)
+                # 4. An operator terminates the gateway's PostgreSQL sessions (pg_terminate_backend).
+                started = time.monotonic()
+                terminated = await terminate_gateway_connections(postgres.dsn)
+                faults.append(
+                    Fault(f"pg_terminate_backend x{terminated}", "bulk", started, time.monotonic(), instant=True)
+                )
+                await asyncio.sleep(SETTLE_S)
 
-            load.stop()
-            await driver
+            finally:
+                load.stop()
+                await driver
             ready = await client.get("/readyz")
         log = server.log()
 

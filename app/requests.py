@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import reprlib
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgspec
@@ -145,6 +145,11 @@ def check_entities(
     return rows, keys
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+EARLIEST_EVENT = datetime(1, 1, 2, tzinfo=UTC)
+LATEST_EVENT = datetime(9999, 12, 30, tzinfo=UTC)
+
+
 def parse_event_time(value: Any, field: str) -> int:
     """RFC 3339 text -> microseconds since the epoch; a time without offset is taken as UTC."""
     if type(value) is not str:
@@ -155,9 +160,18 @@ def parse_event_time(value: Any, field: str) -> int:
         raise ValidationFailed(f"{value!r} is not an RFC 3339 timestamp", field=field) from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
-    delta = moment - datetime(1970, 1, 1, tzinfo=UTC)
+    if not EARLIEST_EVENT <= moment <= LATEST_EVENT:
+        # Past these, formatting the time (include_timestamps) or its expiry overflows Python's datetime:
+        # such a row would poison every later read of its entity.
+        raise ValidationFailed(
+            f"{value!r} is out of range: an event time is between {EARLIEST_EVENT.date()} and "
+            f"{LATEST_EVENT.date()} UTC",
+            field=field,
+        )
+    delta = moment - _EPOCH
     return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
 def format_event_time(event_us: int) -> str:
-    return datetime.fromtimestamp(event_us / 1_000_000, UTC).isoformat().replace("+00:00", "Z")
+    # Integer arithmetic: through a float, times far from 1970 lose microseconds (30 us in year 9999).
+    return (_EPOCH + timedelta(microseconds=event_us)).isoformat().replace("+00:00", "Z")

@@ -51,4 +51,8 @@ def expiry_us(group: Group, event_us: int, now_us: int) -> int | None:
     """
     if group.ttl_s is None:
         return None
-    return max(event_us, now_us) + int(group.ttl_s * 1_000_000)
+    return min(max(event_us, now_us) + int(group.ttl_s * 1_000_000), _LATEST_EXPIRY_US)
+
+
+# 9999-12-31T00:00:00Z: a later expiry does not fit a Python datetime (the PostgreSQL backend's TIMESTAMPTZ).
+_LATEST_EXPIRY_US = 253_402_214_400_000_000

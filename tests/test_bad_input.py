@@ -284,3 +284,47 @@ async def test_a_huge_body_is_refused_without_being_read(gateway: GatewayFactory
     assert declared_s < 0.5
     assert_problem(chunked, 413, "(body)")
     assert (1 << 20) < streamed[0] <= (1 << 20) + len(chunk), streamed[0]
+
+
+@pytest.mark.parametrize(
+    "stamp",
+    [
+        "9999-12-31T23:59:59.999999-14:00",  # year 10000 in UTC: it was stored, then every read of it a 500
+        "9999-12-31T00:00:00Z",  # its expiry did not fit a datetime: the PostgreSQL write failed with a 503
+        "0001-01-01T00:00:00+01:00",  # year 0 in UTC
+    ],
+)
+async def test_event_times_out_of_range_are_refused(
+    gateway: GatewayFactory, names: Names, kind: str, stamp: str
+) -> None:
+    row = {"consumer_id": 1, "lifetime_orders": 1, "lifetime_value": 1.0, "event_timestamp": stamp}
+    async with gateway(names.registry(names.backend(kind))) as client:
+        response = await client.post("/v1/features/write", json={"group": "history", "rows": [row]})
+    assert "out of range" in assert_problem(response, 422, "rows[0].event_timestamp")["detail"]
+
+
+@pytest.mark.parametrize(
+    ("stamp", "served"),
+    [
+        ("9999-12-29T22:59:59.999999-01:00", "9999-12-29T23:59:59.999999Z"),
+        ("0001-01-02T00:00:00Z", "0001-01-02T00:00:00Z"),
+        ("1969-07-20T20:17:40Z", "1969-07-20T20:17:40Z"),
+    ],
+)
+async def test_event_times_at_the_edges_are_stored_and_served(
+    gateway: GatewayFactory, names: Names, kind: str, stamp: str, served: str
+) -> None:
+    rows = [{"store_id": "s", "open_orders": 3, "event_timestamp": stamp}]  # `stores` has no ttl
+    history = [{"consumer_id": 1, "lifetime_orders": 1, "lifetime_value": 1.0, "event_timestamp": stamp}]
+    async with gateway(names.registry(names.backend(kind))) as client:
+        await write(client, "stores", rows)
+        await write(client, "history", history)  # a 30 d ttl: the expiry of a year-9999 row is capped
+        answer = await fetch(
+            client, entities={"store_id": ["s"]}, features=["stores:open_orders"], include_timestamps=True
+        )
+        with_ttl = await fetch(
+            client, entities={"consumer_id": [1]}, features=["history:lifetime_orders"], include_timestamps=True
+        )
+    assert answer["rows"][0]["values"] == [3]
+    assert answer["rows"][0]["event_timestamps"] == [served]
+    assert with_ttl["rows"][0]["statuses"] == ["PRESENT" if stamp.startswith("9999") else "EXPIRED"]

@@ -3,14 +3,17 @@ backend, NUL, deep nesting and huge bodies. Each gets a 4xx problem+json naming 
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
 from tests.conftest import GatewayFactory, Names
+from tests.processes import GatewayProcess
 from tests.test_behaviour import fetch, live_row, write
 
 GOOD_FETCH = b'{"entities": {"consumer_id": [1]}, "features": ["live:avg_basket"]}'
@@ -328,3 +331,30 @@ async def test_event_times_at_the_edges_are_stored_and_served(
     assert answer["rows"][0]["values"] == [3]
     assert answer["rows"][0]["event_timestamps"] == [served]
     assert with_ttl["rows"][0]["statuses"] == ["PRESENT" if stamp.startswith("9999") else "EXPIRED"]
+
+
+def test_the_server_answers_a_declared_50_mb_body_at_once(tmp_path: Path) -> None:
+    """Through uvicorn for real: the 413 comes back while the client has sent only the first bytes."""
+    registry = tmp_path / "registry.yaml"
+    registry.write_text(unicode_registry(Names(tmp_path), "sqlite"))
+    server = GatewayProcess(registry, tmp_path / "gateway.log")
+    try:
+        server.start()
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+            started = time.monotonic()
+            sock.sendall(
+                b"POST /v1/features/write HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 50000000\r\n\r\n" + b"[" * 65536
+            )
+            answer = b""
+            while b"\r\n\r\n" not in answer:
+                chunk = sock.recv(65536)
+                assert chunk, f"the connection closed without an answer: {answer!r}"
+                answer += chunk
+            elapsed = time.monotonic() - started
+    finally:
+        server.stop()
+    head = answer.split(b"\r\n\r\n")[0].decode().lower()
+    assert head.startswith("http/1.1 413"), head
+    assert "content-type: application/problem+json" in head
+    assert elapsed < 1.0

@@ -18,7 +18,7 @@ from tests.support import RedisProcess
 from tests.test_faults import _SPIN
 
 IN_FLIGHT = 8
-BUSY_MS = 1500  # how long the Lua script holds the gateway's Redis, so its reads are in flight for that long
+BUSY_MS = 2000  # how long the Lua script holds the gateway's Redis, so its reads are in flight for that long
 
 REGISTRY = """
 backends:
@@ -80,7 +80,7 @@ async def test_sigterm_drains_in_flight_requests_then_closes_pools(tmp_path: Pat
             body = {"entities": {"consumer_id": ids}, "features": ["live:*", "history:*"], "deadline_ms": 5000}
             started = time.monotonic()
             in_flight = [asyncio.create_task(client.post("/v1/features/fetch", json=body)) for _ in range(IN_FLIGHT)]
-            await asyncio.sleep(0.3)  # every request has reached the server and waits on the busy Redis
+            await asyncio.sleep(0.5)  # every request has reached the server and waits on the busy Redis
             assert not any(task.done() for task in in_flight)
 
             server.signal(signal.SIGTERM)

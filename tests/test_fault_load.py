@@ -137,17 +137,18 @@ class Fault:
     name: str
     backend: str  # "hot" or "bulk": which values fail
     started: float
-    recovered: float  # the moment the backend works again (listening, thawed...)
+    restoring: float  # the restart or thaw was issued: from here on the backend may answer again
+    recovered: float  # it answers again for sure (listening, thawed...): recovery is measured from here
     instant: bool = False  # a blow, not an outage: nothing to expect "during" it, only the recovery
 
     def during(self, samples: list[Sample]) -> list[Sample]:
-        """Answers sent after the fault began that came back before the backend recovered."""
+        """Answers sent after the fault began that came back before the backend was being restored."""
         if self.instant:
             return []
-        return [s for s in samples if s.sent >= self.started and s.done <= self.recovered]
+        return [s for s in samples if s.sent >= self.started and s.done <= self.restoring]
 
     def sent_in(self, samples: list[Sample]) -> list[Sample]:
-        return [s for s in samples if self.started <= s.sent < self.recovered]
+        return [s for s in samples if self.started <= s.sent < self.restoring]
 
     def recovery_s(self, samples: list[Sample], until: float) -> float | None:
         """From recovery to the first answer after which every answer (that came back before `until`, when
@@ -241,8 +242,9 @@ async def test_faults_under_load(tmp_path: Path) -> None:
                 started = time.monotonic()
                 await asyncio.to_thread(store.stop)
                 await asyncio.sleep(FAULT_S)
+                restoring = time.monotonic()
                 await asyncio.to_thread(RedisProcess.start, store)
-                faults.append(Fault("redis SIGKILL + restart", "hot", started, time.monotonic()))
+                faults.append(Fault("redis SIGKILL + restart", "hot", started, restoring, time.monotonic()))
                 attempts, took = await retry_until_ok(lambda: write("live", LIVE_ROWS), within=RECOVERY_S)
                 notes.append(f"rewrite after the Redis restart: {attempts} attempt(s), {took * 1000:.0f} ms")
                 await asyncio.sleep(SETTLE_S)
@@ -251,24 +253,25 @@ async def test_faults_under_load(tmp_path: Path) -> None:
                 started = time.monotonic()
                 postgres.freeze()
                 await asyncio.sleep(FAULT_S)
+                restoring = time.monotonic()
                 postgres.thaw()
-                faults.append(Fault("postgres SIGSTOP/SIGCONT", "bulk", started, time.monotonic()))
+                faults.append(Fault("postgres SIGSTOP/SIGCONT", "bulk", started, restoring, time.monotonic()))
                 await asyncio.sleep(SETTLE_S)
 
                 # 3. PostgreSQL crashes (SIGKILL, every pooled connection dies) and restarts on the same data.
                 started = time.monotonic()
                 postgres.crash()
                 await asyncio.sleep(FAULT_S)
+                restoring = time.monotonic()
                 await asyncio.to_thread(postgres.restart)
-                faults.append(Fault("postgres SIGKILL + restart", "bulk", started, time.monotonic()))
+                faults.append(Fault("postgres SIGKILL + restart", "bulk", started, restoring, time.monotonic()))
                 await asyncio.sleep(SETTLE_S)
 
                 # 4. An operator terminates the gateway's PostgreSQL sessions (pg_terminate_backend).
                 started = time.monotonic()
                 terminated = await terminate_gateway_connections(postgres.dsn)
-                faults.append(
-                    Fault(f"pg_terminate_backend x{terminated}", "bulk", started, time.monotonic(), instant=True)
-                )
+                done = time.monotonic()
+                faults.append(Fault(f"pg_terminate_backend x{terminated}", "bulk", started, done, done, instant=True))
                 await asyncio.sleep(SETTLE_S)
 
             finally:

@@ -1,6 +1,8 @@
 """Schemathesis fuzzes every operation of the served OpenAPI spec against the app on Redis, PostgreSQL and
 SQLite: never a 500, answers that conform to the documented schemas, status codes and media types, every
-error as application/problem+json, and bodies that break the schema refused with a 4xx.
+error as application/problem+json, and bodies that break the schema refused with a 4xx. API keys are on, as
+in production: every case carries an admin key, unless it is the header schemathesis set out to break
+(then the answer must be a 401).
 
 The spec cannot say which join keys, groups and features exist (they come from the registry), so about half
 of the schema-valid bodies are steered onto the registry's names, with ids and values of the right dtype
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import json
 import re
 from collections import Counter
 from collections.abc import Iterator
@@ -23,6 +26,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis.checks import not_a_server_error
+from schemathesis.core.parameters import ParameterLocation
 from schemathesis.generation import GenerationMode
 from schemathesis.python.asgi import shutdown_lifespans
 from schemathesis.specs.openapi.checks import (
@@ -32,6 +36,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
+from app.auth import key_entry, new_token
 from app.codec import DType
 from app.main import DEMO_REGISTRY, create_app
 from app.registry import Entity, Group, Registry, parse_registry
@@ -83,14 +88,19 @@ def fuzz_registry(names: Names) -> str:
 class Api:
     schema: Any
     registry: Registry
+    token: str  # an admin API key: the fuzz runs with authentication on, as in production
 
 
 @pytest.fixture
 def api(names: Names) -> Iterator[Api]:
     registry = parse_registry(fuzz_registry(names), "fuzz-registry", env={})
     assert {g.backend for g in registry.groups.values()} == {"hot", "bulk", "local"}
-    app = create_app(Settings(max_entities=20, max_features=40, max_write_rows=20), registry=registry)
-    yield Api(schemathesis.openapi.from_asgi("/openapi.json", app), registry)
+    token = new_token()
+    settings = Settings(
+        max_entities=20, max_features=40, max_write_rows=20, api_keys=json.dumps([key_entry("fuzz", token, ["admin"])])
+    )
+    app = create_app(settings, registry=registry)
+    yield Api(schemathesis.openapi.from_asgi("/openapi.json", app), registry, token)
     shutdown_lifespans()  # closes the app's backends before the per-test cleanup drops their data
 
 
@@ -164,10 +174,16 @@ Seen = Counter[tuple[str, str, int]]
 
 
 def fuzz(api: Api, strategy: st.SearchStrategy[Any], mode: str, steer: Any, seen: Seen) -> None:
+    examples = 10 if mode == "example" else EXAMPLES  # the spec's examples vary only in their headers
+
     @given(case=strategy, data=st.data())
-    @settings(max_examples=EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @settings(max_examples=examples, deadline=None, database=None, suppress_health_check=list(HealthCheck))
     def run(case: Any, data: st.DataObject) -> None:
         label = mode
+        header = case.meta.components.get(ParameterLocation.HEADER) if case.meta is not None else None
+        if header is None or header.mode != GenerationMode.NEGATIVE:
+            # Valid credentials unless the case is about breaking them (then the answer must be a 401).
+            case.headers = {**(case.headers or {}), "Authorization": f"Bearer {api.token}"}
         if mode == "positive" and steer is not None and isinstance(case.body, dict) and data.draw(st.booleans()):
             case.body = copy.deepcopy(case.body)  # it may be the spec's own example object: never edit that
             steer(case.body, api.registry, data)

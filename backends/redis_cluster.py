@@ -1,9 +1,9 @@
 """Redis Cluster: the blobs of `backends/redis.py`, keyed so one group's batch touches a few slots, not one per key.
 
-Key: `{key_prefix}{{group}:{bucket}}:{entity key}`, e.g. `fg:{live:41}:101`, where bucket = crc32(entity key)
-mod `BUCKETS`. Redis hashes only the `{live:41}` tag, so every key of one (group, bucket) shares a slot, each
-group spreads over `BUCKETS` slots (hence over the masters), and a batch of any size touches at most
-`BUCKETS` slots per group.
+Key: `{key_prefix}{{group}:{label}}:{entity key}`, e.g. `fg:{live:0063}:101`: the entity's bucket is
+crc32(entity key) mod `BUCKETS` and `label` is that bucket's 4-digit name (`bucket_labels`). Redis hashes
+only the `{live:0063}` tag, so every key of one (group, bucket) shares a slot, each group spreads over
+`BUCKETS` slots (hence over the masters), and a batch of any size touches at most `BUCKETS` slots per group.
 
 A read is one pipeline: one MGET per (group, bucket) present in the batch, sent to the master owning that
 slot; the per-node pipelines go out concurrently, so a read costs one round trip per master, not per key
@@ -15,12 +15,13 @@ transaction across slots. Each bucket's rows are written all or none and never r
 batch that fails half way (a master dies) may leave some buckets written; the write then fails and may be
 repeated as is, since a row that is already stored (same event time) is just written again.
 
-Why 64 buckets (measured with `bench/redis_cluster_buckets.py` on 3 local masters, 100-key batch of one
-group, hiredis; see that script's docstring for the table): a batch's latency grows with the number of
-slots it touches (one MGET each, batched per node), from ~0.17 ms at 1 bucket to ~0.4 ms at 64 and ~0.7 ms
-at 1024, while the share of keys on the fullest master falls from 100% (1 bucket: the whole group on one
-node) to 41% at 16 and 36% at 64 (even: 33%). 64 also leaves room for clusters of a few dozen masters;
-a group never spans more than `BUCKETS` slots.
+Why 32 buckets (`bench/redis_cluster_buckets.py`: 3 local masters, 100-key batch reads of one group, on a
+2-CPU machine shared with other work, so take the shape rather than the digits): a read's p50 grows with the
+buckets it touches, from 0.21 ms (one MGET on a single node) and 0.28 ms (1 bucket) to 0.43 ms at 4,
+0.58 ms at 16, 0.70 ms at 32, 0.97 ms at 64 and 1.23 ms at 128, while the fullest master's share of the
+group falls from 100% (1 bucket: the whole group on one node) to 50% at 4, 38% at 16 and 34% at 32 (even:
+33%). With the labels of `bucket_labels`, 32 buckets keep every group within 1.12x of an even share on 3 or
+6 masters and 1.5x on 12 (plain bucket numbers: up to 1.7x and 3.4x).
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 Starts its own 3-master cluster (and a single redis-server for reference) on free local ports, writes
 ENTITIES entities of one group through the gateway's backend for each bucket count, then reads random
 100-key batches through `backend.read` (what a fetch does): one at a time for latency (ms), 16 at once for
-throughput (reads/s, where the gateway's CPU per read shows); then counts the keys each master holds.
+throughput (reads/s, where the gateway's CPU per read shows); then counts the keys each master holds. First
+it prints how evenly plain bucket numbers and the chosen labels spread a group's buckets (computed).
 
     .venv/bin/python -m bench.redis_cluster_buckets [--entities 20000] [--reads 3000] [--batch 100]
 """
@@ -14,18 +15,21 @@ import argparse
 import asyncio
 import random
 import statistics
+import string
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import uvloop
 from redis import Redis as SyncRedis
+from redis.crc import key_slot
 
 from app.codec import encode_blob
 from app.registry import Group, parse_registry
 from backends.base import WriteRow
 from backends.redis import RedisBackend
-from backends.redis_cluster import RedisClusterBackend
+from backends.redis_cluster import RedisClusterBackend, bucket_labels
 from tests.support import RedisClusterProcesses, RedisProcess
 
 REGISTRY = """
@@ -108,6 +112,27 @@ def row(label: str, samples: list[float], rate: float, counts: list[int] | None)
     return f"{label:>20} {statistics.fmean(samples):6.3f} {q[49]:6.3f} {q[98]:6.3f} {rate:8.0f}   {spread}"
 
 
+def label_spread(buckets: list[int], masters: tuple[int, ...] = (3, 6, 12), groups: int = 1000) -> None:
+    """How evenly one group's buckets fall on masters owning equal contiguous slot ranges, computed with the
+    real CRC16 for `groups` random group names: plain bucket numbers against the gateway's chosen labels."""
+    rng = random.Random(1)
+    names = [
+        "".join(rng.choice(string.ascii_lowercase + "_") for _ in range(rng.randrange(3, 20))) for _ in range(groups)
+    ]
+    print(f"\nfullest master / even share over {groups} group names (mean, max); masters own equal slot ranges")
+    print(f"{'buckets':>8} " + " ".join(f"{f'{m} masters plain':>18} {f'{m} masters chosen':>18}" for m in masters))
+    for n in buckets:
+        cells = []
+        for m in masters:
+            for labels in ([str(b) for b in range(n)], list(bucket_labels(n))):
+                worst = []
+                for name in names:
+                    per = Counter(min(key_slot(f"{name}:{label}".encode()) * m // 16384, m - 1) for label in labels)
+                    worst.append(max(per.values()) / n * m)
+                cells.append(f"{statistics.fmean(worst):10.2f} {max(worst):7.2f}")
+        print(f"{n:>8} " + " ".join(cells))
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--entities", type=int, default=20000)
@@ -115,6 +140,8 @@ async def main() -> None:
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--buckets", default="1,4,16,64,256,1024")
     args = parser.parse_args()
+    label_spread([int(b) for b in args.buckets.split(",") if int(b) > 1])
+    print()
     single = RedisProcess()
     single.start()
     cluster = RedisClusterProcesses(Path(tempfile.mkdtemp(prefix="fg-bench-")))

@@ -11,9 +11,10 @@ or per slot. A write runs the compare-event-time script of `backends/redis.py` o
 pipeline the same way.
 
 Atomicity is per slot, not per batch: a script sees only keys of its own slot, and Redis Cluster has no
-transaction across slots. Each bucket's rows are written all or none and never replace newer data, but a
-batch that fails half way (a master dies) may leave some buckets written; the write then fails and may be
-repeated as is, since a row that is already stored (same event time) is just written again.
+transaction across slots. Each bucket's rows are compared and written by one script that nothing interleaves
+with, and never replace newer data; but a batch that fails half way (a master dies) may leave some buckets
+written. The write then fails and may be sent again as is: a row already stored (same event time) is just
+written again.
 
 Why 32 buckets (`bench/redis_cluster_buckets.py`: 3 local masters, 100-key batch reads of one group, on a
 2-CPU machine shared with other work, so take the shape rather than the digits): a read's p50 grows with the
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import time
 import zlib
 from collections.abc import AsyncIterator, Sequence
@@ -61,12 +63,13 @@ def bucket_labels(buckets: int = BUCKETS) -> tuple[str, ...]:
     """The tag label of each bucket: 4 digits chosen so that one group's buckets fall evenly over the slots.
 
     Redis' slot is CRC16 (XMODEM) of the tag, which is linear: for tags `group:label` whose labels have the
-    same length, slot(group, label) = c(group) XOR crc16(label) (mod 16384). Plain bucket numbers (`0`..`63`)
-    share their top bits often, so every group piles the same way onto the masters (measured: up to 1.9x
-    the even share on 3 masters with 16 buckets). Labels whose crc16 has distinct top log2(buckets) bits
-    put exactly one bucket of every group in each 1/buckets of the slot range, whatever the group's name:
-    on masters owning equal contiguous ranges (as `redis-cli --cluster create` assigns them) no master
-    holds more than its share plus one bucket.
+    same length, slot(group, label) = c(group) XOR crc16(label) (mod 16384). With plain bucket numbers
+    (`0`..`31`) the crc16s repeat their top bits, so every group piles onto the masters in the same
+    lopsided way (`bench/redis_cluster_buckets.py`: up to 1.9x the even share on 3 masters with 16
+    buckets). Labels whose crc16 has distinct top log2(buckets) bits put exactly one bucket of every group
+    in each 1/buckets of the slot range, whatever the group's name: on masters owning equal contiguous
+    ranges (as `redis-cli --cluster create` assigns them) no master holds more than its share plus one
+    bucket.
     """
     if buckets < 1 or buckets & (buckets - 1) or buckets > 1024:
         raise ValueError("buckets must be a power of two up to 1024")
@@ -89,28 +92,30 @@ def cluster_client(spec: BackendSpec) -> RedisCluster:
     # redis-py parses one host per URL: take credentials, TLS and query options from the first host's form.
     userinfo = parts.netloc.rpartition("@")[0]
     first = parts.netloc.rpartition("@")[2].split(",")[0]
-    kwargs: dict[str, Any] = dict(parse_url(urlunsplit(parts._replace(netloc=f"{userinfo}@{first}".lstrip("@")))))
+    from_url: dict[str, Any] = dict(parse_url(urlunsplit(parts._replace(netloc=f"{userinfo}@{first}".lstrip("@")))))
     for key in ("host", "port", "db"):
-        kwargs.pop(key, None)
-    if kwargs.pop("connection_class", None) is not None:  # rediss://: SSLConnection
-        kwargs["ssl"] = True
-    return RedisCluster(
-        startup_nodes=[ClusterNode(host, port or 6379) for host, port in hosts],
+        from_url.pop(key, None)
+    if from_url.pop("connection_class", None) is not None:  # rediss://: SSLConnection
+        from_url["ssl"] = True
+    options_kwargs: dict[str, Any] = {
         # Per node. Operations are limited to pool_size at a time (RedisClusterBackend._turn), each holding at
         # most one connection per node; the margin covers a topology refresh running beside them. The
         # cluster client does not wait for a free connection: it raises MaxConnectionsError, a
         # ConnectionError that its pipeline treats as a dead cluster (closing every connection).
-        max_connections=options["pool_size"] + 2,
-        socket_timeout=options["timeout_ms"] / 1000,
-        socket_connect_timeout=options["connect_timeout_ms"] / 1000,
+        "max_connections": options["pool_size"] + 2,
+        "socket_timeout": options["timeout_ms"] / 1000,
+        "socket_connect_timeout": options["connect_timeout_ms"] / 1000,
         # The cluster client uses only the retry's count (no backoff) and its own list of retryable errors
         # (ConnectionError, TimeoutError, ClusterDownError, SlotNotCoveredError): one retry, after it has
         # refreshed the slot map, rides out a failover or a node restart; redis-py's default (3 retries)
         # would multiply every timeout. `cluster_error_retry_attempts` is deprecated and ignored when
         # `retry` is given, so it is not set. The per-node connections never retry (redis-py sets 0).
-        retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
-        client_name=f"feature-gateway:{spec.name}",
-        **kwargs,
+        "retry": Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+        "client_name": f"feature-gateway:{spec.name}",
+    }
+    # As redis-py's from_url: what the URL's query says wins (`?socket_timeout=0.5`).
+    return RedisCluster(
+        startup_nodes=[ClusterNode(host, port or 6379) for host, port in hosts], **{**options_kwargs, **from_url}
     )
 
 
@@ -128,7 +133,7 @@ class RedisClusterBackend:
         self._turns = asyncio.Semaphore(options["pool_size"])
         self._wait_s = options["connect_timeout_ms"] / 1000
         self._script = _WRITE_IF_NEWER
-        self._sha: str | None = None
+        self._sha = hashlib.sha1(self._script.encode(), usedforsecurity=False).hexdigest()  # what EVALSHA names
         self._tags: dict[str, tuple[str, ...]] = {}
 
     def tags(self, group: Group) -> tuple[str, ...]:
@@ -208,28 +213,20 @@ class RedisClusterBackend:
         return WriteResult(written, len(rows) - written)
 
     async def _run_script(self, calls: list[tuple[list[str], list[bytes | str]]]) -> int:
-        """The write script once per bucket in one pipeline: EVALSHA, and EVAL where a node lacks the script
-        (first use, or a node that restarted); EVAL caches it there for the next time."""
-        if self._sha is None:
-            self._sha = str(await self.client.script_load(self._script))  # on every master
+        """The write script once per bucket, in one pipeline (one round trip per master)."""
+        try:
+            return await self._pipeline_script(("EVALSHA", self._sha), calls)
+        except NoScriptError:
+            # A master lacks the script (first write, a restarted node, a promoted replica): EVAL runs it and
+            # caches it there. Buckets the first pass wrote are written again with the same rows, which
+            # changes neither the data nor the counts (an equal event time is written, not skipped).
+            return await self._pipeline_script(("EVAL", self._script), calls)
+
+    async def _pipeline_script(self, command: tuple[str, str], calls: list[tuple[list[str], list[bytes | str]]]) -> int:
         pipe = self.client.pipeline(transaction=False)
         for keys, args in calls:
-            pipe.execute_command("EVALSHA", self._sha, len(keys), *keys, *args)
-        replies = await pipe.execute(raise_on_error=False)
-        written, retry = 0, []
-        for call, reply in zip(calls, replies, strict=True):
-            if isinstance(reply, NoScriptError):
-                retry.append(call)
-            elif isinstance(reply, BaseException):
-                raise reply
-            else:
-                written += int(reply)
-        if retry:
-            pipe = self.client.pipeline(transaction=False)
-            for keys, args in retry:
-                pipe.execute_command("EVAL", self._script, len(keys), *keys, *args)
-            written += sum(int(reply) for reply in await pipe.execute())
-        return written
+            pipe.execute_command(*command, len(keys), *keys, *args)
+        return sum(int(reply) for reply in await pipe.execute())
 
     async def ping(self) -> None:
         """Every master answers (redis-py's own ping asks one node: a dead master would go unnoticed)."""

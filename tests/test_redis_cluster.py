@@ -14,11 +14,12 @@ from typing import Any
 
 import pytest
 from redis import Redis as SyncRedis
+from redis.asyncio.connection import SSLConnection
 from redis.crc import key_slot
 
 from app.registry import parse_registry
 from backends import open_backend
-from backends.redis_cluster import BUCKETS, RedisClusterBackend, bucket_labels, bucket_of
+from backends.redis_cluster import BUCKETS, RedisClusterBackend, bucket_labels, bucket_of, cluster_client
 from tests.conftest import GatewayFactory, Names
 from tests.support import RedisClusterProcesses, free_port
 from tests.test_behaviour import fetch, live_row, stamp, write
@@ -47,6 +48,27 @@ def test_the_key_layout_is_pinned() -> None:
     assert BUCKETS == 32
     assert bucket_labels()[:6] == ("0063", "0070", "0052", "0041", "0012", "0001")
     assert [bucket_of(k) for k in ("101", "102", "s-1", "consumer ✓")] == [28, 6, 14, 21]
+
+
+async def test_the_client_takes_every_seed_credentials_tls_and_the_gateway_timeouts(names: Names) -> None:
+    registry = parse_registry(
+        names.registry(
+            '{type: redis, cluster: true, url: "rediss://gw:p%40ss@r1:7000,r2,[::1]:7002/0?ssl_cert_reqs=none",'
+            " timeout_ms: 250, connect_timeout_ms: 400, pool_size: 5}"
+        )
+    )
+    client = cluster_client(registry.backends["hot"])
+    try:
+        assert [(n.host, n.port) for n in client.startup_nodes] == [("r1", 7000), ("r2", 6379), ("::1", 7002)]
+        kwargs = client.connection_kwargs
+        assert (kwargs["username"], kwargs["password"]) == ("gw", "p@ss")
+        assert kwargs["connection_class"] is SSLConnection
+        assert kwargs["ssl_cert_reqs"] == "none"
+        assert (kwargs["socket_timeout"], kwargs["socket_connect_timeout"]) == (0.25, 0.4)
+        assert kwargs["max_connections"] == 7
+        assert client.retry.get_retries() == 1
+    finally:
+        await client.aclose()
 
 
 @pytest.mark.parametrize("buckets", [16, 32, 64])

@@ -113,18 +113,30 @@ async def running(proxy: TcpProxy) -> AsyncIterator[TcpProxy]:
         await proxy.stop()
 
 
+def free_cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000, the default of every Redis version) is free too."""
+    for _ in range(200):
+        port = free_port()
+        if port + 10000 <= 65535:
+            with socket.socket() as sock:
+                try:
+                    sock.bind(("127.0.0.1", port + 10000))
+                except OSError:
+                    continue
+            return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
 class RedisClusterProcesses:
     """A Redis Cluster of `size` masters (no replicas), each a redis-server of the test's own on free ports.
 
-    Every node keeps its cluster state in its own folder under `workdir` and nothing else on disk. The cluster
-    bus gets its own free port (`cluster-port`, Redis 7+) instead of the default port + 10000, which may be
-    taken or past 65535.
+    Every node keeps its cluster state (`nodes.conf`) in its own folder under `workdir` and nothing else on
+    disk, so a node restarted on its port comes back with its id and slots but no keys.
     """
 
     def __init__(self, workdir: Path, size: int = 3):
         self.workdir = workdir
-        self.ports = [free_port() for _ in range(size)]
-        self.bus_ports = {port: free_port() for port in self.ports}
+        self.ports = [free_cluster_port() for _ in range(size)]
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
 
     @property
@@ -139,14 +151,14 @@ class RedisClusterProcesses:
         plain = ["--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder), "--save", "", "--appendonly", "no"]
         cluster = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "5000"]
         self.procs[port] = subprocess.Popen(
-            [binary, *plain, *cluster, "--cluster-port", str(self.bus_ports[port])],
+            [binary, *plain, *cluster],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             if self.procs[port].poll() is not None:
-                raise RuntimeError(f"redis-server on {port} exited (Redis 7 or newer is needed for cluster-port)")
+                raise RuntimeError(f"redis-server on {port} exited")
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
                 return
             time.sleep(0.02)

@@ -1,8 +1,8 @@
 """Redis Cluster: the blobs of `backends/redis.py`, keyed so one group's batch touches a few slots, not one per key.
 
-Key: `{key_prefix}{{group}:{label}}:{entity key}`, e.g. `fg:{live:0063}:101`: the entity's bucket is
+Key: `{key_prefix}{{group}:{label}}:{entity key}`, e.g. `fg:{live:0060}:101`: the entity's bucket is
 crc32(entity key) mod `BUCKETS` and `label` is that bucket's 4-digit name (`bucket_labels`). Redis hashes
-only the `{live:0063}` tag, so every key of one (group, bucket) shares a slot, each group spreads over
+only the `{live:0060}` tag, so every key of one (group, bucket) shares a slot, each group spreads over
 `BUCKETS` slots (hence over the masters), and a batch of any size touches at most `BUCKETS` slots per group.
 
 A read is one pipeline: one MGET per (group, bucket) present in the batch, sent to the master owning that
@@ -16,13 +16,20 @@ with, and never replace newer data; but a batch that fails half way (a master di
 written. The write then fails and may be sent again as is: a row already stored (same event time) is just
 written again.
 
-Why 32 buckets (`bench/redis_cluster_buckets.py`: 3 local masters, 100-key batch reads of one group, on a
-2-CPU machine shared with other work, so take the shape rather than the digits): a read's p50 grows with the
-buckets it touches, from 0.21 ms (one MGET on a single node) and 0.28 ms (1 bucket) to 0.43 ms at 4,
-0.58 ms at 16, 0.70 ms at 32, 0.97 ms at 64 and 1.23 ms at 128, while the fullest master's share of the
-group falls from 100% (1 bucket: the whole group on one node) to 50% at 4, 38% at 16 and 34% at 32 (even:
-33%). With the labels of `bucket_labels`, 32 buckets keep every group within 1.12x of an even share on 3 or
-6 masters and 1.5x on 12 (plain bucket numbers: up to 1.7x and 3.4x).
+Why 16 buckets (`bench/redis_cluster_buckets.py`: 3 local masters, 100-key batch reads of one group; one
+reader for latency, 16 at once for throughput, which shows the gateway's CPU per read):
+
+    buckets             1      4      8     16     32     64    128   single node (backends/redis.py)
+    p50 ms           0.35   0.42   0.43   0.60   0.74   1.00   1.13   0.16
+    reads/s          4924   2921   2035   1681   1202    921    678   17467
+    fullest master   100%    50%    38%    38%    34%    34%    34%   (even: 33%)
+
+Every bucket costs an MGET, and redis-py's cluster pipeline spends ~15 us of gateway CPU on each (the
+single-node backend reads through its own pipelined connection, backends/resp.py, which has no cluster
+routing; a cluster-aware version of it would close much of the gap). Past 16, a group's
+spread gains little (with the labels of `bucket_labels`, 16 buckets keep every group within 1.12x of an even
+share on 3 or 6 masters and 1.5x on 12; plain bucket numbers: up to 1.9x and 3.75x) while reads/s keep
+falling. A group uses at most 16 masters; different groups land on different ones.
 """
 
 from __future__ import annotations
@@ -50,7 +57,7 @@ from backends.base import WriteResult, WriteRow, expiry_us
 from backends.redis import _WRITE_IF_NEWER
 
 # Changing this moves every key (existing data reads as MISSING until rewritten): it is part of the layout.
-BUCKETS = 32
+BUCKETS = 16
 
 
 def bucket_of(entity_key: str, buckets: int = BUCKETS) -> int:
@@ -137,7 +144,7 @@ class RedisClusterBackend:
         self._tags: dict[str, tuple[str, ...]] = {}
 
     def tags(self, group: Group) -> tuple[str, ...]:
-        """Per bucket, the start of its keys: `fg:{live:0063}:`."""
+        """Per bucket, the start of its keys: `fg:{live:0063}:` (bucket 0)."""
         tags = self._tags.get(group.name)
         if tags is None or len(tags) != self.buckets:
             labels = bucket_labels(self.buckets)

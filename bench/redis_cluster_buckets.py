@@ -25,7 +25,6 @@ import uvloop
 from redis import Redis as SyncRedis
 from redis.crc import key_slot
 
-from app.codec import encode_blob
 from app.registry import Group, parse_registry
 from backends.base import WriteRow
 from backends.redis import RedisBackend
@@ -53,7 +52,9 @@ Backend = RedisBackend | RedisClusterBackend
 
 async def measure(backend: Backend, group: Group, entities: int, reads: int, batch: int) -> list[float]:
     now = time.time_ns() // 1000
-    blob = encode_blob(now, [3, 1.5, b"\0" * 64])
+    blob = group.codec.encode(
+        now, [f.dtype.check(v) for f, v in zip(group.features, [3, 1.5, [0.0] * 16], strict=True)]
+    )
     rows = [WriteRow(str(i), now, blob) for i in range(entities)]
     for start in range(0, entities, 1000):
         await backend.write(group, rows[start : start + 1000])

@@ -10,6 +10,7 @@ import subprocess
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 from redis import Redis as SyncRedis
 from redis.exceptions import RedisError
@@ -181,12 +182,16 @@ class RedisClusterProcesses:
             self.stop()
             raise
 
-    def info(self, port: int, *command: str) -> str:
-        client = SyncRedis(host="127.0.0.1", port=port, socket_timeout=2, decode_responses=True)
+    def command(self, port: int, *args: str | int) -> Any:
+        """One command to one node, on a connection of its own."""
+        client = SyncRedis(host="127.0.0.1", port=port, socket_timeout=5, decode_responses=True)
         try:
-            return str(client.execute_command(*command))
+            return client.execute_command(*args)  # type: ignore[no-untyped-call]
         finally:
             client.close()
+
+    def info(self, port: int, *command: str) -> str:
+        return str(self.command(port, *command))
 
     def wait_ok(self, within: float = 30.0) -> None:
         """Until every node says `cluster_state:ok` and knows every other node."""
@@ -212,13 +217,9 @@ class RedisClusterProcesses:
 
     def owner(self, slot: int) -> int:
         """The port of the master serving `slot`, as the first node sees it."""
-        client = SyncRedis(port=self.ports[0], socket_timeout=2)
-        try:
-            for start, end, master, *_ in client.execute_command("CLUSTER", "SLOTS"):
-                if start <= slot <= end:
-                    return int(master[1])
-        finally:
-            client.close()
+        for start, end, master, *_ in self.command(self.ports[0], "CLUSTER", "SLOTS"):
+            if start <= slot <= end:
+                return int(master[1])
         raise LookupError(f"slot {slot} is not served")
 
     def move_slot(self, slot: int, source: int, target: int) -> None:
@@ -227,12 +228,8 @@ class RedisClusterProcesses:
         ids = {port: self.info(port, "CLUSTER", "MYID") for port in self.ports}
         self.info(target, "CLUSTER", "SETSLOT", str(slot), "IMPORTING", ids[source])
         self.info(source, "CLUSTER", "SETSLOT", str(slot), "MIGRATING", ids[target])
-        client = SyncRedis(port=source, socket_timeout=5, decode_responses=True)
-        try:
-            while keys := client.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100):
-                client.execute_command("MIGRATE", "127.0.0.1", target, "", 0, 5000, "KEYS", *keys)
-        finally:
-            client.close()
+        while keys := self.command(source, "CLUSTER", "GETKEYSINSLOT", slot, 100):
+            self.command(source, "MIGRATE", "127.0.0.1", target, "", 0, 5000, "KEYS", *keys)
         for port in (target, source, *self.ports):
             self.info(port, "CLUSTER", "SETSLOT", str(slot), "NODE", ids[target])
         deadline = time.monotonic() + 10

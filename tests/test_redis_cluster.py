@@ -45,9 +45,9 @@ def keys_per_master(cluster: RedisClusterProcesses, prefix: str) -> dict[int, li
 
 def test_the_key_layout_is_pinned() -> None:
     # Stored keys are named by these: a change here orphans every key already stored on a cluster.
-    assert BUCKETS == 32
-    assert bucket_labels()[:6] == ("0063", "0070", "0052", "0041", "0012", "0001")
-    assert [bucket_of(k) for k in ("101", "102", "s-1", "consumer ✓")] == [28, 6, 14, 21]
+    assert BUCKETS == 16
+    assert bucket_labels()[:6] == ("0063", "0041", "0001", "0023", "0062", "0040")
+    assert [bucket_of(k) for k in ("101", "102", "s-1", "consumer ✓")] == [12, 6, 14, 5]
 
 
 async def test_the_client_takes_every_seed_credentials_tls_and_the_gateway_timeouts(names: Names) -> None:
@@ -114,7 +114,7 @@ async def test_keys_spread_over_every_master(
     found = keys_per_master(redis_cluster, names.prefix)
     counts = {port: len(keys) for port, keys in found.items()}
     assert sum(counts.values()) == 900
-    # Buckets fall evenly on fresh contiguous slot ranges: about a third each (32 buckets: 10 or 11 per master).
+    # Buckets fall evenly on fresh contiguous slot ranges: about a third each (16 buckets: 5 or 6 per master).
     assert all(count > 900 * 0.28 for count in counts.values()), counts
     assert [row["values"] for row in answer["rows"]] == [[i] for i in range(0, 900, 9)]
 

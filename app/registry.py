@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import yaml
 
@@ -122,6 +122,24 @@ def parse_duration(value: Any) -> float:
 # -- backend options -----------------------------------------------------------------------------------
 
 
+_HOST = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[^:/?#\[\]@,]+)(?::(\d{1,5}))?$")
+
+
+def url_hosts(url: str) -> list[tuple[str, int | None]]:
+    """The (host, port) pairs of a URL; several where it lists them: `postgresql://u@h1:26257,h2:26257/db`.
+
+    Raises ValueError naming the first that is not `host` or `host:port` (IPv6 in brackets).
+    """
+    hosts: list[tuple[str, int | None]] = []
+    for item in urlsplit(url).netloc.rpartition("@")[2].split(","):
+        match = _HOST.match(item)
+        port = None if match is None or match[2] is None else int(match[2])
+        if match is None or port == 0 or (port is not None and port > 65535):
+            raise ValueError(f"{url!r}: {item!r} is not a host or host:port")
+        hosts.append((unquote(match[1].strip("[]")), port))
+    return hosts
+
+
 def _url(schemes: tuple[str, ...]) -> Callable[[Any], str]:
     def check(value: Any) -> str:
         if not isinstance(value, str) or not value:
@@ -129,11 +147,19 @@ def _url(schemes: tuple[str, ...]) -> Callable[[Any], str]:
         parts = urlsplit(value)
         if parts.scheme not in schemes:
             raise ValueError(f"{value!r}: scheme must be one of {', '.join(schemes)}")
-        if not parts.netloc and parts.scheme != "unix":
-            raise ValueError(f"{value!r} has no host")
+        if parts.scheme != "unix":
+            if not parts.netloc:
+                raise ValueError(f"{value!r} has no host")
+            url_hosts(value)
         return value
 
     return check
+
+
+def _flag(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError("expected true or false")
+    return value
 
 
 def _positive(kind: type) -> Callable[[Any], Any]:
@@ -172,10 +198,29 @@ def _text(value: Any) -> str:
     return value
 
 
+def _redis_rules(options: Mapping[str, Any]) -> tuple[str, str] | None:
+    """What a redis backend's options must agree on; (option, reason) for the first that does not."""
+    url = urlsplit(options["url"])
+    several = url.scheme != "unix" and len(url_hosts(options["url"])) > 1
+    if not options["cluster"]:
+        if several:
+            return "url", "lists several hosts, which is a Redis Cluster's seed list: add cluster: true"
+        return None
+    if url.scheme == "unix":
+        return "url", "a Redis Cluster is reached over TCP (redis:// or rediss://), not a unix socket"
+    db = parse_qs(url.query).get("db", [url.path.strip("/")])[0]
+    if db not in ("", "0"):
+        return "url", f"a Redis Cluster has only database 0, not {db}"
+    if "{" in options["key_prefix"] or "}" in options["key_prefix"]:
+        return "key_prefix", "must not contain { or }: on a cluster the key's first {...} is the gateway's hash tag"
+    return None
+
+
 # type -> option -> (validator, default); a default of ... marks a required option.
 BACKEND_OPTIONS: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
     "redis": {
         "url": (_url(("redis", "rediss", "unix")), ...),
+        "cluster": (_flag, False),
         "key_prefix": (_text, "fg:"),
         "timeout_ms": (_positive(float), 1000.0),
         "connect_timeout_ms": (_positive(float), 1000.0),
@@ -196,6 +241,9 @@ BACKEND_OPTIONS: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         "timeout_ms": (_positive(float), 1000.0),
     },
 }
+
+# type -> a check of the options together, after each passed its own validator.
+BACKEND_RULES: dict[str, Callable[[Mapping[str, Any]], tuple[str, str] | None]] = {"redis": _redis_rules}
 
 
 # -- loading -------------------------------------------------------------------------------------------
@@ -333,6 +381,10 @@ class _Builder:
                 options[option] = check(spec[option])
             except ValueError as exc:
                 raise self.fail(f"{path}.{option}", str(exc)) from None
+        rules = BACKEND_RULES.get(kind)
+        problem = rules(options) if rules else None
+        if problem:
+            raise self.fail(f"{path}.{problem[0]}", problem[1])
         return BackendSpec(name, kind, MappingProxyType(options))
 
     def entity(self, name: str, spec: Any) -> Entity:

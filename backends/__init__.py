@@ -9,6 +9,10 @@ from backends.base import FeatureBackend
 def open_backend(spec: BackendSpec, registry: Registry) -> FeatureBackend:
     """Build the client for one backend; connects lazily, so a backend that is down does not stop start-up."""
     groups = registry.groups_on(spec.name)
+    if spec.type == "redis" and spec.options.get("cluster"):
+        from backends.redis_cluster import RedisClusterBackend
+
+        return RedisClusterBackend(spec, groups)
     if spec.type == "redis":
         from backends.redis import RedisBackend
 

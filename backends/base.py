@@ -34,7 +34,9 @@ class FeatureBackend(Protocol):
         """For each (group, keys): the stored blob per key, None where absent. One round trip where possible."""
 
     async def write(self, group: Group, rows: Sequence[WriteRow]) -> WriteResult:
-        """Store rows (distinct keys) atomically; never replace a blob whose event time is newer."""
+        """Store rows (distinct keys) atomically; never replace a blob whose event time is newer.
+
+        Redis Cluster can only be atomic per slot (see backends/redis_cluster.py)."""
 
     async def ping(self) -> None:
         """Raise unless the backend answers."""

@@ -11,13 +11,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 
-from app.registry import BackendSpec, Group
+from app.registry import BackendSpec, Group, url_hosts
 from backends.base import WriteResult, WriteRow, expiry_us
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,27 @@ def create_table_sql(table: str, dialect: str) -> str:
             "WITH (ttl_expiration_expression = 'expires_at', ttl_job_cron = '@hourly')"
         )
     return f"CREATE TABLE IF NOT EXISTS {table} ({columns}, PRIMARY KEY (grp, entity_key))"
+
+
+def each_host(hosts: Sequence[tuple[str, int | None]]) -> Callable[..., Awaitable[asyncpg.Connection]]:
+    """Connect to the first of several hosts that answers, giving each the whole connect timeout.
+
+    asyncpg tries a multi-host DSN's hosts in order but under one timeout for all of them, so a first host
+    that accepts and then hangs (a stopped node) uses it up and the next is never tried; one that refuses
+    (a dead process) is skipped either way.
+    """
+
+    async def connect(dsn: str, **kwargs: Any) -> asyncpg.Connection:
+        error: BaseException | None = None
+        for host, port in hosts:
+            try:
+                return await asyncpg.connect(dsn, host=host, port=port, **kwargs)
+            except (OSError, TimeoutError) as exc:  # refused, unreachable, or no answer within the timeout
+                error = exc
+        assert error is not None
+        raise error
+
+    return connect
 
 
 class CockroachBackend:
@@ -73,8 +94,10 @@ class CockroachBackend:
                 if self._pool is None:
                     # min_size=0: creating the pool opens no connection, so a database that is down
                     # does not stop start-up; connections are opened on first use and kept.
+                    hosts = url_hosts(self.options["dsn"])
                     self._pool = await asyncpg.create_pool(
                         self.options["dsn"],
+                        connect=each_host(hosts) if len(hosts) > 1 else None,
                         min_size=0,
                         max_size=self.options["pool_size"],
                         timeout=self.options["connect_timeout_ms"] / 1000,

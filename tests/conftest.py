@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -18,10 +18,11 @@ import uvloop
 from app.main import create_app
 from app.registry import parse_registry
 from app.settings import Settings
+from tests.support import RedisClusterProcesses
 
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 PG_DSN = os.environ.get("TEST_PG_DSN", "postgresql://root@127.0.0.1:5432/test")
-KINDS = ["redis", "cockroach", "sqlite"]
+KINDS = ["redis", "redis_cluster", "cockroach", "sqlite"]
 
 FEATURES = """
       orders_7d: {dtype: int64, default: 0}
@@ -42,10 +43,15 @@ class Names:
         self.prefix = f"test:{uid}:"
         self.schema = f"t_{uid}"
         self.dir = tmp_path
+        self.cluster_url: str | None = None  # set by the `redis_cluster` fixture
 
     def backend(self, kind: str, *, url: str | None = None, dsn: str | None = None, file: str = "db") -> str:
         if kind == "redis":
             return f'{{type: redis, url: "{url or REDIS_URL}", key_prefix: "{self.prefix}", timeout_ms: 2000}}'
+        if kind == "redis_cluster":
+            url = url or self.cluster_url
+            assert url, "request the redis_cluster fixture (it starts the cluster) before a redis_cluster backend"
+            return f'{{type: redis, cluster: true, url: "{url}", key_prefix: "{self.prefix}", timeout_ms: 2000}}'
         if kind == "cockroach":
             return f'{{type: cockroach, dsn: "{dsn or PG_DSN}", schema: {self.schema}, dialect: postgres}}'
         return f'{{type: sqlite, path: "{self.dir / (file + ".sqlite")}"}}'
@@ -127,6 +133,27 @@ def gateway() -> GatewayFactory:
     return make
 
 
+@pytest.fixture(scope="session")
+def redis_cluster_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterProcesses]:
+    """A 3-master Redis Cluster of the test run's own, started by the first test that asks for it."""
+    cluster = RedisClusterProcesses(tmp_path_factory.mktemp("redis-cluster"))
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def redis_cluster(redis_cluster_session: RedisClusterProcesses, names: Names) -> RedisClusterProcesses:
+    """The session's cluster, healthy (a test may have stopped a node), and `names` pointed at it."""
+    redis_cluster_session.wait_ok()
+    names.cluster_url = redis_cluster_session.url
+    return redis_cluster_session
+
+
 @pytest.fixture(params=KINDS)
 def kind(request: pytest.FixtureRequest) -> str:
+    if request.param == "redis_cluster":
+        request.getfixturevalue("redis_cluster")  # lazy: only tests that run on the cluster start it
     return str(request.param)

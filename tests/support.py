@@ -9,6 +9,11 @@ import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from redis import Redis as SyncRedis
+from redis.exceptions import RedisError
 
 
 def free_port() -> int:
@@ -107,3 +112,135 @@ async def running(proxy: TcpProxy) -> AsyncIterator[TcpProxy]:
         yield proxy
     finally:
         await proxy.stop()
+
+
+def free_cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000, the default of every Redis version) is free too."""
+    for _ in range(200):
+        port = free_port()
+        if port + 10000 <= 65535:
+            with socket.socket() as sock:
+                try:
+                    sock.bind(("127.0.0.1", port + 10000))
+                except OSError:
+                    continue
+            return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
+class RedisClusterProcesses:
+    """A Redis Cluster of `size` masters (no replicas), each a redis-server of the test's own on free ports.
+
+    Every node keeps its cluster state (`nodes.conf`) in its own folder under `workdir` and nothing else on
+    disk, so a node restarted on its port comes back with its id and slots but no keys.
+    """
+
+    def __init__(self, workdir: Path, size: int = 3):
+        self.workdir = workdir
+        self.ports = [free_cluster_port() for _ in range(size)]
+        self.procs: dict[int, subprocess.Popen[bytes]] = {}
+
+    @property
+    def url(self) -> str:
+        """A seed URL naming every node (the gateway's multi-host form)."""
+        return "redis://" + ",".join(f"127.0.0.1:{port}" for port in self.ports)
+
+    def start_node(self, port: int) -> None:
+        folder = self.workdir / str(port)
+        folder.mkdir(parents=True, exist_ok=True)
+        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+        plain = ["--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder), "--save", "", "--appendonly", "no"]
+        cluster = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "5000"]
+        self.procs[port] = subprocess.Popen(
+            [binary, *plain, *cluster],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.procs[port].poll() is not None:
+                raise RuntimeError(f"redis-server on {port} exited")
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+            time.sleep(0.02)
+        raise RuntimeError(f"redis-server on {port} did not start")
+
+    def start(self) -> None:
+        try:
+            for port in self.ports:
+                self.start_node(port)
+            cli = shutil.which("redis-cli") or "/usr/bin/redis-cli"
+            nodes = [f"127.0.0.1:{port}" for port in self.ports]
+            subprocess.run(
+                [cli, "--cluster", "create", *nodes, "--cluster-replicas", "0", "--cluster-yes"],
+                check=True,
+                capture_output=True,
+                timeout=60,
+            )
+            self.wait_ok()
+        except BaseException:
+            self.stop()
+            raise
+
+    def command(self, port: int, *args: str | int) -> Any:
+        """One command to one node, on a connection of its own."""
+        client = SyncRedis(host="127.0.0.1", port=port, socket_timeout=5, decode_responses=True)
+        try:
+            return client.execute_command(*args)  # type: ignore[no-untyped-call]
+        finally:
+            client.close()
+
+    def info(self, port: int, *command: str) -> str:
+        return str(self.command(port, *command))
+
+    def wait_ok(self, within: float = 30.0) -> None:
+        """Until every node says `cluster_state:ok` and knows every other node."""
+        deadline = time.monotonic() + within
+        while True:
+            states = []
+            for port in self.ports:
+                with contextlib.suppress(OSError, RedisError):
+                    states.append(self.info(port, "CLUSTER", "INFO"))
+            ok = len(states) == len(self.ports) and all(
+                "cluster_state:ok" in s and f"cluster_known_nodes:{len(self.ports)}" in s for s in states
+            )
+            if ok:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the Redis Cluster did not come up: {states}")
+            time.sleep(0.1)
+
+    def stop_node(self, port: int) -> None:
+        proc = self.procs.pop(port)
+        proc.kill()
+        proc.wait(10)
+
+    def owner(self, slot: int) -> int:
+        """The port of the master serving `slot`, as the first node sees it."""
+        for start, end, master, *_ in self.command(self.ports[0], "CLUSTER", "SLOTS"):
+            if start <= slot <= end:
+                return int(master[1])
+        raise LookupError(f"slot {slot} is not served")
+
+    def move_slot(self, slot: int, source: int, target: int) -> None:
+        """Reshard one slot with its keys from the master on `source` to the one on `target`, as
+        `redis-cli --cluster reshard` does: IMPORTING/MIGRATING, MIGRATE the keys, then SETSLOT NODE everywhere."""
+        ids = {port: self.info(port, "CLUSTER", "MYID") for port in self.ports}
+        self.info(target, "CLUSTER", "SETSLOT", str(slot), "IMPORTING", ids[source])
+        self.info(source, "CLUSTER", "SETSLOT", str(slot), "MIGRATING", ids[target])
+        while keys := self.command(source, "CLUSTER", "GETKEYSINSLOT", slot, 100):
+            self.command(source, "MIGRATE", "127.0.0.1", target, "", 0, 5000, "KEYS", *keys)
+        for port in (target, source, *self.ports):
+            self.info(port, "CLUSTER", "SETSLOT", str(slot), "NODE", ids[target])
+        deadline = time.monotonic() + 10
+        while self.owner(slot) != target:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"slot {slot} did not move")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            proc.kill()
+        for proc in self.procs.values():
+            proc.wait(10)
+        self.procs.clear()

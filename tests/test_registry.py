@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from app.errors import RegistryError
-from app.registry import parse_registry
+from app.registry import parse_registry, url_hosts
 
 GOOD = """
 backends:
@@ -113,3 +113,51 @@ def test_the_same_join_key_for_two_entities_is_refused() -> None:
     text = GOOD.replace("entities:\n", "entities:\n  other: {join_key: consumer_id, dtype: string}\n")
     with pytest.raises(RegistryError, match="entities.consumer.join_key"):
         parse_registry(text, "r.yaml", env={})
+
+
+@pytest.mark.parametrize(
+    ("hot", "path", "reason"),
+    [
+        ('{type: redis, url: "redis://a:7000,b:7001"}', "backends.hot.url", "add cluster: true"),
+        ('{type: redis, cluster: "true", url: "redis://a:7000"}', "backends.hot.cluster", "expected true or false"),
+        ('{type: redis, cluster: true, url: "unix:///run/redis.sock"}', "backends.hot.url", "not a unix socket"),
+        ('{type: redis, cluster: true, url: "redis://a:7000/2"}', "backends.hot.url", "only database 0, not 2"),
+        ('{type: redis, cluster: true, url: "redis://a:7000?db=1"}', "backends.hot.url", "only database 0, not 1"),
+        ('{type: redis, cluster: true, url: "redis://a:7000,b:x"}', "backends.hot.url", "'b:x' is not a host or"),
+        ('{type: redis, cluster: true, url: "redis://a:7000,"}', "backends.hot.url", "'' is not a host or"),
+        ('{type: redis, url: "redis://a:99999"}', "backends.hot.url", "'a:99999' is not a host or"),
+        (
+            '{type: redis, cluster: true, url: "redis://a:7000", key_prefix: "fg:{x}:"}',
+            "backends.hot.key_prefix",
+            "hash tag",
+        ),
+    ],
+)
+def test_bad_redis_cluster_options_are_named(hot: str, path: str, reason: str) -> None:
+    text = GOOD.replace('{type: redis, url: "${REDIS_URL:-redis://127.0.0.1:6379/0}"}', hot, 1)
+    with pytest.raises(RegistryError) as caught:
+        parse_registry(text, "registry.yaml", env={})
+    assert f"registry.yaml: {path}: " in str(caught.value)
+    assert reason in str(caught.value)
+
+
+def test_cluster_seed_lists_and_multi_host_dsns_load() -> None:
+    text = GOOD.replace(
+        '{type: redis, url: "${REDIS_URL:-redis://127.0.0.1:6379/0}"}',
+        '{type: redis, cluster: true, url: "rediss://gw:s3cret@r1:7000,r2:7001,[::1]:7002/0"}',
+    ).replace(
+        '"postgresql://root@127.0.0.1:5432/test"', '"postgresql://root@crdb1:26257,crdb2,10.0.0.3:26257/defaultdb"'
+    )
+    registry = parse_registry(text, "r.yaml", env={})
+    assert registry.backends["hot"].options["cluster"] is True
+    assert url_hosts(registry.backends["hot"].options["url"]) == [("r1", 7000), ("r2", 7001), ("::1", 7002)]
+    assert url_hosts(registry.backends["bulk"].options["dsn"]) == [
+        ("crdb1", 26257),
+        ("crdb2", None),
+        ("10.0.0.3", 26257),
+    ]
+    described = registry.describe()["backends"]["hot"]
+    assert described["url"] == "rediss://gw:***@r1:7000,r2:7001,[::1]:7002/0"
+    assert described["cluster"] is True
+    plain = parse_registry(GOOD, "r.yaml", env={})
+    assert plain.backends["hot"].options["cluster"] is False

@@ -29,9 +29,11 @@ def listening(port: int) -> bool:
 
 
 class GatewayProcess:
-    """`python -m app serve --registry FILE --port PORT`, its output kept in a file (a pipe could fill up)."""
+    """`python -m app serve [--registry FILE] --port PORT`, its output kept in a file (a pipe could fill up).
 
-    def __init__(self, registry: Path, log: Path, *args: str, env: dict[str, str] | None = None):
+    Without a registry it serves the demo (set GATEWAY_DEMO_DIR in `env` to keep its SQLite files apart)."""
+
+    def __init__(self, registry: Path | None, log: Path, *args: str, env: dict[str, str] | None = None):
         self.registry = registry
         self.log_path = log
         self.port = free_port()
@@ -46,7 +48,9 @@ class GatewayProcess:
 
     def start(self, ready_within: float = 20.0) -> None:
         self._log = self.log_path.open("wb")
-        command = [sys.executable, "-m", "app", "serve", "--registry", str(self.registry), "--port", str(self.port)]
+        command = [sys.executable, "-m", "app", "serve", "--port", str(self.port)]
+        if self.registry is not None:
+            command += ["--registry", str(self.registry)]
         self.proc = subprocess.Popen(
             [*command, *self.args], stdout=self._log, stderr=subprocess.STDOUT, env=self.env or dict(os.environ)
         )
@@ -217,3 +221,10 @@ class PostgresProcess:
             self._log.close()
             self._log = None
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def demo_gateway(tmp_path: Path, *args: str) -> GatewayProcess:
+    """The demo gateway (embedded SQLite in `tmp_path`), not yet started."""
+    env = {**os.environ, "GATEWAY_DEMO_DIR": str(tmp_path / "demo")}
+    env.pop("GATEWAY_METRICS_DIR", None)
+    return GatewayProcess(None, tmp_path / "gateway.log", *args, env=env)

@@ -15,6 +15,7 @@ import asyncpg
 import httpx
 
 from tests.conftest import PG_DSN
+from tests.processes import demo_gateway
 from tests.support import free_port
 from tests.test_registry import GOOD
 
@@ -109,63 +110,37 @@ def test_serve_without_registry_runs_the_demo_and_its_curl_line_works(tmp_path: 
 
 
 def test_two_workers_report_one_set_of_metrics(tmp_path: Path) -> None:
-    port = free_port()
-    env = {**os.environ, "GATEWAY_DEMO_DIR": str(tmp_path / "demo")}
-    env.pop("GATEWAY_METRICS_DIR", None)
-    server = subprocess.Popen(
-        [*CLI, "serve", "--port", str(port), "--workers", "2", "--log-level", "warning"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=env,
-    )
-    base = f"http://127.0.0.1:{port}"
+    server = demo_gateway(tmp_path, "--workers", "2", "--log-level", "warning")
+    server.start(ready_within=30)
+    base = server.url
     body = {"entities": {"consumer_id": [101]}, "features": ["consumer_live:orders_7d"]}
     try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
         for _ in range(20):  # a new connection each time, so both workers serve some
             assert httpx.post(f"{base}/v1/features/fetch", json=body, timeout=5).status_code == 200
         time.sleep(1.5)  # each worker writes its snapshot every second
         line = 'feature_gateway_http_requests_total{route="/v1/features/fetch",method="POST",status="200"} 20'
         assert line in httpx.get(f"{base}/metrics", timeout=5).text
     finally:
-        server.terminate()
-        server.wait(20)
+        server.stop()
 
 
 def test_a_client_hanging_up_mid_body_is_not_logged_as_an_error(tmp_path: Path) -> None:
     import socket
 
-    port = free_port()
-    env = {**os.environ, "GATEWAY_DEMO_DIR": str(tmp_path / "demo")}
-    log = tmp_path / "server.log"
-    with log.open("w") as sink:
-        server = subprocess.Popen([*CLI, "serve", "--port", str(port)], stdout=sink, stderr=subprocess.STDOUT, env=env)
-        try:
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                try:
-                    if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    time.sleep(0.1)
-            for _ in range(3):
-                with socket.create_connection(("127.0.0.1", port)) as sock:
-                    sock.sendall(
-                        b"POST /v1/features/fetch HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                        b'Content-Length: 1000\r\n\r\n{"entities":'
-                    )
-                    time.sleep(0.05)
-            time.sleep(0.3)
-            assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200
-        finally:
-            server.terminate()
-            server.wait(20)
-    text = log.read_text()
+    server = demo_gateway(tmp_path)
+    server.start()
+    try:
+        for _ in range(3):
+            with socket.create_connection(("127.0.0.1", server.port)) as sock:
+                sock.sendall(
+                    b"POST /v1/features/fetch HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    b'Content-Length: 1000\r\n\r\n{"entities":'
+                )
+                time.sleep(0.05)
+        time.sleep(0.3)
+        assert httpx.get(f"{server.url}/healthz", timeout=2).status_code == 200
+    finally:
+        server.stop()
+    text = server.log()
     assert "unhandled error" not in text
     assert "Traceback" not in text

@@ -7,32 +7,18 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 
-from tests.support import free_port
+from tests.processes import demo_gateway
 
 
 def test_generated_python_client_fetches_and_writes(tmp_path: Path) -> None:
-    port = free_port()
-    env = {**os.environ, "GATEWAY_DEMO_DIR": str(tmp_path / "demo")}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "app", "serve", "--port", str(port), "--log-level", "warning"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=env,
-    )
-    base = f"http://127.0.0.1:{port}"
+    server = demo_gateway(tmp_path, "--log-level", "warning")
+    server.start()
+    base = server.url
     try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
         spec = tmp_path / "openapi.json"
         spec.write_bytes(httpx.get(f"{base}/openapi.json", timeout=5).content)
         generator = shutil.which("openapi-python-client", path=str(Path(sys.executable).parent))
@@ -77,8 +63,7 @@ def test_generated_python_client_fetches_and_writes(tmp_path: Path) -> None:
             for name in [m for m in sys.modules if m.startswith("feature_gateway_client")]:
                 del sys.modules[name]
     finally:
-        server.terminate()
-        server.wait(20)
+        server.stop()
     assert isinstance(written, models.WriteResponse)
     assert written.written == 1
     assert isinstance(answer, models.FetchResponse)

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
-import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.support import free_port
+from tests.processes import demo_gateway
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FLAGS = [
@@ -30,26 +28,11 @@ FLAGS = [
 
 
 @pytest.fixture
-def demo_server(tmp_path: Path):  # type: ignore[no-untyped-def]
-    port = free_port()
-    env = {**os.environ, "GATEWAY_DEMO_DIR": str(tmp_path / "demo")}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "app", "serve", "--port", str(port), "--log-level", "warning"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=env,
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.1)
-    yield base
-    server.terminate()
-    server.wait(20)
+def demo_server(tmp_path: Path) -> Iterator[str]:
+    server = demo_gateway(tmp_path, "--log-level", "warning")
+    server.start()
+    yield server.url
+    server.stop()
 
 
 def chromium_dom(url: str) -> str:

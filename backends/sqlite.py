@@ -47,7 +47,11 @@ class _Worker:
         conn: sqlite3.Connection | None = getattr(self.local, "conn", None)
         if conn is None:
             conn = sqlite3.connect(self.path, timeout=self.timeout_s, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
+            if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                try:
+                    conn.execute("PRAGMA journal_mode=WAL")  # persists in the file: set once, by whoever is first
+                except sqlite3.OperationalError:
+                    pass  # another connection holds a lock while switching it; it stays WAL-able, only slower
             conn.execute("PRAGMA synchronous=NORMAL")
             self.local.conn = conn
         return conn

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import shutil
 import socket
 import subprocess
@@ -16,11 +17,32 @@ from redis import Redis as SyncRedis
 from redis.exceptions import RedisError
 
 
+def _ephemeral_floor() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_random = random.Random()
+
+
 def free_port() -> int:
-    """A port nothing listens on (bound then released: connecting to it is refused)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A port nothing listens on (bound then released: connecting to it is refused).
+
+    Chosen below the kernel's ephemeral range: a port from that range can meanwhile become the local end of
+    some outgoing connection, or even connect to itself (TCP simultaneous open) when a test keeps dialling a
+    port that is down, so a server the test starts there later would be taken or impersonated."""
+    ceiling = min(_ephemeral_floor(), 65535) - 1
+    for _ in range(500):
+        port = _random.randint(10000, ceiling)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 class TcpProxy:
@@ -118,7 +140,7 @@ def free_cluster_port() -> int:
     """A free port whose cluster bus port (port + 10000, the default of every Redis version) is free too."""
     for _ in range(200):
         port = free_port()
-        if port + 10000 <= 65535:
+        if port + 10000 < min(_ephemeral_floor(), 65536):  # the bus port too stays out of the ephemeral range
             with socket.socket() as sock:
                 try:
                     sock.bind(("127.0.0.1", port + 10000))

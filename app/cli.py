@@ -132,6 +132,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from app.main import DEMO_REGISTRY
 
     # A bad registry or key config stops here with its message, not in each worker.
+    args.registry = args.registry or os.environ.get("GATEWAY_REGISTRY") or None
     if args.registry:
         os.environ["GATEWAY_REGISTRY"] = str(Path(args.registry).resolve())
         registry = _load(args.registry)
@@ -232,7 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the HTTP server")
-    serve.add_argument("--registry", help="registry YAML (default: the demo registry on embedded SQLite)")
+    serve.add_argument(
+        "--registry", help="registry YAML (default: $GATEWAY_REGISTRY, else the demo registry on embedded SQLite)"
+    )
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--workers", type=int, default=1)

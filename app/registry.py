@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import yaml
 
@@ -95,11 +95,19 @@ class Registry:
         }
 
 
+_SECRET_PARAMS = {"password", "sslpassword"}  # both drivers also take a password from the query string
+
+
 def _redact(value: Any) -> Any:
-    if isinstance(value, str) and "://" in value:
+    if not isinstance(value, str) or "://" not in value:
+        return value
+    parts = urlsplit(value)
+    if parts.password:
+        value = value.replace(f":{parts.password}@", ":***@", 1)
         parts = urlsplit(value)
-        if parts.password:
-            return value.replace(f":{parts.password}@", ":***@", 1)
+    if parts.query:
+        query = [(k, "***" if k.lower() in _SECRET_PARAMS else v) for k, v in parse_qsl(parts.query, True)]
+        value = urlunsplit(parts._replace(query=urlencode(query, safe="*")))
     return value
 
 

@@ -162,3 +162,12 @@ async def test_openapi_has_readable_operations(gateway: GatewayFactory, names: N
     assert body_schema["examples"]
     assert set(body_schema["properties"]) == {"entities", "features", "deadline_ms", "include_timestamps", "strict"}
     assert "422" in fetch_op["responses"]
+
+
+async def test_registry_hides_passwords_in_the_query_string(gateway: GatewayFactory, names: Names) -> None:
+    bulk = names.backend("cockroach", dsn="postgresql://root@127.0.0.1:5432/test?password=s3cret&sslmode=prefer")
+    async with gateway(names.registry(names.backend("sqlite"), bulk)) as client:
+        text = (await client.get("/v1/registry")).text
+    assert "s3cret" not in text
+    assert "password=***" in text
+    assert "sslmode=prefer" in text

@@ -144,3 +144,13 @@ def test_a_client_hanging_up_mid_body_is_not_logged_as_an_error(tmp_path: Path) 
     text = server.log()
     assert "unhandled error" not in text
     assert "Traceback" not in text
+
+
+def test_serve_honours_gateway_registry(tmp_path: Path) -> None:
+    env = {**os.environ, "GATEWAY_REGISTRY": str(tmp_path / "nope.yaml")}
+    result = subprocess.run(
+        [*CLI, "serve", "--port", str(free_port())], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert result.returncode == 2
+    assert "nope.yaml" in result.stderr
+    assert "cannot read" in result.stderr

@@ -141,3 +141,9 @@ class StrictDegraded(ServiceError):
 class BackendFailed(ServiceError):
     title = "Backend unavailable"
     type_slug = "backend-unavailable"
+
+
+def describe_error(exc: BaseException) -> str:
+    """A backend failure in one short line for answers and /readyz (type and message, never a traceback)."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}"[:300] if text else type(exc).__name__

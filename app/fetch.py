@@ -16,9 +16,10 @@ import msgspec
 from opentelemetry.trace import Status, StatusCode
 
 from app.auth import check_feature_groups
-from app.errors import StrictDegraded, ValidationFailed
+from app.errors import StrictDegraded, ValidationFailed, describe_error
 from app.plan import PRESENT, Cell, GroupPlan, Plan
 from app.requests import FetchBody, check_entities, decode_body, format_event_time
+from backends.base import server_answered
 
 if TYPE_CHECKING:
     from app.gateway import Gateway
@@ -45,11 +46,13 @@ async def _read_backend(
     breaker = gw.breakers[backend_name]
     nulls = gw.metrics.null_values
     with gw.span(f"read {backend_name}") as span:
-        span.set_attribute("backend.name", backend_name)
-        span.set_attribute("backend.type", backend.type)
-        span.set_attribute("feature.groups", [p.group.name for p in plans])
-        span.set_attribute("feature.keys", sum(len(k) for k in keys))
-        span.set_attribute("circuit.state", breaker.state)
+        tracing = span.is_recording()  # attributes below cost real work; skip it with tracing off
+        if tracing:
+            span.set_attribute("backend.name", backend_name)
+            span.set_attribute("backend.type", backend.type)
+            span.set_attribute("feature.groups", [p.group.name for p in plans])
+            span.set_attribute("feature.keys", sum(len(k) for k in keys))
+            span.set_attribute("circuit.state", breaker.state)
         started = time.perf_counter()
         try:
             reads = [(p.group, k) for p, k in zip(plans, keys, strict=True)]
@@ -63,34 +66,47 @@ async def _read_backend(
             outcome.cells = [
                 [p.cell(b, now_us, nulls) for b in group_blobs] for p, group_blobs in zip(plans, blobs, strict=True)
             ]
-            found = expired = 0
-            for group_cells, p in zip(outcome.cells, plans, strict=True):
-                for c in group_cells:
-                    if c is not p.missing:
-                        found += 1
-                        expired += c is p.expired
-            span.set_attribute("feature.found", found)
-            span.set_attribute("feature.expired", expired)
-            span.set_attribute("outcome", "ok")
+            if tracing:
+                found = expired = 0
+                for group_cells, p in zip(outcome.cells, plans, strict=True):
+                    for c in group_cells:
+                        if c is not p.missing:
+                            found += 1
+                            expired += c is p.expired
+                span.set_attribute("feature.found", found)
+                span.set_attribute("feature.expired", expired)
+                span.set_attribute("outcome", "ok")
         except asyncio.CancelledError:
-            # The request's deadline passed: not the backend's fault, unless this was the probe of an open circuit.
-            breaker.abandoned()
+            # Whoever cancelled accounts for it with the breaker (see _missed): it knows why.
             outcome.ms = (time.perf_counter() - started) * 1000
             outcome.status, outcome.error = "timeout", "missed the deadline"
             span.set_attribute("outcome", "timeout")
             span.set_status(Status(StatusCode.ERROR, "deadline"))
             raise
         except Exception as exc:  # any backend failure degrades the answer, never the service
-            breaker.failure()
+            if server_answered(exc):
+                breaker.abandoned()  # it answered, so it is up: an error of this request, not an outage
+            else:
+                breaker.failure()
             outcome.ms = (time.perf_counter() - started) * 1000
             if isinstance(exc, TimeoutError):
                 outcome.status, outcome.error = "timeout", "backend timeout"
             else:
-                outcome.status, outcome.error = "error", f"{type(exc).__name__}: {exc}"[:300]
+                outcome.status, outcome.error = "error", describe_error(exc)
             span.set_attribute("outcome", outcome.status)
             span.set_attribute("circuit.state", breaker.state)
             span.record_exception(exc)
             span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+
+
+def _missed(gw: Gateway, name: str, outcome: BackendOutcome, deadline_ms: float) -> None:
+    """A read the deadline cut off. A tight deadline is not the backend's fault; one that kept a request
+    waiting past `breaker_slow_ms` is failing (a frozen or black-holed server never answers with an error)."""
+    outcome.status, outcome.error, outcome.ms = "timeout", "missed the deadline", deadline_ms
+    if deadline_ms >= gw.settings.breaker_slow_ms:
+        gw.breakers[name].failure()
+    else:
+        gw.breakers[name].abandoned()
 
 
 def _unique(keys: list[str]) -> tuple[list[str], list[int] | None]:
@@ -178,17 +194,24 @@ async def serve(gw: Gateway, request: FetchBody, groups: Collection[str] | None 
             async with asyncio.timeout(deadline_s):
                 await read
         except TimeoutError:
-            outcome = outcomes[name]
-            outcome.status, outcome.error, outcome.ms = "timeout", "missed the deadline", deadline_ms
+            _missed(gw, name, outcomes[name], deadline_ms)
     elif reads:
         tasks = {name: gw.spawn(read) for name, read in reads}
-        _, pending = await asyncio.wait(tasks.values(), timeout=deadline_s)
+        try:
+            _, pending = await asyncio.wait(tasks.values(), timeout=deadline_s)
+        except asyncio.CancelledError:  # our caller gave up (shutdown): the reads must not outlive it
+            for name, task in tasks.items():
+                if not task.done():
+                    task.cancel()
+                    gw.breakers[name].abandoned()
+            raise
         for name, task in tasks.items():
             if task in pending:
                 task.cancel()
-                outcome = outcomes[name]
-                outcome.status, outcome.error, outcome.ms = "timeout", "missed the deadline", deadline_ms
+                _missed(gw, name, outcomes[name], deadline_ms)
 
+    for name, outcome in outcomes.items():  # before any strict 503, so failures are always counted
+        gw.metrics.backend_read(name, outcome.status, outcome.ms)
     degraded = any(o.status != "ok" for o in outcomes.values())
     if degraded and request.strict:
         failed = {n: o.error for n, o in outcomes.items() if o.status != "ok"}
@@ -206,16 +229,14 @@ async def serve(gw: Gateway, request: FetchBody, groups: Collection[str] | None 
             at = unique[gp.group.entity.join_key][1]
             columns[i] = cells[slot] if at is None else [cells[slot][j] for j in at]
 
-    _count(gw, plan, columns, outcomes, n_rows)
+    _count(plan, columns, n_rows)
     return Served(request, plan, columns, outcomes, n_rows, degraded)
 
 
-def _count(gw: Gateway, plan: Plan, columns: list[list[Cell]], outcomes: dict[str, BackendOutcome], n: int) -> None:
-    metrics = gw.metrics
-    for name, outcome in outcomes.items():
-        metrics.backend_read(name, outcome.status, outcome.ms)
+def _count(plan: Plan, columns: list[list[Cell]], n: int) -> None:
+    """Feature usage, on the group plan's own counters (the cached plan is bounded; see Gateway.plan)."""
     for gp, column in zip(plan.groups, columns, strict=True):
-        slot = metrics.usage_slot(gp.group.name, gp.positions)
+        slot = gp.usage
         slot[0] += 1
         if column[0] is gp.unavailable:
             slot[4] += n

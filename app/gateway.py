@@ -15,6 +15,7 @@ from typing import Any
 from opentelemetry import trace
 
 from app.breaker import CircuitBreaker
+from app.errors import describe_error
 from app.metrics import Metrics
 from app.plan import Plan, make_plan
 from app.registry import Registry
@@ -24,6 +25,7 @@ from backends.base import FeatureBackend
 log = logging.getLogger(__name__)
 
 _PLAN_CACHE_SIZE = 4096
+_PLAN_CACHE_FEATURES = 200_000  # about 30 MB of plans at most
 _NO_SPAN: AbstractContextManager[trace.Span] = nullcontext(trace.INVALID_SPAN)
 
 
@@ -42,6 +44,8 @@ class Gateway:
         }
         self.read_timeout_s = {name: registry.backends[name].options["timeout_ms"] / 1000 for name in backends}
         self._plans: dict[tuple[str, ...], Plan] = {}
+        self._plan_size = 0
+        self.metrics.live_plans = lambda: (gp for plan in self._plans.values() for gp in plan.groups)
         self._tasks: set[asyncio.Task[Any]] = set()
 
     def span(self, name: str, kind: trace.SpanKind = trace.SpanKind.INTERNAL) -> AbstractContextManager[trace.Span]:
@@ -51,13 +55,18 @@ class Gateway:
         return self.tracer.start_as_current_span(name, kind=kind)
 
     def plan(self, features: Sequence[str]) -> Plan:
+        """The cached plan of a feature list. The cache is bounded by plans and by their total size, since
+        clients choose the lists; an evicted plan's usage counts are folded into the metrics first."""
         key = tuple(features)
         plan = self._plans.get(key)
         if plan is None:
             plan = make_plan(self.registry, key, self.settings.max_features)
-            if len(self._plans) >= _PLAN_CACHE_SIZE:
-                self._plans.pop(next(iter(self._plans)))
             self._plans[key] = plan
+            self._plan_size += len(plan.features)
+            while len(self._plans) > _PLAN_CACHE_SIZE or self._plan_size > _PLAN_CACHE_FEATURES:
+                evicted = self._plans.pop(next(iter(self._plans)))
+                self._plan_size -= len(evicted.features)
+                self.metrics.fold(evicted.groups)
         return plan
 
     def spawn(self, coro: Coroutine[Any, Any, None], name: str | None = None) -> asyncio.Task[None]:
@@ -69,6 +78,8 @@ class Gateway:
 
     async def start(self) -> None:
         """Migrate every backend; one that is down is retried in the background, never fatal."""
+        if self.metrics.directory is not None:
+            self.spawn(self._dump_metrics(), name="metrics")
         if not self.settings.migrate_on_start:
             self.migrated = dict.fromkeys(self.backends, True)
             return
@@ -76,8 +87,6 @@ class Gateway:
         for name, done in self.migrated.items():
             if not done:
                 self.spawn(self._migrate(name, retry=True), name=f"migrate:{name}")
-        if self.metrics.directory is not None:
-            self.spawn(self._dump_metrics(), name="metrics")
 
     async def _dump_metrics(self) -> None:
         while True:
@@ -116,11 +125,11 @@ class Gateway:
                     await asyncio.wait_for(self.backends[name].migrate(), timeout)
                     self.migrated[name] = True
                 except Exception as exc:
-                    return f"{type(exc).__name__}: {exc}"[:300] or type(exc).__name__
+                    return describe_error(exc)
             try:
                 await asyncio.wait_for(self.backends[name].ping(), timeout)
             except Exception as exc:
-                return f"{type(exc).__name__}: {exc}"[:300]
+                return describe_error(exc)
             return None
 
         names = list(self.backends)

@@ -34,6 +34,8 @@ import msgspec
 from app.codec import CodecError, DType
 
 TS_BIAS = 1 << 63
+_MIN_EVENT_US = -62_135_596_800_000_000  # 0001-01-01, the range a served RFC 3339 time can take
+_MAX_EVENT_US = 253_402_300_799_999_999  # 9999-12-31T23:59:59.999999
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder()
 
@@ -138,9 +140,14 @@ class GroupCodec:
                 values = self._decode_v1(blob)
             else:
                 raise CodecError(f"unknown layout version {version}")
-        except (IndexError, ValueError, struct.error, msgspec.DecodeError) as exc:
-            raise CodecError(f"unreadable blob: {exc}") from None
-        return int.from_bytes(blob[1:9], "big") - TS_BIAS, values
+        except CodecError:
+            raise
+        except Exception as exc:  # any malformed blob (foreign writer, future layout, corruption), never a 500
+            raise CodecError(f"unreadable blob: {type(exc).__name__}: {exc}") from None
+        event_us = int.from_bytes(blob[1:9], "big") - TS_BIAS
+        if not _MIN_EVENT_US <= event_us <= _MAX_EVENT_US:
+            raise CodecError("event time outside years 1-9999")
+        return event_us, values
 
     def _decode_v2(self, blob: bytes) -> list[Any]:
         present: list[bool] | None = None

@@ -1,9 +1,11 @@
 """Counters for Prometheus, /v1/usage and the status page, cheap enough for the hot path.
 
-Feature usage is counted per *group read* (one list.count per status over a request's cells, in C), not per
-value: a cell's status holds for every feature the request asked of that group, so per-feature figures are
-expanded only when someone reads them. Values stored as null inside a PRESENT row are the exception and are
-counted one by one (they are rare and already on a slow path).
+Feature usage is counted per *group read* (identity counts over a request's cells, in C) on the cached plan's
+own counters, not per value: a cell's status holds for every feature the request asked of that group, so
+per-feature figures are expanded only when someone reads them, and plans leaving the cache are folded into
+per-feature totals (memory stays bounded by the registry, whatever feature lists clients send). Values
+stored as null inside a PRESENT row are the exception and are counted one by one (they are rare and already
+on a slow path).
 
 With several workers each process counts its own; every second it writes a snapshot into a directory they
 share (GATEWAY_METRICS_DIR, which `feature-gateway serve` sets up), and a scrape merges them all.
@@ -16,17 +18,32 @@ import os
 import time
 from bisect import bisect_left
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 STATUSES = ("PRESENT", "MISSING", "EXPIRED", "UNAVAILABLE")
-OUTCOMES = ("ok", "error", "timeout", "open")
 WINDOW_S = 5  # status-page series: one point per 5 s
 WINDOW_POINTS = 72  # six minutes
+
+
+class _Group(Protocol):
+    @property
+    def name(self) -> str: ...
+
+
+class UsageCounter(Protocol):
+    """A group plan's usage counters (app.plan.GroupPlan)."""
+
+    @property
+    def group(self) -> _Group: ...
+    @property
+    def positions(self) -> tuple[int, ...]: ...
+    @property
+    def usage(self) -> list[int]: ...
 
 
 class Histogram:
@@ -48,8 +65,10 @@ class Metrics:
         self.request_latency: dict[str, Histogram] = defaultdict(Histogram)
         self.backend_latency: dict[str, Histogram] = defaultdict(Histogram)
         self.backend_outcomes: dict[tuple[str, str], int] = defaultdict(int)
-        # (group, feature positions) -> [requests, PRESENT, MISSING, EXPIRED, UNAVAILABLE] in cells
-        self.usage: dict[tuple[str, tuple[int, ...]], list[int]] = {}
+        # (group, feature position) -> [requests, PRESENT, MISSING, EXPIRED, UNAVAILABLE], from evicted plans
+        self.features: dict[tuple[str, int], list[int]] = defaultdict(lambda: [0, 0, 0, 0, 0])
+        # The plans still counting (the gateway's plan cache), expanded when a snapshot is taken
+        self.live_plans: Callable[[], Iterable[UsageCounter]] = tuple
         self.null_values: dict[tuple[str, int], int] = defaultdict(int)  # PRESENT rows holding a null value
         # backend -> {window start: [count, sum_ms, max_ms]}, for the status page's chart
         self.series: dict[str, dict[int, list[float]]] = defaultdict(dict)
@@ -57,11 +76,24 @@ class Metrics:
 
     # -- hot path ------------------------------------------------------------------------------------
 
-    def usage_slot(self, group: str, positions: tuple[int, ...]) -> list[int]:
-        slot = self.usage.get((group, positions))
-        if slot is None:
-            slot = self.usage[(group, positions)] = [0, 0, 0, 0, 0]
-        return slot
+    def fold(self, counters: Iterable[UsageCounter]) -> None:
+        """Add plans' counts into the per-feature totals (a plan leaving the cache)."""
+        for counter in counters:
+            for position in counter.positions:
+                slot = self.features[(counter.group.name, position)]
+                for i, count in enumerate(counter.usage):
+                    slot[i] += count
+
+    def feature_totals(self) -> dict[tuple[str, int], list[int]]:
+        totals: dict[tuple[str, int], list[int]] = defaultdict(lambda: [0, 0, 0, 0, 0])
+        for key, counts in self.features.items():
+            totals[key] = list(counts)
+        for counter in self.live_plans():
+            for position in counter.positions:
+                slot = totals[(counter.group.name, position)]
+                for i, count in enumerate(counter.usage):
+                    slot[i] += count
+        return totals
 
     def backend_read(self, backend: str, outcome: str, ms: float) -> None:
         self.backend_outcomes[(backend, outcome)] += 1
@@ -92,7 +124,7 @@ class Metrics:
             "request_latency": {k: [h.counts, h.sum] for k, h in self.request_latency.items()},
             "backend_latency": {k: [h.counts, h.sum] for k, h in self.backend_latency.items()},
             "backend_outcomes": [[*k, v] for k, v in self.backend_outcomes.items()],
-            "usage": [[g, list(p), counts] for (g, p), counts in self.usage.items()],
+            "usage": [[g, p, counts] for (g, p), counts in self.feature_totals().items()],
             "null_values": [[g, p, v] for (g, p), v in self.null_values.items()],
             "series": {b: [[w, *point] for w, point in points.items()] for b, points in self.series.items()},
         }
@@ -124,7 +156,7 @@ class Merged:
         self.request_latency: dict[str, Histogram] = defaultdict(Histogram)
         self.backend_latency: dict[str, Histogram] = defaultdict(Histogram)
         self.backend_outcomes: dict[tuple[str, str], int] = defaultdict(int)
-        self.usage: dict[tuple[str, tuple[int, ...]], list[int]] = defaultdict(lambda: [0, 0, 0, 0, 0])
+        self.usage: dict[tuple[str, int], list[int]] = defaultdict(lambda: [0, 0, 0, 0, 0])
         self.null_values: dict[tuple[str, int], int] = defaultdict(int)
         self.series: dict[str, dict[int, list[float]]] = defaultdict(dict)
         for snap in snapshots:
@@ -140,8 +172,8 @@ class Merged:
                     histogram.sum += total
             for backend, outcome, count in snap["backend_outcomes"]:
                 self.backend_outcomes[(backend, outcome)] += count
-            for group, positions, counts in snap["usage"]:
-                slot = self.usage[(group, tuple(positions))]
+            for group, position, counts in snap["usage"]:
+                slot = self.usage[(group, position)]
                 for i, count in enumerate(counts):
                     slot[i] += count
             for group, position, count in snap["null_values"]:
@@ -156,11 +188,8 @@ class Merged:
     def feature_usage(self) -> dict[tuple[str, int], list[int]]:
         """(group, feature position) -> [requests, PRESENT, MISSING, EXPIRED, UNAVAILABLE] in values."""
         per_feature: dict[tuple[str, int], list[int]] = defaultdict(lambda: [0, 0, 0, 0, 0])
-        for (group, positions), counts in self.usage.items():
-            for position in positions:
-                slot = per_feature[(group, position)]
-                for i, count in enumerate(counts):
-                    slot[i] += count
+        for key, counts in self.usage.items():
+            per_feature[key] = list(counts)
         for (group, position), nulls in self.null_values.items():
             slot = per_feature[(group, position)]
             slot[1] -= nulls

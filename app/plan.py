@@ -39,6 +39,9 @@ class GroupPlan:
     expired: Cell
     unavailable: Cell
     ttl_us: int | None
+    # Feature usage of requests using this plan: [requests, PRESENT, MISSING, EXPIRED, UNAVAILABLE] in cells.
+    # Counted here (bounded: plans are cached per feature list) and folded into per-feature totals on eviction.
+    usage: list[int]
 
     @classmethod
     def build(cls, group: Group, positions: Sequence[int]) -> GroupPlan:
@@ -55,6 +58,7 @@ class GroupPlan:
             expired=(defaults, (EXPIRED,) * width, None),
             unavailable=(defaults, (UNAVAILABLE,) * width, None),
             ttl_us=None if group.ttl_s is None else int(group.ttl_s * 1_000_000),
+            usage=[0, 0, 0, 0, 0],
         )
 
     def cell(self, blob: bytes | None, now_us: int, nulls: dict[tuple[str, int], int]) -> Cell:
@@ -63,7 +67,7 @@ class GroupPlan:
         try:
             event_us, values = self.decode(blob)
         except CodecError:
-            return self.missing  # unreadable (foreign or future layout): as good as absent
+            return self.missing  # unreadable (foreign writer, future layout, corruption): as good as absent
         if self.ttl_us is not None and now_us - event_us > self.ttl_us:
             return self.expired
         picked = self.pick(values)

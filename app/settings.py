@@ -24,6 +24,9 @@ class Settings(BaseSettings):
     migrate_retry_s: float = Field(1.0, gt=0, description="How often to retry a backend that was down at start")
     ready_timeout_ms: float = Field(1_000.0, gt=0, description="How long /readyz waits for each backend")
     breaker_failures: int = Field(5, gt=0, description="Consecutive failures that open a backend's circuit")
+    breaker_slow_ms: float = Field(
+        50.0, gt=0, description="A read cancelled by the deadline after this long counts as a backend failure"
+    )
     breaker_reset_ms: float = Field(1_000.0, gt=0, description="How long an open circuit waits before one probe")
     metrics_dir: str | None = Field(
         None, description="Directory where workers share metric snapshots (set by `serve`; unset: one process)"

@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING, Any
 
 from app.auth import check_write_group
 from app.codec import CodecError
-from app.errors import BackendFailed, TooLarge, ValidationFailed
+from app.errors import BackendFailed, TooLarge, ValidationFailed, describe_error
 from app.registry import Group
 from app.requests import WriteBody, decode_body, entity_key, parse_event_time
 from app.settings import Settings
-from backends.base import WriteResult, WriteRow
+from backends.base import WriteResult, WriteRow, server_answered
 
 if TYPE_CHECKING:
     from app.gateway import Gateway
@@ -101,9 +101,12 @@ async def store(gw: Gateway, group: Group, rows: Sequence[WriteRow]) -> WriteRes
                 backend.write(group, rows), gw.settings.write_timeout_ms / 1000
             )
         except Exception as exc:
-            breaker.failure()
+            if server_answered(exc):
+                breaker.abandoned()  # e.g. Redis OOM or a read-only replica: writes fail, reads still work
+            else:
+                breaker.failure()
             span.record_exception(exc)
-            detail = "timed out" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"[:300]
+            detail = "timed out" if isinstance(exc, TimeoutError) else describe_error(exc)
             raise BackendFailed(
                 f"backend {group.backend} did not confirm the write ({detail}); retrying is safe, "
                 "a row never replaces newer data",

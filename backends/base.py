@@ -1,4 +1,4 @@
-"""The one extension point for storage: a `FeatureBackend` moves blobs (see `app/codec.py`) for groups.
+"""The one extension point for storage: a `FeatureBackend` moves blobs (see `app/layout.py`) for groups.
 
 The core passes a backend only its own groups, keys already deduplicated, and a deadline it enforces by
 cancelling the call; a backend raises on failure and never retries past its own short timeouts.
@@ -58,3 +58,19 @@ def expiry_us(group: Group, event_us: int, now_us: int) -> int | None:
 
 # 9999-12-31T00:00:00Z: a later expiry does not fit a Python datetime (the PostgreSQL backend's TIMESTAMPTZ).
 _LATEST_EXPIRY_US = 253_402_214_400_000_000
+
+
+def server_answered(exc: BaseException) -> bool:
+    """Did the server itself refuse this one operation (so it is up)? Then it is no reason to open its circuit.
+
+    Redis error replies (OOM, READONLY, WRONGTYPE) and PostgreSQL SQLSTATE errors, except the classes that
+    mean the server is going away or cannot take work: 08 connection, 53 resources, 57 operator intervention.
+    """
+    from asyncpg import PostgresError
+    from redis.exceptions import BusyLoadingError, ResponseError
+
+    if isinstance(exc, ResponseError):
+        return not isinstance(exc, BusyLoadingError)
+    if isinstance(exc, PostgresError):
+        return str(getattr(exc, "sqlstate", "") or "")[:2] not in {"08", "53", "57"}
+    return False

@@ -105,6 +105,8 @@ class CockroachBackend:
                         server_settings={"application_name": f"feature-gateway:{self.name}"},
                         reset=_session_untouched,
                     )
+                    # With the pool, not with migrate(): a gateway started with migrate_on_start off cleans too.
+                    self._cleanup = asyncio.create_task(self._cleanup_loop(), name=f"cleanup:{self.name}")
         return self._pool
 
     def _read_statement(self, groups: int) -> str:
@@ -118,12 +120,16 @@ class CockroachBackend:
             sql = self._read_sql[groups] = " UNION ALL ".join(parts)
         return sql
 
+    async def detect_dialect(self) -> None:
+        pool = await self.pool()
+        version = await pool.fetchval("SELECT version()")
+        self.dialect = "cockroach" if "CockroachDB" in version else "postgres"
+
     async def migrate(self) -> None:
+        if self.dialect == "auto":
+            await self.detect_dialect()
         pool = await self.pool()
         async with pool.acquire() as conn:
-            if self.dialect == "auto":
-                version = await conn.fetchval("SELECT version()")
-                self.dialect = "cockroach" if "CockroachDB" in version else "postgres"
             for ddl in (
                 f'CREATE SCHEMA IF NOT EXISTS "{self.options["schema"]}"',
                 create_table_sql(self.table, self.dialect),
@@ -132,8 +138,6 @@ class CockroachBackend:
                     await conn.execute(ddl)
                 except asyncpg.UniqueViolationError:
                     pass  # another gateway created it at the same moment (PostgreSQL's catalog race)
-        if self.dialect == "postgres" and self._cleanup is None:
-            self._cleanup = asyncio.create_task(self._cleanup_loop(), name=f"cleanup:{self.name}")
 
     async def read(self, reads: Sequence[tuple[Group, Sequence[str]]]) -> list[list[bytes | None]]:
         args: list[Any] = []
@@ -170,8 +174,10 @@ class CockroachBackend:
     async def delete_expired(self) -> int:
         pool = await self.pool()
         status = await pool.execute(
-            f"DELETE FROM {self.table} WHERE (grp, entity_key) IN (SELECT grp, entity_key FROM {self.table} "
-            f"WHERE expires_at < now() LIMIT {_CLEANUP_BATCH})"
+            # The outer expiry test is re-checked on the row as it is when deleted: a row rewritten since the
+            # subquery's snapshot (fresh expires_at) is left alone.
+            f"DELETE FROM {self.table} WHERE expires_at < now() AND (grp, entity_key) IN "
+            f"(SELECT grp, entity_key FROM {self.table} WHERE expires_at < now() LIMIT {_CLEANUP_BATCH})"
         )
         return int(status.split()[-1])
 
@@ -179,6 +185,10 @@ class CockroachBackend:
         while True:
             await asyncio.sleep(self.options["cleanup_interval"])
             try:
+                if self.dialect == "auto":
+                    await self.detect_dialect()
+                if self.dialect == "cockroach":
+                    return  # row-level TTL does it
                 for _ in range(10_000):
                     if await self.delete_expired() < _CLEANUP_BATCH:
                         break

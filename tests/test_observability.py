@@ -88,10 +88,10 @@ async def test_unknown_paths_share_one_route_label(gateway: GatewayFactory, name
 def test_workers_snapshots_are_merged(tmp_path: Path) -> None:
     first, second = Metrics(str(tmp_path)), Metrics(str(tmp_path))
     first.backend_read("hot", "ok", 1.5)
-    first.usage_slot("live", (0, 1))[1] += 4
+    first.features[("live", 0)][1] += 4
     first.dump()
     second.backend_read("hot", "timeout", 50.0)
-    second.usage_slot("live", (0, 1))[1] += 6
+    second.features[("live", 0)][1] += 6
     # `second` is another process in production; here it has the same pid, so rename first's snapshot.
     (tmp_path / next(p.name for p in tmp_path.glob("*.json"))).rename(tmp_path / "12345.json")
     merged = second.merged()

@@ -18,7 +18,7 @@ from collections import deque
 from typing import Any
 
 import hiredis
-from redis.asyncio.connection import SSLConnection, parse_url
+from redis.asyncio.connection import RedisSSLContext, SSLConnection, parse_url
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
@@ -81,7 +81,9 @@ class PipelinedReader:
         self.connect_timeout_s = connect_timeout_s
         self.client_name = client_name
         self._protocol: _Protocol | None = None
-        self._connecting: asyncio.Lock | None = None
+        # One connection attempt shared by every caller and shielded from their deadlines: a TLS + AUTH
+        # handshake may take longer than one request's deadline, and must still finish for the next ones.
+        self._connecting: asyncio.Task[_Protocol] | None = None
 
     async def _connect(self) -> _Protocol:
         loop = asyncio.get_running_loop()
@@ -92,7 +94,7 @@ class PipelinedReader:
                 if "path" in options:
                     _, protocol = await loop.create_unix_connection(_Protocol, options["path"])
                 else:
-                    tls = ssl.create_default_context() if options.get("connection_class") is SSLConnection else None
+                    tls = self._tls() if options.get("connection_class") is SSLConnection else None
                     _, protocol = await loop.create_connection(
                         _Protocol, options.get("host", "localhost"), options.get("port", 6379), ssl=tls
                     )
@@ -102,6 +104,22 @@ class PipelinedReader:
                 protocol.transport.abort()
             raise
         return protocol
+
+    def _tls(self) -> ssl.SSLContext:
+        """The URL's TLS options (ssl_cert_reqs, ssl_ca_certs, ...) with redis-py's defaults, as its writes use."""
+        o: dict[str, Any] = dict(self.options)
+        return RedisSSLContext(
+            keyfile=o.get("ssl_keyfile"),
+            certfile=o.get("ssl_certfile"),
+            cert_reqs=o.get("ssl_cert_reqs", "required"),
+            ca_certs=o.get("ssl_ca_certs"),
+            ca_data=o.get("ssl_ca_data"),
+            ca_path=o.get("ssl_ca_path"),
+            check_hostname=o.get("ssl_check_hostname", True),
+            min_version=o.get("ssl_min_version"),
+            ciphers=o.get("ssl_ciphers"),
+            password=o.get("ssl_password"),
+        ).get()
 
     async def _handshake(self, protocol: _Protocol) -> None:
         options = self.options
@@ -118,17 +136,24 @@ class PipelinedReader:
 
     async def _ready(self) -> _Protocol:
         protocol = self._protocol
-        if protocol is not None and protocol.lost is None:
-            if not protocol.pending or time.monotonic() - protocol.pending[0][1] < self.timeout_s:
-                return protocol
-            assert protocol.transport is not None
-            protocol.transport.abort()  # the oldest reply is overdue: the server is gone or hung
-        if self._connecting is None:
-            self._connecting = asyncio.Lock()
-        async with self._connecting:
-            if self._protocol is protocol:  # nobody reconnected while we waited
-                self._protocol = await self._connect()
-            return self._protocol  # type: ignore[return-value]
+        if protocol is not None and protocol.lost is None and protocol.transport is not None:
+            if not protocol.transport.is_closing():
+                if not protocol.pending or time.monotonic() - protocol.pending[0][1] < self.timeout_s:
+                    return protocol
+                protocol.transport.abort()  # the oldest reply is overdue: the server is gone or hung
+        task = self._connecting
+        if task is None:
+            task = self._connecting = asyncio.get_running_loop().create_task(self._reconnect())
+            # Every caller may have given up by the time it fails; its exception is still consumed.
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        return await asyncio.shield(task)
+
+    async def _reconnect(self) -> _Protocol:
+        try:
+            self._protocol = await self._connect()
+            return self._protocol
+        finally:
+            self._connecting = None
 
     async def mget(self, keys: list[str]) -> list[bytes | None]:
         payload = pack("MGET", *keys)
@@ -144,6 +169,8 @@ class PipelinedReader:
         raise AssertionError("unreachable")
 
     async def aclose(self) -> None:
+        if self._connecting is not None:
+            self._connecting.cancel()
         protocol, self._protocol = self._protocol, None
         if protocol is not None and protocol.transport is not None:
             protocol.transport.close()

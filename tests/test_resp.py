@@ -30,6 +30,7 @@ async def test_a_cancelled_read_never_hands_its_reply_to_the_next(names: Names) 
         await asyncio.sleep(0.01)
         slow = asyncio.create_task(client.mget([f"{names.prefix}a"]))
         await asyncio.sleep(0.01)
+        assert not slow.done(), "the script did not hold Redis: the race under test did not happen"
         slow.cancel()  # its reply ("A") is still coming on the shared socket
         assert await client.mget([f"{names.prefix}b", f"{names.prefix}missing"]) == [b"B", None]
         assert await client.mget([f"{names.prefix}a"]) == [b"A"]
@@ -102,3 +103,37 @@ async def test_a_hung_server_is_abandoned_after_the_timeout_and_reconnected() ->
         os.kill(server.proc.pid, signal.SIGCONT)
         await client.aclose()
         server.stop()
+
+
+async def test_a_connection_attempt_outlives_the_caller_that_started_it(names: Names) -> None:
+    client = reader()
+    try:
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.0005):  # gives up before the connection can be made
+                await client.mget([f"{names.prefix}a"])
+        for _ in range(100):  # the shared attempt carries on and the connection is there for the next caller
+            if client._protocol is not None:
+                break
+            await asyncio.sleep(0.01)
+        assert client._protocol is not None
+        first = client._protocol
+        assert await client.mget([f"{names.prefix}a"]) == [None]
+        assert client._protocol is first
+    finally:
+        await client.aclose()
+
+
+def test_tls_options_from_the_url_are_honoured() -> None:
+    import ssl
+
+    strict = PipelinedReader("rediss://cache:6380/0", timeout_s=1, connect_timeout_s=1, client_name="t")._tls()
+    assert strict.verify_mode == ssl.CERT_REQUIRED
+    assert strict.check_hostname is True
+    lax = PipelinedReader(
+        "rediss://cache:6380/0?ssl_cert_reqs=none&ssl_check_hostname=false",
+        timeout_s=1,
+        connect_timeout_s=1,
+        client_name="t",
+    )._tls()
+    assert lax.verify_mode == ssl.CERT_NONE
+    assert lax.check_hostname is False

@@ -62,6 +62,16 @@ class MaterializeError(Exception):
     """
 
 
+def _guarded(path: Path, batches: Iterator[Any]) -> Iterator[Any]:
+    """Parquet batches, a file damaged partway reported as a MaterializeError (the rows so far are kept)."""
+    import pyarrow as pa
+
+    try:
+        yield from batches
+    except (OSError, pa.ArrowException) as exc:
+        raise MaterializeError(f"{path}: cannot read further: {exc}") from None
+
+
 # -- typing CSV text -----------------------------------------------------------------------------------
 
 
@@ -235,6 +245,8 @@ class CsvSource:
             raise MaterializeError(f"{self.path}: line {self.reader.line_num}: not valid CSV: {exc}") from None
         except UnicodeDecodeError as exc:
             raise MaterializeError(f"{self.path}: not UTF-8 text near line {self.reader.line_num}: {exc}") from None
+        except (OSError, EOFError) as exc:  # a cut or corrupt .gz
+            raise MaterializeError(f"{self.path}: cannot read past line {self.reader.line_num}: {exc}") from None
 
     def batches(self, skip: int, size: int) -> Iterator[list[SourceRow]]:
         number = 0
@@ -347,7 +359,9 @@ class ParquetSource:
             return
         number = skip
         batch: list[SourceRow] = []
-        for record_batch in self.file.iter_batches(batch_size=size, row_groups=row_groups, columns=self.columns):
+        for record_batch in _guarded(
+            self.path, self.file.iter_batches(batch_size=size, row_groups=row_groups, columns=self.columns)
+        ):
             if drop:
                 if drop >= record_batch.num_rows:
                     drop -= record_batch.num_rows

@@ -402,6 +402,17 @@ async def test_gzipped_text_files_load(names: Names, tmp_path: Path) -> None:
     assert (report.rows, report.written) == (29, 29)
 
 
+async def test_a_cut_gzipped_file_stops_with_a_message_not_a_traceback(names: Names, tmp_path: Path) -> None:
+    import gzip
+
+    plain = write_file(tmp_path / "live.csv", [live_row(i) for i in range(1, 2001)])
+    compressed = gzip.compress(plain.read_bytes())
+    path = tmp_path / "live.csv.gz"
+    path.write_bytes(compressed[: len(compressed) // 2])  # a download or copy cut short
+    with pytest.raises(MaterializeError, match=r"cannot read past line \d+"):
+        await load(registry_for(names, "sqlite"), path, batch_size=100)
+
+
 async def test_a_backend_that_does_not_answer_fails_the_load_clearly(names: Names, tmp_path: Path) -> None:
     from tests.support import free_port
 

@@ -14,7 +14,7 @@ from app.feast import feast_write_rows, get_online_features
 from app.telemetry import server_timing
 from app.write import write
 from routers.deps import authorize, gateway_of, read_body, security
-from routers.models import json_body, problems
+from routers.models import WriteResponse, json_body, problems
 from routers.raw_route import RawRoute
 
 router = APIRouter(route_class=RawRoute)
@@ -86,7 +86,7 @@ class FeastResponse(BaseModel):
     operation_id="get_online_features_feast",
     tags=["feast"],
     summary="Feast-compatible fetch (columnar results, Feast status names)",
-    responses=problems(status_503="strict was asked and a backend failed"),
+    responses=problems(),
     openapi_extra={**json_body(FeastRequest), **security("read")},
 )
 async def feast_get_online_features(request: Request) -> Response:
@@ -131,6 +131,7 @@ class FeastWriteRequest(BaseModel):
 
 @router.post(
     "/write-to-online-store",
+    response_model=WriteResponse,
     operation_id="write_to_online_store_feast",
     tags=["feast"],
     summary="Feast-compatible write (columnar), through the same validated write path",

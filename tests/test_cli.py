@@ -50,17 +50,18 @@ def test_check_a_missing_file(tmp_path: Path) -> None:
 
 
 def test_migrate_creates_tables_and_reports_a_dead_backend(tmp_path: Path) -> None:
+    schema = f"t_cli_{os.getpid()}_{free_port()}"  # its own, like every test's
     path = tmp_path / "registry.yaml"
     path.write_text(
         GOOD.replace("${REDIS_URL:-redis://127.0.0.1:6379/0}", f"redis://127.0.0.1:{free_port()}/0").replace(
-            "dialect: cockroach", "dialect: auto, schema: t_cli_migrate"
+            "dialect: cockroach", f"dialect: auto, schema: {schema}"
         )
     )
     result = run("migrate", "--registry", str(path))
     assert result.returncode == 1
     assert "bulk (cockroach): ready" in result.stdout
     assert "hot (redis): failed" in result.stderr
-    asyncio.run(_drop_schema("t_cli_migrate"))
+    asyncio.run(_drop_schema(schema))
 
 
 async def _drop_schema(schema: str) -> None:

@@ -14,7 +14,6 @@ import importlib.util
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -195,8 +194,8 @@ def test_the_entry_command_runs_here_and_passes_its_healthcheck(tmp_path: Path) 
     finally:
         server.terminate()
         output = server.communicate(timeout=20)[0].decode()
-    # SIGTERM (docker stop) drains and shuts down cleanly; uvicorn then re-raises the signal (exit 143 in Docker).
-    assert server.returncode in (0, -signal.SIGTERM), output[-2000:]
+    # SIGTERM (docker stop) drains and shuts down cleanly, and `serve` exits 0 after a clean drain.
+    assert server.returncode == 0, output[-2000:]
     assert "Application shutdown complete." in output
 
 

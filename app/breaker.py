@@ -22,7 +22,6 @@ class CircuitBreaker:
         self.state = CLOSED
         self.failures = 0  # consecutive
         self.opened_at = 0.0
-        self.trips = 0  # times it opened, for metrics and /readyz
 
     def allow(self) -> bool:
         """May a call go to the backend now? In half-open, only the one probe may."""
@@ -40,8 +39,6 @@ class CircuitBreaker:
     def failure(self) -> None:
         self.failures += 1
         if self.state == HALF_OPEN or self.failures >= self.threshold:
-            if self.state != OPEN:
-                self.trips += 1
             self.state = OPEN
             self.opened_at = self.clock()
 

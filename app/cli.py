@@ -73,7 +73,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         for name, spec in registry.backends.items():
             backend = open_backend(spec, registry)
             try:
-                await asyncio.wait_for(backend.migrate(), 30)
+                async with asyncio.timeout(30):
+                    await backend.migrate()
                 print(f"{name} ({spec.type}): ready")
             except Exception as exc:
                 failed += 1

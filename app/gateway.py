@@ -100,7 +100,10 @@ class Gateway:
         timeout = max(self.settings.ready_timeout_ms / 1000, 1.0)
         while True:
             try:
-                await asyncio.wait_for(self.backends[name].migrate(), timeout)
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that lands as the
+                # inner call fails, and this loop would then never end (it hung shutdown once).
+                async with asyncio.timeout(timeout):
+                    await self.backends[name].migrate()
                 self.migrated[name] = True
                 log.info("backend %s ready", name)
                 return
@@ -122,12 +125,14 @@ class Gateway:
         async def check(name: str) -> str | None:
             if not self.migrated[name]:
                 try:
-                    await asyncio.wait_for(self.backends[name].migrate(), timeout)
+                    async with asyncio.timeout(timeout):
+                        await self.backends[name].migrate()
                     self.migrated[name] = True
                 except Exception as exc:
                     return describe_error(exc)
             try:
-                await asyncio.wait_for(self.backends[name].ping(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self.backends[name].ping()
             except Exception as exc:
                 return describe_error(exc)
             return None
@@ -137,8 +142,11 @@ class Gateway:
         return dict(zip(names, answers, strict=True))
 
     async def aclose(self) -> None:
-        for task in list(self._tasks):
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
+        if tasks:  # let them end before the pools they use close, but never wait on one that ignores it
+            await asyncio.wait(tasks, timeout=1.0)
         with contextlib.suppress(OSError):
             self.metrics.dump()
         for name in reversed(list(self.backends)):

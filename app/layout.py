@@ -196,7 +196,7 @@ class GroupCodec:
             ints = _spread(ints, present[:n_int])
             floats = _spread(floats, present[n_int : n_int + n_float])
             others = _spread(others, present[n_int + n_float :])
-        if (n_int, n_float, n_other) != self.counts:  # written before features were appended (or removed)
+        if (n_int, n_float, n_other) != self.counts:  # written before features were appended to a section
             ints = _fit(ints, self.counts[0])
             floats = _fit(floats, self.counts[1])
             others = _fit(others, self.counts[2])

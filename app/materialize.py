@@ -716,7 +716,8 @@ async def run_load(load: Load, *, retries: int = 3, progress: Progress | None = 
     started = time.monotonic()
     try:
         try:
-            await asyncio.wait_for(backend.migrate(), max(load.settings.write_timeout_ms / 1000, 5.0))
+            async with asyncio.timeout(max(load.settings.write_timeout_ms / 1000, 5.0)):
+                await backend.migrate()
         except Exception as exc:
             raise BackendFailed(
                 f"backend {group.backend} ({backend.type}) does not answer: {type(exc).__name__}: {exc}"[:400],

@@ -97,9 +97,8 @@ async def store(gw: Gateway, group: Group, rows: Sequence[WriteRow]) -> WriteRes
         span.set_attribute("feature.groups", [group.name])
         span.set_attribute("feature.keys", len(rows))
         try:
-            result: WriteResult = await asyncio.wait_for(
-                backend.write(group, rows), gw.settings.write_timeout_ms / 1000
-            )
+            async with asyncio.timeout(gw.settings.write_timeout_ms / 1000):
+                result: WriteResult = await backend.write(group, rows)
         except Exception as exc:
             if server_answered(exc):
                 breaker.abandoned()  # e.g. Redis OOM or a read-only replica: writes fail, reads still work

@@ -123,6 +123,8 @@ def gateway() -> GatewayFactory:
     @asynccontextmanager
     async def make(registry_yaml: str, *, exporter: Any = None, **settings: Any) -> AsyncIterator[httpx.AsyncClient]:
         registry = parse_registry(registry_yaml, "test-registry", env={})
+        # Tests about deadlines set them; the rest must not turn UNAVAILABLE because a loaded CI box was slow.
+        settings.setdefault("default_deadline_ms", 2000)
         app = create_app(Settings(**settings), registry=registry, span_exporter=exporter)
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app)

@@ -30,7 +30,8 @@ async def test_usage_stays_exact_when_plans_leave_the_cache(
     async with gateway(names.registry(names.backend("sqlite"))) as client:
         await write(client, "live", [live_row(1, 1)])
         for features in orders * 3:
-            await fetch(client, entities={"consumer_id": [1, 2]}, features=features)
+            # A generous deadline: this is about counting, and a slow first SQLite read would be UNAVAILABLE
+            await fetch(client, entities={"consumer_id": [1, 2]}, features=features, deadline_ms=5000)
         gw = client.app.state.gateway  # type: ignore[attr-defined]
         usage = (await client.get("/v1/usage")).json()["groups"]["live"]["features"]
         cached = len(gw._plans)

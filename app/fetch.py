@@ -164,7 +164,7 @@ async def serve(gw: Gateway, request: FetchBody, groups: Collection[str] | None 
     if groups is not None:
         check_feature_groups(request.features, groups)
     plan = gw.plan(request.features)
-    n_rows, keys_by_join = check_entities(request.entities, gw.registry, set(plan.join_keys), settings)
+    n_rows, keys_by_join = check_entities(request.entities, gw.registry, plan.join_keys, settings)
     deadline_ms = settings.default_deadline_ms if request.deadline_ms is None else request.deadline_ms
     if not 0 < deadline_ms <= settings.max_deadline_ms:
         raise ValidationFailed(f"deadline_ms is between 0 and {settings.max_deadline_ms:g}", field="deadline_ms")

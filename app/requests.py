@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import reprlib
 from collections.abc import Mapping
+from collections.abc import Set as AbstractSet
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -109,7 +110,7 @@ def entity_key(entity: Entity, value: Any, field: str, settings: Settings) -> st
 
 
 def check_entities(
-    entities: Mapping[str, list[Any]], registry: Registry, needed: set[str], settings: Settings
+    entities: Mapping[str, list[Any]], registry: Registry, needed: AbstractSet[str], settings: Settings
 ) -> tuple[int, dict[str, list[str]]]:
     """Validate the `entities` object: known join keys, equal non-empty columns, ids of the right dtype.
 

@@ -1,15 +1,21 @@
-"""A circuit breaker per backend: after N consecutive failures the backend is skipped (its features served
-UNAVAILABLE at once, costing about 0 ms instead of its timeout) until a single probe after `reset_s` succeeds.
+"""Circuit breakers, two per backend (reads and writes): after N consecutive failures the backend is skipped
+(its features served UNAVAILABLE at once, costing about 0 ms instead of its timeout; writes refused) until a
+single probe after `reset_s` succeeds.
 
 closed --N failures--> open --reset_s passes--> half-open (one probe) --success--> closed
                          ^                                               |
                          +------------------failure or cancelled---------+
+
+Reads and writes have a breaker each: a write can fail where reads are fine (rows locked by another writer, a
+read-only replica, a full disk), and refusing every model its features because a batch job's writes time out
+turns a pipeline's trouble into an outage. A backend that is really down fails both, and opens both.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
 
@@ -48,3 +54,14 @@ class CircuitBreaker:
         if self.state == HALF_OPEN:
             self.state = OPEN
             self.opened_at = self.clock()
+
+
+class Circuits(NamedTuple):
+    """A backend's two breakers."""
+
+    read: CircuitBreaker
+    write: CircuitBreaker
+
+    @classmethod
+    def make(cls, failures: int, reset_s: float) -> Circuits:
+        return cls(CircuitBreaker(failures, reset_s), CircuitBreaker(failures, reset_s))

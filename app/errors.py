@@ -7,6 +7,7 @@ GatewayError
 │   ├── BadRequest         400: body is not JSON, or not an object
 │   ├── ValidationFailed   422: a field has the wrong type, an unknown feature, a bad row...
 │   ├── TooLarge           413: over a configured limit (entities, features, rows, body bytes)
+│   ├── UnsupportedMedia   415: a body that is not declared application/json
 │   ├── Unauthorized       401: no API key, or an unknown or malformed one (sends WWW-Authenticate: Bearer)
 │   └── Forbidden          403: the key lacks the scope or a feature group; names that, never the key
 └── ServiceError (5xx)
@@ -91,6 +92,12 @@ class TooLarge(RequestError):
     status = 413
     title = "Request over a limit"
     type_slug = "over-limit"
+
+
+class UnsupportedMedia(RequestError):
+    status = 415
+    title = "Unsupported media type"
+    type_slug = "unsupported-media-type"
 
 
 # RFC 6750 section 3: the challenge a client gets back; the realm is fixed, error codes are the RFC's.

@@ -7,7 +7,9 @@ group's declared default: EXPIRED is Feast's OUTSIDE_MAX_AGE, MISSING its NOT_FO
 
 from __future__ import annotations
 
-from collections.abc import Collection
+import re
+from collections import Counter
+from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -36,6 +38,7 @@ async def get_online_features(gw: Gateway, raw: bytes, groups: Collection[str] |
     body: FeastBody = decode_body(raw, FeastBody, gw.settings)
     if body.feature_service is not None:
         raise ValidationFailed("feature services are not supported; list the features", field="feature_service")
+    check_name_collisions(gw.plan(body.features).features, body.full_feature_names)
     served = await serve(gw, FetchBody(entities=body.entities, features=body.features), groups)
     rows = merge_rows(served, timestamps=True)
     names = list(body.entities)
@@ -56,6 +59,32 @@ async def get_online_features(gw: Gateway, raw: bytes, groups: Collection[str] |
     return msgspec.json.encode({"metadata": {"feature_names": names}, "results": results}), served
 
 
+def check_name_collisions(refs: Sequence[str], full_feature_names: bool) -> None:
+    """Feast's rule (feature_store._validate_feature_refs): the columns of an answer have distinct names.
+
+    Without full names, two groups' features of one name would be two columns `v`, `v` that a client can only
+    tell apart by position (a pandas frame keeps one); with them, a ref asked twice is the collision.
+    """
+    counts = Counter(ref if full_feature_names else ref.partition(":")[2] for ref in refs)
+    repeated = sorted(name for name, count in counts.items() if count > 1)
+    if not repeated:
+        return
+    shown = ", ".join(name.replace(":", "__") for name in repeated)
+    advice = (
+        "ensure that the features in question have different names"
+        if full_feature_names
+        else "either use the full feature name by setting 'full_feature_names=True', or ensure that the features "
+        "in question have different names"
+    )
+    raise ValidationFailed(
+        f"Duplicate features named {shown} found. To resolve this collision, {advice}.", field="features"
+    )
+
+
+_NAIVE = re.compile(r"\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}:\d{2}(\.\d+)?", re.ASCII)  # Python's isoformat(), no offset
+EVENT_TIMESTAMP = "event_timestamp"
+
+
 class FeastWriteBody(msgspec.Struct):
     feature_view_name: str
     df: dict[str, list[Any]]
@@ -66,7 +95,9 @@ class FeastWriteBody(msgspec.Struct):
 def feast_write_rows(raw: bytes, gw: Gateway) -> bytes:
     """Feast's POST /write-to-online-store (columnar `df`) -> our write body (rows), validated by the write path.
 
-    Feast sends naive UTC `event_timestamp`s (our parser takes naive as UTC) and a `created` column we ignore.
+    Feast sends naive UTC `event_timestamp`s, which our RFC 3339 parser refuses (a time without offset is
+    ambiguous in general): here they are Feast's convention, so they get their `Z`. It also sends a `created`
+    column, which we ignore.
     """
     body: FeastWriteBody = decode_body(raw, FeastWriteBody, gw.settings)
     columns = {k: v for k, v in body.df.items() if k != "created"}
@@ -74,5 +105,8 @@ def feast_write_rows(raw: bytes, gw: Gateway) -> bytes:
     if len(lengths) > 1:
         raise ValidationFailed("every column of df needs the same length", field="df")
     count = lengths.pop() if lengths else 0
+    times = columns.get(EVENT_TIMESTAMP)
+    if times is not None:
+        columns[EVENT_TIMESTAMP] = [t + "Z" if isinstance(t, str) and _NAIVE.fullmatch(t) else t for t in times]
     rows = [{name: values[i] for name, values in columns.items()} for i in range(count)]
     return msgspec.json.encode({"group": body.feature_view_name, "rows": rows})

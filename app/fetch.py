@@ -43,7 +43,7 @@ async def _read_backend(
     limit_s: float | None,
 ) -> None:
     backend = gw.backends[backend_name]
-    breaker = gw.breakers[backend_name]
+    breaker = gw.breakers[backend_name].read
     nulls = gw.metrics.null_values
     with gw.span(f"read {backend_name}") as span:
         tracing = span.is_recording()  # attributes below cost real work; skip it with tracing off
@@ -104,9 +104,9 @@ def _missed(gw: Gateway, name: str, outcome: BackendOutcome, deadline_ms: float)
     waiting past `breaker_slow_ms` is failing (a frozen or black-holed server never answers with an error)."""
     outcome.status, outcome.error, outcome.ms = "timeout", "missed the deadline", deadline_ms
     if deadline_ms >= gw.settings.breaker_slow_ms:
-        gw.breakers[name].failure()
+        gw.breakers[name].read.failure()
     else:
-        gw.breakers[name].abandoned()
+        gw.breakers[name].read.abandoned()
 
 
 def _unique(keys: list[str]) -> tuple[list[str], list[int] | None]:
@@ -175,7 +175,7 @@ async def serve(gw: Gateway, request: FetchBody, groups: Collection[str] | None 
     deadline_s = deadline_ms / 1000
     reads = []
     for name, indexes in plan.by_backend:
-        if not gw.breakers[name].allow():
+        if not gw.breakers[name].read.allow():
             outcome = outcomes[name]
             outcome.status, outcome.error = "open", "circuit open: the backend failed repeatedly; probing it"
             continue
@@ -203,7 +203,7 @@ async def serve(gw: Gateway, request: FetchBody, groups: Collection[str] | None 
             for name, task in tasks.items():
                 if not task.done():
                     task.cancel()
-                    gw.breakers[name].abandoned()
+                    gw.breakers[name].read.abandoned()
             raise
         for name, task in tasks.items():
             if task in pending:

@@ -14,7 +14,7 @@ from typing import Any
 
 from opentelemetry import trace
 
-from app.breaker import CircuitBreaker
+from app.breaker import Circuits
 from app.errors import describe_error
 from app.metrics import Metrics
 from app.plan import Plan, make_plan
@@ -40,7 +40,7 @@ class Gateway:
         self.metrics = Metrics(settings.metrics_dir)
         self.migrated: dict[str, bool] = dict.fromkeys(backends, False)
         self.breakers = {
-            name: CircuitBreaker(settings.breaker_failures, settings.breaker_reset_ms / 1000) for name in backends
+            name: Circuits.make(settings.breaker_failures, settings.breaker_reset_ms / 1000) for name in backends
         }
         self.read_timeout_s = {name: registry.backends[name].options["timeout_ms"] / 1000 for name in backends}
         self._plans: dict[tuple[str, ...], Plan] = {}

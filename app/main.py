@@ -15,6 +15,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from opentelemetry.sdk.trace.export import SpanExporter
@@ -128,6 +129,16 @@ def create_app(
     app.include_router(feast.router)
     app.include_router(status.router)
     app.add_middleware(RequestMetrics)
+    if settings.cors_origins:
+        # Outermost, so a preflight is answered before authentication (browsers send no credentials with it).
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["authorization", "content-type", "traceparent", "tracestate", "baggage"],
+            expose_headers=["server-timing", "x-feature-gateway-degraded", "traceresponse"],
+            max_age=600,
+        )
     install_openapi(app)
     return app
 

@@ -40,7 +40,7 @@ from app.gateway import Gateway
 from app.registry import Group, Registry
 from app.requests import format_event_time, parse_event_time
 from app.settings import Settings
-from app.write import EVENT_TIMESTAMP, encode_row, keep_newest, store
+from app.write import EVENT_TIMESTAMP, encode_row, keep_newest, latest_event_us, store
 from backends.base import WriteResult, WriteRow
 
 FORMATS = ("parquet", "csv", "jsonl")
@@ -602,13 +602,14 @@ class Load:
         group, settings = self.group, self.settings
         default_us = parse_event_time(self.checkpoint.default_event_time, "default_event_time")
         for batch in self.source.batches(self.checkpoint.rows_done, self.batch_size):
+            latest_us = latest_event_us(settings, time.time_ns() // 1000)  # the clock now, not the load's start
             encoded: list[WriteRow] = []
             reasons: list[str] = []
             for row in batch:
                 problem = row.problem
                 if row.values is not None:
                     try:
-                        encoded.append(encode_row(group, row.values, settings, default_us, "row"))
+                        encoded.append(encode_row(group, row.values, settings, default_us, "row", latest_us))
                         continue
                     except ValidationFailed as exc:
                         problem = exc

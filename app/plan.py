@@ -39,6 +39,9 @@ class GroupPlan:
     expired: Cell
     unavailable: Cell
     ttl_us: int | None
+    reclaim_us: (
+        int  # ttl + grace (unused without a ttl): older values read MISSING, whether or not a backend has deleted them
+    )
     # Feature usage of requests using this plan: [requests, PRESENT, MISSING, EXPIRED, UNAVAILABLE] in cells.
     # Counted here (bounded: plans are cached per feature list) and folded into per-feature totals on eviction.
     usage: list[int]
@@ -58,6 +61,7 @@ class GroupPlan:
             expired=(defaults, (EXPIRED,) * width, None),
             unavailable=(defaults, (UNAVAILABLE,) * width, None),
             ttl_us=None if group.ttl_s is None else int(group.ttl_s * 1_000_000),
+            reclaim_us=group.reclaim_after_us or 0,
             usage=[0, 0, 0, 0, 0],
         )
 
@@ -69,7 +73,9 @@ class GroupPlan:
         except CodecError:
             return self.missing  # unreadable (foreign writer, future layout, corruption): as good as absent
         if self.ttl_us is not None and now_us - event_us > self.ttl_us:
-            return self.expired
+            # One expiry rule on every backend (README, "Expiry"): the row's age alone decides, not whether
+            # Redis' key ttl or a SQL cleanup has removed it yet.
+            return self.missing if now_us - event_us > self.reclaim_us else self.expired
         picked = self.pick(values)
         if None in picked:  # stored as null: that value was never given
             served, statuses = list(picked), list(self.present)

@@ -49,11 +49,20 @@ class Group:
     entity: Entity
     backend: str
     ttl_s: float | None
+    # How long a value stays EXPIRED after its ttl before it is reclaimed and reads MISSING (None: no ttl).
+    grace_s: float | None
     features: tuple[Feature, ...]
     by_name: Mapping[str, Feature]
     by_index: Mapping[int, Feature]  # by stored position
     codec: GroupCodec = field(repr=False, compare=False)
     description: str = ""
+
+    @property
+    def reclaim_after_us(self) -> int | None:
+        """ttl + grace: how long after its event time a value reads MISSING and may be deleted (None: never)."""
+        if self.ttl_s is None:
+            return None
+        return int(self.ttl_s * 1_000_000) + int((self.grace_s or 0) * 1_000_000)
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +96,7 @@ class Registry:
                     "entity": g.entity.name,
                     "backend": g.backend,
                     "ttl_seconds": g.ttl_s,
+                    "expired_grace_seconds": g.grace_s,
                     "description": g.description,
                     "features": {f.name: {"dtype": f.dtype.name, "default": f.default} for f in g.features},
                 }
@@ -111,8 +121,8 @@ def _redact(value: Any) -> Any:
     return value
 
 
-def parse_duration(value: Any) -> float:
-    """`90s`, `15m`, `1h`, `30d`, `2w`, `500ms`, or a number of seconds."""
+def parse_duration(value: Any, *, zero: bool = False) -> float:
+    """`90s`, `15m`, `1h`, `30d`, `2w`, `500ms`, or a number of seconds; positive (or 0 with `zero`)."""
     if isinstance(value, bool):
         raise ValueError("expected a duration such as 90s, 15m, 1h, 30d")
     if isinstance(value, int | float):
@@ -122,9 +132,15 @@ def parse_duration(value: Any) -> float:
         if not match:
             raise ValueError(f"{value!r} is not a duration such as 90s, 15m, 1h, 30d")
         seconds = float(match[1]) * _UNITS[match[2]]
-    if seconds <= 0:
+    if zero and not 0 <= seconds < float("inf"):
+        raise ValueError("expected a duration of 0 or more")
+    if not zero and not 0 < seconds < float("inf"):
         raise ValueError("a ttl must be positive (omit it for values that never expire)")
     return seconds
+
+
+# An expired value is kept (and served EXPIRED) this long by default: the group's ttl, at most one day.
+MAX_DEFAULT_GRACE_S = 86_400.0
 
 
 # -- backend options -----------------------------------------------------------------------------------
@@ -247,6 +263,7 @@ BACKEND_OPTIONS: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
     "sqlite": {
         "path": (_file_path, ...),
         "timeout_ms": (_positive(float), 1000.0),
+        "cleanup_interval": (parse_duration, 600.0),
     },
 }
 
@@ -410,7 +427,7 @@ class _Builder:
     def group(self, name: str, spec: Any, backends: dict[str, BackendSpec], entities: dict[str, Entity]) -> Group:
         path = f"groups.{name}"
         spec = self.mapping(spec, path)
-        self.only(spec, path, {"entity", "backend", "ttl", "features", "description"})
+        self.only(spec, path, {"entity", "backend", "ttl", "expired_grace", "features", "description"})
         if spec.get("entity") not in entities:
             raise self.fail(f"{path}.entity", f"unknown entity {spec.get('entity')!r}; declared: {', '.join(entities)}")
         if spec.get("backend") not in backends:
@@ -423,6 +440,14 @@ class _Builder:
                 ttl = parse_duration(spec["ttl"])
             except ValueError as exc:
                 raise self.fail(f"{path}.ttl", str(exc)) from None
+        grace: float | None = None if ttl is None else min(ttl, MAX_DEFAULT_GRACE_S)
+        if spec.get("expired_grace") is not None:
+            if ttl is None:
+                raise self.fail(f"{path}.expired_grace", "needs a ttl: a group without one never expires")
+            try:
+                grace = parse_duration(spec["expired_grace"], zero=True)
+            except ValueError as exc:
+                raise self.fail(f"{path}.expired_grace", str(exc)) from None
         raw_features = self.mapping(spec.get("features"), f"{path}.features")
         dtypes = [self.feature_dtype(f"{path}.features.{f}", fspec) for f, fspec in raw_features.items()]
         codec = GroupCodec(dtypes)
@@ -435,6 +460,7 @@ class _Builder:
             entity=entities[spec["entity"]],
             backend=spec["backend"],
             ttl_s=ttl,
+            grace_s=grace,
             features=features,
             by_name=MappingProxyType({f.name: f for f in features}),
             by_index=MappingProxyType({f.index: f for f in features}),

@@ -10,7 +10,7 @@ import re
 import reprlib
 from collections.abc import Mapping
 from collections.abc import Set as AbstractSet
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import msgspec
@@ -147,30 +147,79 @@ def check_entities(
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# Past these, formatting the time (include_timestamps) or its reclaim time overflows Python's datetime: such a
+# row would poison every later read of its entity. Inclusive bounds, stated exactly in the error text.
 EARLIEST_EVENT = datetime(1, 1, 2, tzinfo=UTC)
 LATEST_EVENT = datetime(9999, 12, 30, tzinfo=UTC)
 
+# RFC 3339 section 5.6 date-time: a full date, a time with seconds, and an offset are all required ("T" or, as
+# its note allows, a space between them). Python's fromisoformat alone also takes dates without a time, week
+# dates and naive times, which would silently mean UTC.
+_RFC3339 = re.compile(
+    r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?(?:([Zz])|([+-])(\d{2}):(\d{2}))",
+    re.ASCII,
+)
+RFC3339_EXAMPLE = "2026-11-26T10:00:00Z"
 
-def parse_event_time(value: Any, field: str) -> int:
-    """RFC 3339 text -> microseconds since the epoch; a time without offset is taken as UTC."""
-    if type(value) is not str:
-        raise ValidationFailed("expected an RFC 3339 timestamp such as 2026-11-26T10:00:00Z", field=field)
-    try:
-        moment = datetime.fromisoformat(value)
-    except ValueError:
-        raise ValidationFailed(f"{value!r} is not an RFC 3339 timestamp", field=field) from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    if not EARLIEST_EVENT <= moment <= LATEST_EVENT:
-        # Past these, formatting the time (include_timestamps) or its expiry overflows Python's datetime:
-        # such a row would poison every later read of its entity.
-        raise ValidationFailed(
-            f"{value!r} is out of range: an event time is between {EARLIEST_EVENT.date()} and "
-            f"{LATEST_EVENT.date()} UTC",
-            field=field,
-        )
+
+def _micros(moment: datetime) -> int:
     delta = moment - _EPOCH
     return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+EARLIEST_EVENT_US = _micros(EARLIEST_EVENT)
+LATEST_EVENT_US = _micros(LATEST_EVENT)
+
+
+def _iso(moment: datetime) -> str:
+    return moment.isoformat().replace("+00:00", "Z")
+
+
+def parse_event_time(value: Any, field: str) -> int:
+    """RFC 3339 text -> microseconds since the epoch. Strict: time and offset are required, and digits past the
+    microsecond are refused unless they are zeros (silently cutting them would reorder two events)."""
+    if type(value) is not str:
+        raise ValidationFailed(f"expected an RFC 3339 timestamp such as {RFC3339_EXAMPLE}", field=field)
+    match = _RFC3339.fullmatch(value)
+    if match is None:
+        raise ValidationFailed(
+            f"{_short(value)} is not an RFC 3339 timestamp (a date, a time with seconds and an offset, such as "
+            f"{RFC3339_EXAMPLE} or 2026-11-26T11:00:00.5+01:00)",
+            field=field,
+        )
+    year, month, day, hour, minute, second, fraction, zulu, sign, off_h, off_m = match.groups()
+    fraction = fraction or ""
+    if len(fraction) > 6 and fraction[6:].strip("0"):
+        raise ValidationFailed(
+            f"{_short(value)} is more precise than a microsecond, which is the finest an event time is stored at",
+            field=field,
+        )
+    offset = 0
+    if not zulu:
+        if int(off_h) > 23 or int(off_m) > 59:
+            raise ValidationFailed(f"{_short(value)} has an offset past +-23:59", field=field)
+        offset = (int(off_h) * 60 + int(off_m)) * (1 if sign == "+" else -1)
+    try:
+        moment = datetime(
+            int(year),
+            int(month),
+            int(day),
+            int(hour),
+            int(minute),
+            int(second),
+            int(fraction[:6].ljust(6, "0")),
+            tzinfo=timezone(timedelta(minutes=offset)),
+        )
+    except ValueError as exc:
+        raise ValidationFailed(f"{_short(value)} is not a valid date and time: {exc}", field=field) from None
+    event_us = _micros(moment)
+    if not EARLIEST_EVENT_US <= event_us <= LATEST_EVENT_US:
+        raise ValidationFailed(
+            f"{_short(value)} is out of range: an event time is between {_iso(EARLIEST_EVENT)} and "
+            f"{_iso(LATEST_EVENT)} inclusive",
+            field=field,
+        )
+    return event_us
 
 
 def format_event_time(event_us: int) -> str:

@@ -19,6 +19,9 @@ class Settings(BaseSettings):
     max_write_rows: int = Field(10_000, gt=0, description="Rows per write")
     max_body_bytes: int = Field(8 * 1024 * 1024, gt=0, description="Largest request body")
     max_key_length: int = Field(256, gt=0, description="Longest string entity id")
+    max_future_event_ms: float = Field(
+        300_000.0, ge=0, description="How far ahead of the gateway's clock a written event time may be"
+    )
     write_timeout_ms: float = Field(5_000.0, gt=0, description="Deadline for one write")
     migrate_on_start: bool = Field(True, description="Create tables at start-up (and when a backend comes back)")
     migrate_retry_s: float = Field(1.0, gt=0, description="How often to retry a backend that was down at start")
@@ -37,6 +40,11 @@ class Settings(BaseSettings):
         "unset with api_keys_file unset: authentication is off and `serve` binds only to loopback",
     )
     api_keys_file: Path | None = Field(None, description="API keys in a YAML or JSON file (the same list)")
+    cors_origins: list[str] = Field(
+        default_factory=list,
+        description="Origins whose web pages may call the API (CORS), as a JSON list such as "
+        '["https://console.example.com"]; empty: none, browsers refuse cross-origin calls',
+    )
     service_name: str = Field("feature-gateway", description="OpenTelemetry service.name")
     otlp_endpoint: str | None = Field(
         None, description="OTLP/HTTP endpoint; OTEL_EXPORTER_OTLP_ENDPOINT is honoured too"

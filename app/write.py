@@ -8,6 +8,7 @@ features it left out.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Collection, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -16,12 +17,14 @@ from app.auth import check_write_group
 from app.codec import CodecError
 from app.errors import BackendFailed, TooLarge, ValidationFailed, describe_error
 from app.registry import Group
-from app.requests import WriteBody, decode_body, entity_key, parse_event_time
+from app.requests import WriteBody, decode_body, entity_key, format_event_time, parse_event_time
 from app.settings import Settings
 from backends.base import WriteResult, WriteRow, server_answered
 
 if TYPE_CHECKING:
     from app.gateway import Gateway
+
+log = logging.getLogger(__name__)
 
 EVENT_TIMESTAMP = "event_timestamp"
 
@@ -29,11 +32,25 @@ EVENT_TIMESTAMP = "event_timestamp"
 def encode_rows(group: Group, rows: Sequence[dict[str, Any]], settings: Settings) -> tuple[list[WriteRow], int]:
     """Validate and encode rows. Returns one row per entity (the newest) and how many older duplicates fell."""
     now_us = time.time_ns() // 1000
-    return keep_newest(encode_row(group, row, settings, now_us, f"rows[{i}]") for i, row in enumerate(rows))
+    latest_us = latest_event_us(settings, now_us)
+    return keep_newest(encode_row(group, row, settings, now_us, f"rows[{i}]", latest_us) for i, row in enumerate(rows))
 
 
-def encode_row(group: Group, row: dict[str, Any], settings: Settings, now_us: int, where: str) -> WriteRow:
-    """Validate and encode one row; `now_us` is its event time when it has none. Errors name `{where}.{field}`."""
+def latest_event_us(settings: Settings, now_us: int) -> int:
+    """The latest event time a row may carry, read off the clock at `now_us`.
+
+    A row far in the future would freeze its entity: every real write after it is older, so skipped as stale,
+    and the future value is served PRESENT until the clock catches up. Writers' clocks drift a little, so the
+    bound is a margin (`max_future_event_ms`), not the present.
+    """
+    return now_us + int(settings.max_future_event_ms * 1000)
+
+
+def encode_row(
+    group: Group, row: dict[str, Any], settings: Settings, default_us: int, where: str, latest_us: int
+) -> WriteRow:
+    """Validate and encode one row; `default_us` is its event time when it has none, `latest_us` the latest it
+    may have (see latest_event_us). Errors name `{where}.{field}`."""
     join_key = group.entity.join_key
     if join_key not in row:
         raise ValidationFailed(f"row lacks its join key {join_key!r}", field=f"{where}.{join_key}")
@@ -44,11 +61,19 @@ def encode_row(group: Group, row: dict[str, Any], settings: Settings, now_us: in
                 field=f"{where}.{name}",
             )
     key = entity_key(group.entity, row[join_key], f"{where}.{join_key}", settings)
-    event_us = (
-        parse_event_time(row[EVENT_TIMESTAMP], f"{where}.{EVENT_TIMESTAMP}")
-        if (row.get(EVENT_TIMESTAMP) is not None)
-        else now_us
-    )
+    event_us = default_us
+    if row.get(EVENT_TIMESTAMP) is not None:
+        field = f"{where}.{EVENT_TIMESTAMP}"
+        event_us = parse_event_time(row[EVENT_TIMESTAMP], field)
+        if event_us > latest_us:
+            ahead_s = (event_us - latest_us) / 1e6 + settings.max_future_event_ms / 1000
+            raise ValidationFailed(
+                f"{row[EVENT_TIMESTAMP]!r} is {_duration(ahead_s)} ahead of the gateway's clock "
+                f"({format_event_time(latest_us - int(settings.max_future_event_ms * 1000))}); an event time may be "
+                f"at most {_duration(settings.max_future_event_ms / 1000)} ahead, so that a wrong clock cannot "
+                "freeze an entity",
+                field=field,
+            )
     stored: list[Any] = []
     for feature in group.features:
         if feature.name not in row:
@@ -62,6 +87,13 @@ def encode_row(group: Group, row: dict[str, Any], settings: Settings, now_us: in
         except CodecError as exc:
             raise ValidationFailed(str(exc), field=f"{where}.{feature.name}") from None
     return WriteRow(key, event_us, group.codec.encode(event_us, stored))
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.4g} {unit}"
+    return f"{seconds:.4g} s"
 
 
 def keep_newest(rows: Iterable[WriteRow]) -> tuple[list[WriteRow], int]:
@@ -84,10 +116,11 @@ async def store(gw: Gateway, group: Group, rows: Sequence[WriteRow]) -> WriteRes
     Any failure is a BackendFailed; retrying one is safe (a row never replaces newer data).
     """
     backend = gw.backends[group.backend]
-    breaker = gw.breakers[group.backend]
+    breaker = gw.breakers[group.backend].write
     if not breaker.allow():
         raise BackendFailed(
-            f"backend {group.backend} failed repeatedly and its circuit is open; nothing was written, retry shortly",
+            f"writes to backend {group.backend} failed repeatedly and its write circuit is open; nothing was "
+            "written, retry shortly",
             field="group",
             extra={"backend": group.backend},
         )
@@ -106,6 +139,14 @@ async def store(gw: Gateway, group: Group, rows: Sequence[WriteRow]) -> WriteRes
                 breaker.failure()
             span.record_exception(exc)
             detail = "timed out" if isinstance(exc, TimeoutError) else describe_error(exc)
+            log.warning(
+                "write of %d row(s) of group %s to backend %s failed (%s); write circuit %s",
+                len(rows),
+                group.name,
+                group.backend,
+                detail,
+                breaker.state,
+            )
             raise BackendFailed(
                 f"backend {group.backend} did not confirm the write ({detail}); retrying is safe, "
                 "a row never replaces newer data",

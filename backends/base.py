@@ -45,15 +45,15 @@ class FeatureBackend(Protocol):
         """Release connections; the backend is not used afterwards."""
 
 
-def expiry_us(group: Group, event_us: int, now_us: int) -> int | None:
-    """When a stored row may be reclaimed: one ttl after its event time or its write, whichever is later.
+def reclaim_us(group: Group, event_us: int) -> int | None:
+    """When a stored row may be reclaimed: its ttl and then its grace after its event time (None: never).
 
-    Reclaiming later than the read path's EXPIRED check keeps an old write visible as EXPIRED (not MISSING)
-    for one ttl, which is what a model owner debugging a stale pipeline wants to see.
+    The read path serves a row EXPIRED from ttl to reclaim time and MISSING after it, from the event time alone
+    (app/plan.py), so a backend may delete the row at any moment after this one and no earlier: every backend
+    then gives the same status for the same row at the same moment, whether or not its cleanup has run.
     """
-    if group.ttl_s is None:
-        return None
-    return min(max(event_us, now_us) + int(group.ttl_s * 1_000_000), _LATEST_EXPIRY_US)
+    after = group.reclaim_after_us
+    return None if after is None else min(event_us + after, _LATEST_EXPIRY_US)
 
 
 # 9999-12-31T00:00:00Z: a later expiry does not fit a Python datetime (the PostgreSQL backend's TIMESTAMPTZ).

@@ -12,18 +12,18 @@ import asyncio
 import logging
 import random
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
 
 from app.registry import BackendSpec, Group, url_hosts
-from backends.base import WriteResult, WriteRow, expiry_us
+from backends.base import WriteResult, WriteRow, reclaim_us
+from backends.reclaim import reclaim_loop
 
 log = logging.getLogger(__name__)
 
 _WRITE_ATTEMPTS = 5
-_CLEANUP_BATCH = 1000
 
 
 async def _session_untouched(conn: asyncpg.Connection) -> None:
@@ -67,6 +67,10 @@ def each_host(hosts: Sequence[tuple[str, int | None]]) -> Callable[..., Awaitabl
     return connect
 
 
+def _timestamp(us: int) -> datetime:
+    return datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=us)
+
+
 class CockroachBackend:
     type = "cockroach"
 
@@ -80,12 +84,16 @@ class CockroachBackend:
         self._pool_lock = asyncio.Lock()
         self._cleanup: asyncio.Task[None] | None = None
         self._read_sql: dict[int, str] = {}
+        # Rows go in sorted by key, so concurrent batches lock the rows they share in one order and can only
+        # queue behind each other, never deadlock (40P01). A stored row past its reclaim time ($6, the gateway's
+        # clock) counts as absent, as on Redis, where its key is gone by then.
         self._write_sql = (
             f"INSERT INTO {self.table} AS cur (grp, entity_key, event_us, expires_at, payload) "
-            "SELECT $1, unnest($2::text[]), unnest($3::int8[]), unnest($4::timestamptz[]), unnest($5::bytea[]) "
+            "SELECT $1, k, e, x, p FROM unnest($2::text[], $3::int8[], $4::timestamptz[], $5::bytea[]) "
+            "AS r(k, e, x, p) ORDER BY k "
             "ON CONFLICT (grp, entity_key) DO UPDATE SET event_us = excluded.event_us, "
             "expires_at = excluded.expires_at, payload = excluded.payload "
-            "WHERE cur.event_us <= excluded.event_us RETURNING 1"
+            "WHERE cur.event_us <= excluded.event_us OR cur.expires_at < $6::timestamptz RETURNING 1"
         )
 
     async def pool(self) -> asyncpg.Pool:
@@ -106,7 +114,10 @@ class CockroachBackend:
                         reset=_session_untouched,
                     )
                     # With the pool, not with migrate(): a gateway started with migrate_on_start off cleans too.
-                    self._cleanup = asyncio.create_task(self._cleanup_loop(), name=f"cleanup:{self.name}")
+                    self._cleanup = asyncio.create_task(
+                        reclaim_loop(self.name, self.options["cleanup_interval"], self._reclaim_batch),
+                        name=f"cleanup:{self.name}",
+                    )
         return self._pool
 
     def _read_statement(self, groups: int) -> str:
@@ -153,48 +164,50 @@ class CockroachBackend:
     async def write(self, group: Group, rows: Sequence[WriteRow]) -> WriteResult:
         if not rows:
             return WriteResult(0, 0)
-        now_us = datetime.now(UTC).timestamp() * 1_000_000
         expires = []
         for row in rows:
-            at = expiry_us(group, row.event_us, int(now_us))
-            expires.append(None if at is None else datetime.fromtimestamp(at / 1_000_000, UTC))
-        args = (group.name, [r.key for r in rows], [r.event_us for r in rows], expires, [r.blob for r in rows])
+            at = reclaim_us(group, row.event_us)
+            expires.append(None if at is None else _timestamp(at))
+        args: list[Any] = [
+            group.name,
+            [r.key for r in rows],
+            [r.event_us for r in rows],
+            expires,
+            [r.blob for r in rows],
+        ]
         pool = await self.pool()
         for attempt in range(_WRITE_ATTEMPTS):
             try:
-                written = len(await pool.fetch(self._write_sql, *args))
+                written = len(await pool.fetch(self._write_sql, *args, datetime.now(UTC)))
                 return WriteResult(written, len(rows) - written)
-            except asyncpg.SerializationError:
-                # 40001: CockroachDB asks the client to retry a contended transaction.
+            except asyncpg.TransactionRollbackError as exc:
+                # Class 40: 40001 is CockroachDB asking the client to retry a contended transaction; 40P01, a
+                # deadlock, cannot come from two of our writes (sorted keys) but can from another writer of the
+                # table. Either way the statement was rolled back whole and is safe to send again.
                 if attempt == _WRITE_ATTEMPTS - 1:
                     raise
+                log.info("backend %s: write retried after %s", self.name, exc.sqlstate)
                 await asyncio.sleep(0.01 * 2**attempt * (0.5 + random.random()))
         raise AssertionError("unreachable")
 
-    async def delete_expired(self) -> int:
+    async def delete_reclaimable(self, limit: int) -> int:
+        """Delete up to `limit` rows past their reclaim time; how many went."""
         pool = await self.pool()
         status = await pool.execute(
-            # The outer expiry test is re-checked on the row as it is when deleted: a row rewritten since the
-            # subquery's snapshot (fresh expires_at) is left alone.
+            # SKIP LOCKED: a row a write holds is left for the next round rather than waited on, so a purge
+            # never blocks (or deadlocks with) a write. The outer test re-checks the row as it is when deleted.
             f"DELETE FROM {self.table} WHERE expires_at < now() AND (grp, entity_key) IN "
-            f"(SELECT grp, entity_key FROM {self.table} WHERE expires_at < now() LIMIT {_CLEANUP_BATCH})"
+            f"(SELECT grp, entity_key FROM {self.table} WHERE expires_at < now() LIMIT {int(limit)} "
+            "FOR UPDATE SKIP LOCKED)"
         )
         return int(status.split()[-1])
 
-    async def _cleanup_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.options["cleanup_interval"])
-            try:
-                if self.dialect == "auto":
-                    await self.detect_dialect()
-                if self.dialect == "cockroach":
-                    return  # row-level TTL does it
-                for _ in range(10_000):
-                    if await self.delete_expired() < _CLEANUP_BATCH:
-                        break
-                    await asyncio.sleep(0.05)  # small batches, spaced, so reads never queue behind a purge
-            except Exception as exc:  # the loop outlives any one failure; the next round tries again
-                log.warning("backend %s: expired-row cleanup failed: %s", self.name, exc)
+    async def _reclaim_batch(self, limit: int) -> int:
+        if self.dialect == "auto":
+            await self.detect_dialect()
+        if self.dialect == "cockroach":
+            return 0  # row-level TTL on expires_at does it
+        return await self.delete_reclaimable(limit)
 
     async def ping(self) -> None:
         pool = await self.pool()

@@ -1,13 +1,13 @@
 """Redis: one string key per (group, entity) holding the packed blob; a batch read is one MGET, sent on a
 pipelined connection (backends/resp.py); writes, scripts and pings go through redis-py.
 
-Key: `{key_prefix}{group}:{entity key}`. A key expires one ttl after its event time or its write (whichever
-is later) so Redis reclaims memory; the read path still checks event time against the group's ttl.
+Key: `{key_prefix}{group}:{entity key}`. A key expires at its reclaim time (event time + ttl + grace,
+backends/base.py) so Redis frees the memory exactly when the read path starts calling the value MISSING; a
+row written already past it is gone at once.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -16,28 +16,9 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from app.registry import BackendSpec, Group
-from backends.base import WriteResult, WriteRow, expiry_us
+from backends.base import WriteResult, WriteRow
+from backends.redis_write import WRITE_IF_NEWER, script_args
 from backends.resp import PipelinedReader
-
-# Compares the 8 event-time bytes after the version byte (big-endian, biased: byte order = time order)
-# and writes only where the stored row is not newer. Atomic for the whole batch.
-_WRITE_IF_NEWER = """
-local written = 0
-for i, key in ipairs(KEYS) do
-  local new = ARGV[2 * i - 1]
-  local old = redis.call('GET', key)
-  if not old or string.sub(old, 2, 9) <= string.sub(new, 2, 9) then
-    local expire_at = ARGV[2 * i]
-    if expire_at == '' then
-      redis.call('SET', key, new)
-    else
-      redis.call('SET', key, new, 'PXAT', expire_at)
-    end
-    written = written + 1
-  end
-end
-return written
-"""
 
 
 class RedisBackend:
@@ -60,7 +41,7 @@ class RedisBackend:
             client_name=f"feature-gateway:{spec.name}",
         )
         self.client = Redis(connection_pool=pool)
-        self._write_script = self.client.register_script(_WRITE_IF_NEWER)
+        self._write_script = self.client.register_script(WRITE_IF_NEWER)
         self.reader = PipelinedReader(
             options["url"],
             timeout_s=options["timeout_ms"] / 1000,
@@ -86,12 +67,9 @@ class RedisBackend:
     async def write(self, group: Group, rows: Sequence[WriteRow]) -> WriteResult:
         if not rows:
             return WriteResult(0, 0)
-        now_us = time.time_ns() // 1000
-        args: list[bytes | str] = []
-        for row in rows:
-            expires = expiry_us(group, row.event_us, now_us)
-            args += [row.blob, "" if expires is None else str(expires // 1000)]
-        written = int(await self._write_script(keys=[self.key(group, r.key) for r in rows], args=args))
+        written = int(
+            await self._write_script(keys=[self.key(group, r.key) for r in rows], args=script_args(group, rows))
+        )
         return WriteResult(written, len(rows) - written)
 
     async def ping(self) -> None:

@@ -7,7 +7,7 @@ only the `{live:0060}` tag, so every key of one (group, bucket) shares a slot, e
 
 A read is one pipeline: one MGET per (group, bucket) present in the batch, sent to the master owning that
 slot; the per-node pipelines go out concurrently, so a read costs one round trip per master, not per key
-or per slot. A write runs the compare-event-time script of `backends/redis.py` once per bucket, in one
+or per slot. A write runs the compare-event-time script of `backends/redis_write.py` once per bucket, in one
 pipeline the same way.
 
 Atomicity is per slot, not per batch: a script sees only keys of its own slot, and Redis Cluster has no
@@ -37,7 +37,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
-import time
 import zlib
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -53,8 +52,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
 
 from app.registry import BackendSpec, Group, url_hosts
-from backends.base import WriteResult, WriteRow, expiry_us
-from backends.redis import _WRITE_IF_NEWER
+from backends.base import WriteResult, WriteRow
+from backends.redis_write import WRITE_IF_NEWER, script_args
 
 # Changing this moves every key (existing data reads as MISSING until rewritten): it is part of the layout.
 BUCKETS = 16
@@ -139,7 +138,7 @@ class RedisClusterBackend:
         # an operation waits for its turn at most connect_timeout_ms, as the single-node pool does.
         self._turns = asyncio.Semaphore(options["pool_size"])
         self._wait_s = options["connect_timeout_ms"] / 1000
-        self._script = _WRITE_IF_NEWER
+        self._script = WRITE_IF_NEWER
         self._sha = hashlib.sha1(self._script.encode(), usedforsecurity=False).hexdigest()  # what EVALSHA names
         self._tags: dict[str, tuple[str, ...]] = {}
 
@@ -202,19 +201,12 @@ class RedisClusterBackend:
     async def write(self, group: Group, rows: Sequence[WriteRow]) -> WriteResult:
         if not rows:
             return WriteResult(0, 0)
-        now_us = time.time_ns() // 1000
         calls: list[tuple[list[str], list[bytes | str]]] = []
         tags = self.tags(group)
         for bucket, positions in self._by_bucket(group, [r.key for r in rows]).items():
             tag = tags[bucket]
-            keys: list[str] = []
-            args: list[bytes | str] = []
-            for i in positions:
-                row = rows[i]
-                expires = expiry_us(group, row.event_us, now_us)
-                keys.append(tag + row.key)
-                args += [row.blob, "" if expires is None else str(expires // 1000)]
-            calls.append((keys, args))
+            bucket_rows = [rows[i] for i in positions]
+            calls.append(([tag + row.key for row in bucket_rows], script_args(group, bucket_rows)))
         async with self._turn():
             written = await self._run_script(calls)
         return WriteResult(written, len(rows) - written)

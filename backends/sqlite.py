@@ -2,12 +2,13 @@
 
 Same row layout as the CockroachDB backend. sqlite3 blocks, so reads and writes each run on their own
 single thread with their own connection (WAL mode lets them proceed side by side); the event loop never
-waits on disk.
+waits on disk. Rows past their reclaim time are deleted on a timer (`cleanup_interval`), by the writer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import threading
 import time
@@ -17,10 +18,10 @@ from pathlib import Path
 from typing import TypeVar
 
 from app.registry import BackendSpec, Group
-from backends.base import WriteResult, WriteRow, expiry_us
+from backends.base import WriteResult, WriteRow, reclaim_us
+from backends.reclaim import reclaim_loop
 
 T = TypeVar("T")
-_CLEANUP_EVERY_US = 600 * 1_000_000
 
 _DDL = (
     "CREATE TABLE IF NOT EXISTS feature_values (grp TEXT NOT NULL, entity_key TEXT NOT NULL, "
@@ -30,7 +31,13 @@ _DDL = (
 _WRITE = (
     "INSERT INTO feature_values (grp, entity_key, event_us, expires_us, payload) VALUES (?, ?, ?, ?, ?) "
     "ON CONFLICT (grp, entity_key) DO UPDATE SET event_us = excluded.event_us, "
-    "expires_us = excluded.expires_us, payload = excluded.payload WHERE feature_values.event_us <= excluded.event_us"
+    "expires_us = excluded.expires_us, payload = excluded.payload "
+    # A stored row past its reclaim time counts as absent, as on Redis, where its key is gone by then.
+    "WHERE feature_values.event_us <= excluded.event_us OR feature_values.expires_us < ?"
+)
+_RECLAIM = (
+    "DELETE FROM feature_values WHERE (grp, entity_key) IN "
+    "(SELECT grp, entity_key FROM feature_values WHERE expires_us < ?1 LIMIT ?2)"
 )
 
 
@@ -81,9 +88,23 @@ class SqliteBackend:
         timeout_s = spec.options["timeout_ms"] / 1000
         self._reader = _Worker(self.path, timeout_s, f"sqlite-read-{spec.name}")
         self._writer = _Worker(self.path, timeout_s, f"sqlite-write-{spec.name}")
-        self._cleaned_us = 0
+        self._cleanup_s: float = spec.options["cleanup_interval"]
+        self._cleanup: asyncio.Task[None] | None = None
+
+    def _start_cleanup(self) -> None:
+        """The reclaim timer, from the first use on (no task may start before the event loop runs)."""
+        if self._cleanup is None:
+            self._cleanup = asyncio.get_running_loop().create_task(
+                reclaim_loop(self.name, self._cleanup_s, self.delete_reclaimable), name=f"cleanup:{self.name}"
+            )
+
+    async def delete_reclaimable(self, limit: int) -> int:
+        """Delete up to `limit` rows past their reclaim time, on the writer's thread; how many went."""
+        now_us = time.time_ns() // 1000
+        return await self._writer.run(lambda conn: conn.execute(_RECLAIM, (now_us, limit)).rowcount)
 
     async def migrate(self) -> None:
+        self._start_cleanup()
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         await self._writer.run(lambda conn: conn.execute(_DDL))
 
@@ -108,8 +129,9 @@ class SqliteBackend:
         return await self._reader.run(read_all)
 
     async def write(self, group: Group, rows: Sequence[WriteRow]) -> WriteResult:
+        self._start_cleanup()
         now_us = time.time_ns() // 1000
-        params = [(group.name, r.key, r.event_us, expiry_us(group, r.event_us, now_us), r.blob) for r in rows]
+        params = [(group.name, r.key, r.event_us, reclaim_us(group, r.event_us), r.blob, now_us) for r in rows]
 
         def write_all(conn: sqlite3.Connection) -> int:
             conn.execute("BEGIN IMMEDIATE")
@@ -117,10 +139,6 @@ class SqliteBackend:
                 before = conn.total_changes
                 conn.executemany(_WRITE, params)
                 written = conn.total_changes - before
-                if now_us - self._cleaned_us > _CLEANUP_EVERY_US:
-                    # Expired rows go with a write now and then: SQLite has no background job to do it.
-                    conn.execute("DELETE FROM feature_values WHERE expires_us < ?", (now_us,))
-                    self._cleaned_us = now_us
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
@@ -134,5 +152,9 @@ class SqliteBackend:
         await self._reader.run(lambda conn: conn.execute("SELECT count(*) FROM sqlite_master").fetchone())
 
     async def aclose(self) -> None:
+        if self._cleanup is not None:
+            self._cleanup.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._cleanup
         await self._reader.aclose()
         await self._writer.aclose()

@@ -94,7 +94,7 @@ async def feast_get_online_features(request: Request) -> Response:
     key = authorize(request, "read")
     gateway = gateway_of(request)
     with gateway.span("POST /get-online-features", SpanKind.SERVER):
-        raw = await read_body(request, gateway.settings.max_body_bytes)
+        raw = await read_body(request, gateway.settings.max_body_bytes, untyped_ok=True)
         body, served = await get_online_features(gateway, raw, None if key is None else key.groups)
     total_ms = (time.perf_counter() - started) * 1000
     headers = {
@@ -142,6 +142,6 @@ async def feast_write_to_online_store(request: Request) -> Response:
     key = authorize(request, "write")
     gateway = gateway_of(request)
     with gateway.span("POST /write-to-online-store", SpanKind.SERVER):
-        rows = feast_write_rows(await read_body(request, gateway.settings.max_body_bytes), gateway)
+        rows = feast_write_rows(await read_body(request, gateway.settings.max_body_bytes, untyped_ok=True), gateway)
         result = await write(gateway, rows, None if key is None else key.groups)
     return Response(content=msgspec.json.encode(result), media_type="application/json")

@@ -30,7 +30,8 @@ async def ready(gateway: GatewayDep, _key: AnyKey) -> JSONResponse:
     body: dict[str, object] = {
         "ready": ready,
         "backends": {n: a or "ok" for n, a in answers.items()},
-        "circuits": {n: b.state for n, b in gateway.breakers.items()},
+        "circuits": {n: b.read.state for n, b in gateway.breakers.items()},
+        "write_circuits": {n: b.write.state for n, b in gateway.breakers.items()},
     }
     if not ready:
         body["detail"] = "not answering: " + ", ".join(n for n, a in answers.items() if a is not None)

@@ -146,6 +146,7 @@ class Readiness(BaseModel):
                     "ready": False,
                     "backends": {"hot": "ok", "bulk": "ConnectionRefusedError: [Errno 111] Connect call failed"},
                     "circuits": {"hot": "closed", "bulk": "open"},
+                    "write_circuits": {"hot": "closed", "bulk": "open"},
                     "detail": "not answering: bulk",
                 }
             ]
@@ -155,7 +156,11 @@ class Readiness(BaseModel):
     ready: bool
     backends: dict[str, str] = Field(description="Backend -> 'ok' or why it does not answer")
     circuits: dict[str, Literal["closed", "open", "half_open"]] = Field(
-        description="Backend -> circuit state; open: fetches skip it until a probe succeeds"
+        description="Backend -> read circuit state; open: fetches skip it until a probe succeeds"
+    )
+    write_circuits: dict[str, Literal["closed", "open", "half_open"]] = Field(
+        description="Backend -> write circuit state; open: writes are refused (503) until a probe succeeds. "
+        "Failed writes never open the read circuit"
     )
     detail: str | None = Field(None, description="The backends that do not answer")
 
@@ -168,7 +173,13 @@ def problems(**extra: str) -> dict[int | str, dict[str, Any]]:
 
     Declared as `application/problem+json` only (FastAPI's `model=` would also claim application/json),
     so generated clients parse them into a typed Problem."""
-    texts = {"400": "Malformed body", "413": "Over a limit", "422": "Invalid field", **_AUTH_TEXTS}
+    texts = {
+        "400": "Malformed body",
+        "413": "Over a limit",
+        "415": "The body is not declared `content-type: application/json`",
+        "422": "Invalid field",
+        **_AUTH_TEXTS,
+    }
     texts.update({key.removeprefix("status_"): text for key, text in extra.items()})
     return _problem_responses(texts)
 
@@ -227,6 +238,7 @@ class RegistryDocument(BaseModel):
                             "entity": "consumer",
                             "backend": "hot",
                             "ttl_seconds": 3600.0,
+                            "expired_grace_seconds": 3600.0,
                             "description": "",
                             "features": {"orders_7d": {"dtype": "int64", "default": 0}},
                         }
@@ -238,7 +250,10 @@ class RegistryDocument(BaseModel):
 
     backends: dict[str, dict[str, Any]] = Field(description="Backend -> type and options (passwords redacted)")
     entities: dict[str, dict[str, str]]
-    groups: dict[str, dict[str, Any]] = Field(description="Group -> entity, backend, ttl_seconds, features")
+    groups: dict[str, dict[str, Any]] = Field(
+        description="Group -> entity, backend, ttl_seconds, expired_grace_seconds (how long a value is served "
+        "EXPIRED before it is reclaimed and reads MISSING), features"
+    )
 
 
 class FeatureUsage(BaseModel):
@@ -285,7 +300,8 @@ class UsageReport(BaseModel):
 
 class BackendStatus(BaseModel):
     type: str
-    circuit: Literal["closed", "open", "half_open"]
+    circuit: Literal["closed", "open", "half_open"] = Field(description="The read circuit")
+    write_circuit: Literal["closed", "open", "half_open"]
     migrated: bool
     reads: dict[str, int] = Field(description="Reads by outcome: ok, error, timeout, open")
     series: list[list[float]] = Field(description="[window start (unix s), reads, mean ms, max ms] per 5 s")
@@ -309,6 +325,7 @@ class StatusReport(BaseModel):
                         "hot": {
                             "type": "redis",
                             "circuit": "closed",
+                            "write_circuit": "closed",
                             "migrated": True,
                             "reads": {"ok": 30},
                             "series": [[1795726810, 30, 0.41, 1.2]],

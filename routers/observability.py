@@ -91,10 +91,12 @@ def render_prometheus(gateway: Gateway, merged: Merged) -> str:
     name = family("backend_reads_total", "counter", "Backend reads by outcome: ok, error, timeout, open (skipped).")
     for (backend, outcome), count in sorted(merged.backend_outcomes.items()):
         lines.append(f"{name}{_labels(backend=backend, outcome=outcome)} {count}")
-    name = family("backend_circuit_state", "gauge", "1 for the circuit state each backend is in.")
-    for backend, breaker in gateway.breakers.items():
-        for state in ("closed", "open", "half_open"):
-            lines.append(f"{name}{_labels(backend=backend, state=state)} {int(breaker.state == state)}")
+    name = family("backend_circuit_state", "gauge", "1 for the state each backend's read and write circuits are in.")
+    for backend, circuits in gateway.breakers.items():
+        for direction, breaker in zip(circuits._fields, circuits, strict=True):
+            for state in ("closed", "open", "half_open"):
+                labels = _labels(backend=backend, direction=direction, state=state)
+                lines.append(f"{name}{labels} {int(breaker.state == state)}")
     requested = family("feature_requests_total", "counter", "Fetch requests that asked for each feature.")
     served = family("feature_values_total", "counter", "Values served per feature by status (non-PRESENT = default).")
     usage = merged.feature_usage()

@@ -46,7 +46,8 @@ async def get_status(gateway: GatewayDep, key: ReadKey) -> dict[str, Any]:
         reads = {o: c for (b, o), c in merged.backend_outcomes.items() if b == name}
         backends[name] = {
             "type": backend.type,
-            "circuit": gateway.breakers[name].state,
+            "circuit": gateway.breakers[name].read.state,
+            "write_circuit": gateway.breakers[name].write.state,
             "migrated": gateway.migrated[name],
             "reads": reads,
             # [window start (unix s), reads, mean ms, max ms]

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
@@ -113,6 +114,21 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+def _state(pid: int) -> str | None:
+    """The process state letter from /proc (R, S, T, Z, ...); None when it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def _wait_for(pids: list[int], ok: Callable[[str | None], bool], within: float = 10.0) -> None:
+    deadline = time.monotonic() + within
+    while not all(ok(_state(pid)) for pid in pids):
+        assert time.monotonic() < deadline, {pid: _state(pid) for pid in pids}
+        time.sleep(0.005)
+
+
 def _signal_all(pids: list[int], signum: int) -> None:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):  # it ended meanwhile
@@ -191,6 +207,7 @@ class PostgresProcess:
         os.kill(self.proc.pid, signal.SIGKILL)
         _signal_all(children, signal.SIGKILL)
         self.proc.wait(10)
+        _wait_for(children, lambda state: state in (None, "Z"))  # gone, or a zombie: its sockets are closed
 
     def restart(self) -> None:
         """Start again on the same port and data (after `crash()`: crash recovery, then it accepts)."""
@@ -200,7 +217,10 @@ class PostgresProcess:
         """SIGSTOP the postmaster (no new sessions) and then every backend (open sessions hang too)."""
         assert self.proc is not None
         os.kill(self.proc.pid, signal.SIGSTOP)
-        _signal_all(_children(self.proc.pid), signal.SIGSTOP)
+        children = _children(self.proc.pid)
+        _signal_all(children, signal.SIGSTOP)
+        # A signal is delivered asynchronously: until each process shows state T it may still answer.
+        _wait_for([self.proc.pid, *children], lambda state: state in (None, "T", "Z"))
 
     def thaw(self) -> None:
         assert self.proc is not None

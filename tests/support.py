@@ -266,3 +266,6 @@ class RedisClusterProcesses:
         for proc in self.procs.values():
             proc.wait(10)
         self.procs.clear()
+
+
+JSON = {"content-type": "application/json"}  # for requests that send raw bytes (httpx's json= sets it itself)

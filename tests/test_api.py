@@ -8,6 +8,7 @@ import pytest
 
 from routers.models import FetchResponse, WriteResponse
 from tests.conftest import GatewayFactory, Names
+from tests.support import JSON
 from tests.test_behaviour import live_row, write
 
 GOOD = {"entities": {"consumer_id": [1]}, "features": ["live:orders_7d"]}
@@ -58,7 +59,7 @@ async def test_bad_fetch_bodies_get_problem_json(
     gateway: GatewayFactory, names: Names, body: bytes, status: int, field: str
 ) -> None:
     async with gateway(names.registry(names.backend("sqlite")), max_entities=3, max_features=10) as client:
-        response = await client.post("/v1/features/fetch", content=body)
+        response = await client.post("/v1/features/fetch", headers=JSON, content=body)
     assert response.status_code == status, response.text
     assert response.headers["content-type"] == "application/problem+json"
     problem = response.json()
@@ -98,7 +99,7 @@ async def test_body_over_the_limit_is_refused(gateway: GatewayFactory, names: Na
             for _ in range(10):
                 yield b" " * 100
 
-        streamed = await client.post("/v1/features/fetch", content=chunks())
+        streamed = await client.post("/v1/features/fetch", headers=JSON, content=chunks())
         fine = await client.post("/v1/features/fetch", json=GOOD)
     assert response.status_code == 413
     assert streamed.status_code == 413
@@ -138,6 +139,7 @@ async def test_registry_health_and_readiness(gateway: GatewayFactory, names: Nam
         "ready": True,
         "backends": {"hot": "ok", "bulk": "ok"},
         "circuits": {"hot": "closed", "bulk": "closed"},
+        "write_circuits": {"hot": "closed", "bulk": "closed"},
     }
 
 

@@ -28,7 +28,7 @@ from app.main import create_app
 from app.registry import parse_registry
 from app.settings import Settings
 from tests.conftest import GatewayFactory, Names
-from tests.support import free_port
+from tests.support import JSON, free_port
 from tests.test_behaviour import live_row
 
 CLI = [sys.executable, "-m", "app"]
@@ -165,8 +165,8 @@ async def test_malformed_authorization_is_401(gateway: GatewayFactory, names: Na
 async def test_the_key_is_checked_before_the_body(gateway: GatewayFactory, names: Names, keys: Keys) -> None:
     """An unauthenticated caller cannot make the gateway parse (or buffer) its body."""
     async with gateway(two_sqlite(names), api_keys=keys.config, max_body_bytes=64) as client:
-        garbage = await client.post("/v1/features/fetch", content=b"not json")
-        huge = await client.post("/v1/features/fetch", content=b"x" * 10_000)
+        garbage = await client.post("/v1/features/fetch", headers=JSON, content=b"not json")
+        huge = await client.post("/v1/features/fetch", headers=JSON, content=b"x" * 10_000)
     assert_problem(garbage, 401)
     assert_problem(huge, 401)
 
@@ -453,7 +453,7 @@ async def test_tokens_never_reach_logs_spans_or_bodies(
                     ),
                     await client.post("/v1/features/fetch", json=FETCH_LIVE, headers=auth),
                     await client.post("/v1/features/fetch", json=FETCH_HISTORY, headers=auth),  # 403 for valid
-                    await client.post("/v1/features/fetch", content=b"{not json", headers=auth),
+                    await client.post("/v1/features/fetch", content=b"{not json", headers={**auth, **JSON}),
                     await client.get("/v1/registry", headers=auth),
                     await client.get("/readyz", headers=auth),
                 ]

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import http.server
 import threading
+from datetime import timedelta
 from typing import Any
 
 import redis.asyncio as redis
@@ -17,7 +17,8 @@ from tests.support import RedisProcess
 from tests.test_behaviour import fetch, live_row, stamp, write
 
 
-async def test_redis_keys_expire_one_ttl_after_the_write(gateway: GatewayFactory, names: Names) -> None:
+async def test_redis_keys_expire_at_their_reclaim_time(gateway: GatewayFactory, names: Names) -> None:
+    """ttl + grace after the event time (1 h + 1 h here): Redis frees the memory when the value reads MISSING."""
     async with gateway(names.registry(names.backend("redis"))) as client:
         await write(client, "live", [live_row(1, 1)])
         await write(client, "stores", [{"store_id": "s", "open_orders": 1}])
@@ -27,7 +28,7 @@ async def test_redis_keys_expire_one_ttl_after_the_write(gateway: GatewayFactory
         stores_ttl = await admin.pttl(f"{names.prefix}stores:s")
     finally:
         await admin.aclose()
-    assert 3_590_000 < live_ttl <= 3_600_000
+    assert 7_190_000 < live_ttl <= 7_200_000
     assert stores_ttl == -1  # a group without ttl never expires
 
 
@@ -52,17 +53,18 @@ async def test_migrate_is_idempotent_and_detects_postgres(names: Names) -> None:
         await backend.aclose()
 
 
-async def test_postgres_cleanup_deletes_only_expired_rows(gateway: GatewayFactory, names: Names) -> None:
-    text = names.registry(names.backend("cockroach")).replace("ttl: 1h", "ttl: 300ms")
-    async with gateway(text) as client:
-        await write(client, "live", [live_row(1, 1)])
+async def test_postgres_cleanup_deletes_only_reclaimable_rows(gateway: GatewayFactory, names: Names) -> None:
+    async with gateway(names.registry(names.backend("cockroach"))) as client:
+        await write(client, "live", [live_row(1, 1, at=stamp(-timedelta(hours=2, minutes=1)))])  # 1 h ttl + 1 h grace
+        await write(client, "live", [live_row(2, 1, at=stamp(-timedelta(hours=1, minutes=59)))])  # EXPIRED, kept
         await write(client, "history", [{"consumer_id": 1, "lifetime_orders": 2, "lifetime_value": 1.0}])
-        await asyncio.sleep(0.4)
         backend = client.app.state.gateway.backends["hot"]  # type: ignore[attr-defined]
-        deleted = await backend.delete_expired()
+        deleted = await backend.delete_reclaimable(1000)
         answer = await fetch(client, entities={"consumer_id": [1]}, features=["live:orders_7d", "history:*"])
+        kept = await fetch(client, entities={"consumer_id": [2]}, features=["live:orders_7d"])
     assert deleted == 1
     assert answer["rows"][0]["statuses"] == ["MISSING", "PRESENT", "PRESENT"]
+    assert kept["rows"][0]["statuses"] == ["EXPIRED"]
 
 
 async def test_redis_restart_needs_no_gateway_restart(gateway: GatewayFactory, names: Names) -> None:

@@ -114,7 +114,7 @@ async def test_unknown_entities_are_missing_with_defaults(gateway: GatewayFactor
 
 async def test_old_values_are_expired_and_served_as_default(gateway: GatewayFactory, names: Names, kind: str) -> None:
     async with gateway(names.registry(names.backend(kind))) as client:
-        await write(client, "live", [live_row(1, 5, at=stamp(-timedelta(hours=2))), live_row(2, 6)])
+        await write(client, "live", [live_row(1, 5, at=stamp(-timedelta(minutes=90))), live_row(2, 6)])
         answer = await fetch(
             client, entities={"consumer_id": [1, 2]}, features=["live:orders_7d", "live:ids"], include_timestamps=True
         )

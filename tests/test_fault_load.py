@@ -136,7 +136,8 @@ class Load:
 class Fault:
     name: str
     backend: str  # "hot" or "bulk": which values fail
-    started: float
+    issued: float  # the blow was struck: answers of the previous fault's recovery end here
+    started: float  # it took effect (the process is gone or stopped): answers sent from here must fail
     restoring: float  # the restart or thaw was issued: from here on the backend may answer again
     recovered: float  # it answers again for sure (listening, thawed...): recovery is measured from here
     instant: bool = False  # a blow, not an outage: nothing to expect "during" it, only the recovery
@@ -239,39 +240,44 @@ async def test_faults_under_load(tmp_path: Path) -> None:
                 await asyncio.sleep(1.0)
 
                 # 1. Redis dies (SIGKILL) and comes back empty on the same port; the data is written again.
-                started = time.monotonic()
-                await asyncio.to_thread(store.stop)
+                issued = time.monotonic()
+                await asyncio.to_thread(store.stop)  # returns once the process is gone
+                started = time.monotonic()  # requests sent earlier may still have been answered by it
                 await asyncio.sleep(FAULT_S)
                 restoring = time.monotonic()
                 await asyncio.to_thread(RedisProcess.start, store)
-                faults.append(Fault("redis SIGKILL + restart", "hot", started, restoring, time.monotonic()))
+                faults.append(Fault("redis SIGKILL + restart", "hot", issued, started, restoring, time.monotonic()))
                 attempts, took = await retry_until_ok(lambda: write("live", LIVE_ROWS), within=RECOVERY_S)
                 notes.append(f"rewrite after the Redis restart: {attempts} attempt(s), {took * 1000:.0f} ms")
                 await asyncio.sleep(SETTLE_S)
 
                 # 2. PostgreSQL hangs (SIGSTOP on the postmaster and every backend), then resumes.
+                issued = time.monotonic()
+                await asyncio.to_thread(postgres.freeze)  # returns once every process is stopped
                 started = time.monotonic()
-                postgres.freeze()
                 await asyncio.sleep(FAULT_S)
                 restoring = time.monotonic()
                 postgres.thaw()
-                faults.append(Fault("postgres SIGSTOP/SIGCONT", "bulk", started, restoring, time.monotonic()))
+                faults.append(Fault("postgres SIGSTOP/SIGCONT", "bulk", issued, started, restoring, time.monotonic()))
                 await asyncio.sleep(SETTLE_S)
 
                 # 3. PostgreSQL crashes (SIGKILL, every pooled connection dies) and restarts on the same data.
+                issued = time.monotonic()
+                await asyncio.to_thread(postgres.crash)  # returns once every process is gone
                 started = time.monotonic()
-                postgres.crash()
                 await asyncio.sleep(FAULT_S)
                 restoring = time.monotonic()
                 await asyncio.to_thread(postgres.restart)
-                faults.append(Fault("postgres SIGKILL + restart", "bulk", started, restoring, time.monotonic()))
+                faults.append(Fault("postgres SIGKILL + restart", "bulk", issued, started, restoring, time.monotonic()))
                 await asyncio.sleep(SETTLE_S)
 
                 # 4. An operator terminates the gateway's PostgreSQL sessions (pg_terminate_backend).
                 started = time.monotonic()
                 terminated = await terminate_gateway_connections(postgres.dsn)
                 done = time.monotonic()
-                faults.append(Fault(f"pg_terminate_backend x{terminated}", "bulk", started, done, done, instant=True))
+                faults.append(
+                    Fault(f"pg_terminate_backend x{terminated}", "bulk", started, started, done, done, instant=True)
+                )
                 await asyncio.sleep(SETTLE_S)
 
             finally:
@@ -281,7 +287,7 @@ async def test_faults_under_load(tmp_path: Path) -> None:
         log = server.log()
 
     samples = sorted(load.samples, key=lambda s: s.sent)
-    ends = [f.started for f in faults[1:]] + [max(s.done for s in samples) + 1]
+    ends = [f.issued for f in faults[1:]] + [max(s.done for s in samples) + 1]
     lines = [f"fault load: {len(samples)} fetches at {RATE}/s, deadline {DEADLINE_MS} ms, {len(faults)} faults"]
     failed: list[str] = []
     for fault, end in zip(faults, ends, strict=True):

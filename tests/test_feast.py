@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from tests.conftest import GatewayFactory, Names
 from tests.test_behaviour import live_row, stamp, write
@@ -17,7 +18,7 @@ def feast_event_ts(response_json: dict) -> datetime:  # type: ignore[type-arg]
 
 async def test_feast_client_request_gets_feast_shaped_answer(gateway: GatewayFactory, names: Names) -> None:
     async with gateway(names.registry(names.backend("sqlite"), closed_backend("redis", names))) as client:
-        await write(client, "live", [live_row(1001, 7), live_row(1002, 8, at=stamp(-timedelta(hours=3)))])
+        await write(client, "live", [live_row(1001, 7), live_row(1002, 8, at=stamp(-timedelta(minutes=90)))])
         # Feast: json.dumps({...}) posted as `data=`, so no content-type header and ", "/": " separators.
         body = json.dumps(
             {
@@ -100,3 +101,29 @@ async def test_feast_write_to_online_store(gateway: GatewayFactory, names: Names
     assert written.json() == {"group": "stores", "written": 2, "skipped_stale": 0}
     assert answer["results"][1]["values"] == [4, 9]
     assert answer["results"][1]["event_timestamps"][0] == now.isoformat() + "Z"
+
+
+async def test_features_of_one_name_from_two_groups_collide_as_in_feast(gateway: GatewayFactory, names: Names) -> None:
+    """Feast refuses `["live:orders_7d", "history:orders_7d"]` without full names: the answer would have two
+    columns called `orders_7d`. With full names they are told apart; a ref asked twice still collides."""
+    registry = names.registry(names.backend("sqlite")).replace("lifetime_value:", "orders_7d:")
+    both = ["live:orders_7d", "history:orders_7d"]
+    async with gateway(registry) as client:
+
+        async def ask(features: list[str], full: bool) -> Any:
+            body = {"features": features, "entities": {"consumer_id": [1]}, "full_feature_names": full}
+            return await client.post("/get-online-features", content=json.dumps(body).encode())
+
+        short = await ask(both, False)
+        full = await ask(both, True)
+        twice = await ask(["live:orders_7d", "live:orders_7d"], True)
+        native = await client.post("/v1/features/fetch", json={"entities": {"consumer_id": [1]}, "features": both})
+    assert short.status_code == 422
+    assert short.json()["field"] == "features"
+    assert short.json()["detail"].startswith("Duplicate features named orders_7d found.")
+    assert "full_feature_names=True" in short.json()["detail"]
+    assert full.status_code == 200
+    assert full.json()["metadata"]["feature_names"] == ["consumer_id", "live__orders_7d", "history__orders_7d"]
+    assert twice.status_code == 422
+    assert "live__orders_7d" in twice.json()["detail"]
+    assert native.status_code == 200  # our own endpoint answers by position and takes refs as asked

@@ -284,7 +284,8 @@ async def test_bad_rows_are_reported_and_the_rest_of_their_batch_is_written(
                 if fmt == "csv"
                 else "expected an integer (int64), got a string"
             ),
-            f"row 9 (line {8 + line}): event_timestamp: 'yesterday' is not an RFC 3339 timestamp",
+            f"row 9 (line {8 + line}): event_timestamp: 'yesterday' is not an RFC 3339 timestamp "
+            "(a date, a time with seconds and an offset, such as 2026-11-26T10:00:00Z or 2026-11-26T11:00:00.5+01:00)",
         ]
     path = write_file(tmp_path / f"live.{fmt}", rows)
     report = await load(registry_for(names, kind), path, batch_size=5)
@@ -322,7 +323,7 @@ async def test_stale_rows_are_counted_and_never_overwrite_newer_data(
     gateway: GatewayFactory, names: Names, kind: str, tmp_path: Path
 ) -> None:
     registry_yaml = names.registry(names.backend(kind))
-    newer = live_row(5, at=T0 + timedelta(hours=1), orders=99)
+    newer = live_row(5, at=T0 + timedelta(minutes=5), orders=99)
     async with gateway(registry_yaml) as client:
         response = await client.post("/v1/features/write", json={"group": "live", "rows": [newer]})
         assert response.json()["written"] == 1

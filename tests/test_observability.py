@@ -36,7 +36,7 @@ async def test_usage_counts_every_status_per_feature(gateway: GatewayFactory, na
         await write(
             client,
             "live",
-            [live_row(1, 1), live_row(2, 2, at=stamp(-timedelta(hours=2))), live_row(3, 3, embedding=None)],
+            [live_row(1, 1), live_row(2, 2, at=stamp(-timedelta(minutes=90))), live_row(3, 3, embedding=None)],
         )
         for _ in range(2):
             await fetch(
@@ -66,7 +66,8 @@ async def test_usage_counts_every_status_per_feature(gateway: GatewayFactory, na
     assert value(samples, "feature_values_total", group="live", feature="embedding", status="MISSING") == 4
     assert value(samples, "backend_reads_total", backend="bulk", outcome="error") == 2
     assert value(samples, "backend_reads_total", backend="hot", outcome="ok") == 3
-    assert value(samples, "backend_circuit_state", backend="hot", state="closed") == 1
+    assert value(samples, "backend_circuit_state", backend="hot", direction="read", state="closed") == 1
+    assert value(samples, "backend_circuit_state", backend="hot", direction="write", state="closed") == 1
     assert value(samples, "http_requests_total", route="/v1/features/fetch", method="POST", status="200") == 3
     assert value(samples, "backend_read_duration_seconds_count", backend="hot") == 3
     buckets = [

@@ -19,7 +19,7 @@ async def test_a_span_per_backend_under_the_request_span(gateway: GatewayFactory
     exporter = InMemorySpanExporter()
     registry = names.registry(names.backend("redis"), names.backend("cockroach"))
     async with gateway(registry, exporter=exporter) as client:
-        await write(client, "live", [live_row(1, 1), live_row(2, 2, at=stamp(-timedelta(hours=3)))])
+        await write(client, "live", [live_row(1, 1), live_row(2, 2, at=stamp(-timedelta(minutes=90)))])
         exporter.clear()
         response = await client.post(
             "/v1/features/fetch",

@@ -16,7 +16,7 @@ from app.write import write
 
 def _rows(now: datetime) -> dict[str, list[dict[str, object]]]:
     stamp = now.isoformat().replace("+00:00", "Z")
-    old = (now - timedelta(hours=2)).isoformat().replace("+00:00", "Z")
+    old = (now - timedelta(minutes=90)).isoformat().replace("+00:00", "Z")
     live = [
         {
             "consumer_id": 101,

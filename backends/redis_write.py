@@ -1,0 +1,46 @@
+"""The write script shared by the single-node and the cluster Redis backends, and its arguments.
+
+Compares the 8 event-time bytes after the version byte (big-endian, biased: byte order = time order, see
+app/layout.py) and writes only where the stored row is not newer, setting the key to expire at the row's
+reclaim time (backends/base.py). Atomic for all the keys of one call: the whole batch on a single Redis, one
+slot on a cluster.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from app.registry import Group
+from backends.base import WriteRow, reclaim_us
+
+WRITE_IF_NEWER = """
+local written = 0
+for i, key in ipairs(KEYS) do
+  local new = ARGV[2 * i - 1]
+  local old = redis.call('GET', key)
+  if not old or string.sub(old, 2, 9) <= string.sub(new, 2, 9) then
+    local expire_at = ARGV[2 * i]
+    if expire_at == '' then
+      redis.call('SET', key, new)
+    else
+      redis.call('SET', key, new, 'PXAT', expire_at)
+    end
+    written = written + 1
+  end
+end
+return written
+"""
+
+
+def script_args(group: Group, rows: Sequence[WriteRow]) -> list[bytes | str]:
+    """ARGV for WRITE_IF_NEWER: per row its blob and its reclaim time in Unix milliseconds ('' for never).
+
+    Floor to the millisecond: Redis deletes a key once its clock passes that millisecond, so never before the
+    read path's boundary. A reclaim time already past still goes as a positive time (Redis refuses 0 and
+    negative ones): the key is then gone at once, as the row already reads MISSING.
+    """
+    args: list[bytes | str] = []
+    for row in rows:
+        expires = reclaim_us(group, row.event_us)
+        args += [row.blob, "" if expires is None else str(max(expires // 1000, 1))]
+    return args

@@ -20,13 +20,14 @@ from pydantic import ValidationError
 
 from app.auth import SCOPES, KeyRing, key_entry, load_keys, new_token, parse_keys
 from app.errors import KeyConfigError, RegistryError
-from app.registry import Registry, load_registry
+from app.registry.load import load_registry
+from app.registry.model import Registry
 from app.settings import Settings
 
 
 def _load(path: str | Path) -> Registry:
     try:
-        return load_registry(path)
+        return load_registry(path, os.environ)
     except RegistryError as exc:
         print(f"error: invalid registry: {exc.detail}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -34,7 +35,8 @@ def _load(path: str | Path) -> Registry:
 
 def _keys(registry: Registry) -> KeyRing:
     try:
-        return load_keys(Settings(), registry)
+        settings = Settings()
+        return load_keys(settings.api_keys, settings.api_keys_file, registry)
     except ValidationError as exc:
         print(f"error: invalid settings: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -106,7 +108,7 @@ def cmd_materialize(args: argparse.Namespace) -> int:
             registry,
             args.group,
             path,
-            settings=settings,
+            limits=settings.limits(),
             fmt=args.format,
             batch_size=args.batch_size,
             checkpoint_path=Path(args.checkpoint) if args.checkpoint else None,

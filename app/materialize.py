@@ -1,8 +1,8 @@
 """Bulk materialize: load a Parquet, CSV or JSON Lines file into one feature group, resumably.
 
-Every row goes through `app.write.encode_row`, the validation of POST /v1/features/write, but one at a time:
+Every row goes through `app.serving.write.encode_row`, the validation of POST /v1/features/write, but one at a time:
 a bad row is counted and reported (its row number, field and reason) and the good rows of its batch are
-still stored, through `app.write.store` (the same backend call, timeout and errors as the endpoint).
+still stored, through `app.serving.write.store` (the same backend call, timeout and errors as the endpoint).
 
 Resuming: after each stored batch, and only then, a checkpoint file records how many source rows are done
 (with the running totals). A rerun of the same command skips those rows and goes on. A crash between storing
@@ -34,13 +34,13 @@ from typing import IO, Any, Protocol
 
 import msgspec
 
-from app.codec import CodecError, DType
 from app.errors import BackendFailed, ValidationFailed
-from app.gateway import Gateway
-from app.registry import Group, Registry
-from app.requests import format_event_time, parse_event_time
-from app.settings import Settings
-from app.write import EVENT_TIMESTAMP, encode_row, keep_newest, latest_event_us, store
+from app.registry.model import Group, Registry
+from app.serving.gateway import Gateway
+from app.serving.limits import Limits
+from app.serving.request import format_event_time, parse_event_time
+from app.serving.write import EVENT_TIMESTAMP, encode_row, keep_newest, latest_event_us, store
+from app.storage.codec import CodecError, DType
 from backends.base import WriteResult, WriteRow
 
 FORMATS = ("parquet", "csv", "jsonl")
@@ -51,10 +51,9 @@ _INT = re.compile(r"^\s*[+-]?\d+\s*$")
 _TRUE = frozenset({"true", "t", "1", "yes", "y"})
 _FALSE = frozenset({"false", "f", "0", "no", "n"})
 _DIGEST_SPAN = 1 << 20
+
+
 # What identifies a backend's data (not its tuning): a checkpoint is only valid against the same place.
-_IDENTITY = {"redis": ("url", "key_prefix"), "cockroach": ("dsn", "schema", "table"), "sqlite": ("path",)}
-
-
 class MaterializeError(Exception):
     """Bad arguments, a file that cannot be read or whose columns do not fit, a foreign checkpoint.
 
@@ -467,9 +466,12 @@ def load_checkpoint(path: Path) -> Checkpoint | None:
 
 
 def backend_identity(registry: Registry, group: Group) -> dict[str, Any]:
+    """Where the group's data lives (the options its backend type marks as identity), passwords redacted."""
+    from backends import KINDS
+
     described = registry.describe()["backends"][group.backend]
     kind = described["type"]
-    return {"name": group.backend, "type": kind, **{k: described[k] for k in _IDENTITY.get(kind, ())}}
+    return {"name": group.backend, "type": kind, **{k: described[k] for k in KINDS[kind].identity}}
 
 
 # -- progress ------------------------------------------------------------------------------------------
@@ -594,22 +596,22 @@ class Load:
     source: Source
     checkpoint: Checkpoint
     checkpoint_path: Path
-    settings: Settings
+    limits: Limits
     batch_size: int
 
     def prepared(self) -> Iterator[Prepared]:
         """The batches after the checkpoint, each row validated by the write path's own `encode_row`."""
-        group, settings = self.group, self.settings
+        group, limits = self.group, self.limits
         default_us = parse_event_time(self.checkpoint.default_event_time, "default_event_time")
         for batch in self.source.batches(self.checkpoint.rows_done, self.batch_size):
-            latest_us = latest_event_us(settings, time.time_ns() // 1000)  # the clock now, not the load's start
+            latest_us = latest_event_us(limits, time.time_ns() // 1000)  # the clock now, not the load's start
             encoded: list[WriteRow] = []
             reasons: list[str] = []
             for row in batch:
                 problem = row.problem
                 if row.values is not None:
                     try:
-                        encoded.append(encode_row(group, row.values, settings, default_us, "row", latest_us))
+                        encoded.append(encode_row(group, row.values, limits, default_us, "row", latest_us))
                         continue
                     except ValidationFailed as exc:
                         problem = exc
@@ -636,7 +638,7 @@ def open_load(
     group_name: str,
     path: Path,
     *,
-    settings: Settings,
+    limits: Limits,
     fmt: str | None = None,
     batch_size: int = 1000,
     checkpoint_path: Path | None = None,
@@ -685,7 +687,7 @@ def open_load(
         raise MaterializeError(
             f"cannot write the checkpoint {checkpoint_path}: {exc.strerror or exc}; pass --checkpoint PATH"
         ) from None
-    return Load(registry, group, path, source, checkpoint, checkpoint_path, settings, batch_size)
+    return Load(registry, group, path, source, checkpoint, checkpoint_path, limits, batch_size)
 
 
 async def _next_batch(pending: asyncio.Future[Prepared | None], checkpoint: Checkpoint) -> Prepared | None:
@@ -711,13 +713,13 @@ async def run_load(load: Load, *, retries: int = 3, progress: Progress | None = 
     group, checkpoint = load.group, load.checkpoint
     resumed_from = checkpoint.rows_done
     backend = open_backend(load.registry.backends[group.backend], load.registry)
-    gw = Gateway(load.settings, load.registry, {group.backend: backend}, None)
+    gw = Gateway(load.registry, {group.backend: backend}, limits=load.limits)
     batches = load.prepared()
     pending: asyncio.Future[Prepared | None] | None = None
     started = time.monotonic()
     try:
         try:
-            async with asyncio.timeout(max(load.settings.write_timeout_ms / 1000, 5.0)):
+            async with asyncio.timeout(max(load.limits.write_timeout_ms / 1000, 5.0)):
                 await backend.migrate()
         except Exception as exc:
             raise BackendFailed(

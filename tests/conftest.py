@@ -16,7 +16,7 @@ import redis.asyncio as redis
 import uvloop
 
 from app.main import create_app
-from app.registry import parse_registry
+from app.registry.load import parse_registry
 from app.settings import Settings
 from tests.support import RedisClusterProcesses
 

@@ -25,7 +25,7 @@ from app.auth import KeyRing, hash_token, key_entry, new_token, parse_keys
 from app.cli import is_loopback
 from app.errors import KeyConfigError, Unauthorized
 from app.main import create_app
-from app.registry import parse_registry
+from app.registry.load import parse_registry
 from app.settings import Settings
 from tests.conftest import GatewayFactory, Names
 from tests.support import JSON, free_port

@@ -9,7 +9,7 @@ from typing import Any
 
 import redis.asyncio as redis
 
-from app.registry import parse_registry
+from app.registry.load import parse_registry
 from backends import open_backend
 from backends.cockroach import CockroachBackend, create_table_sql
 from tests.conftest import REDIS_URL, GatewayFactory, Names

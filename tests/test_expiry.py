@@ -11,8 +11,8 @@ import httpx
 import pytest
 import redis.asyncio as redis
 
-from app.plan import EXPIRED, MISSING, PRESENT, GroupPlan
-from app.registry import parse_registry
+from app.registry.load import parse_registry
+from app.serving.plan import EXPIRED, MISSING, PRESENT, GroupPlan
 from tests.conftest import PG_DSN, REDIS_URL, GatewayFactory, Names
 from tests.support import RedisClusterProcesses, eventually
 

@@ -23,7 +23,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from app.codec import CodecError, parse_dtype
 from app.errors import BackendFailed, ValidationFailed
 from app.materialize import (
     Checkpoint,
@@ -37,8 +36,10 @@ from app.materialize import (
     open_load,
     run_load,
 )
-from app.registry import Registry, parse_registry
-from app.settings import Settings
+from app.registry.load import parse_registry
+from app.registry.model import Registry
+from app.serving.limits import Limits
+from app.storage.codec import CodecError, parse_dtype
 from backends import open_backend
 from tests.conftest import PG_DSN, GatewayFactory, Names
 
@@ -203,7 +204,7 @@ def write_file(path: Path, rows: list[dict[str, Any]], *, row_group_size: int = 
 async def load(
     registry: Registry, path: Path, group: str = "live", *, batch_size: int = 10, retries: int = 0, **options: Any
 ) -> Report:
-    opened = open_load(registry, group, path, settings=Settings(), batch_size=batch_size, **options)
+    opened = open_load(registry, group, path, limits=Limits(), batch_size=batch_size, **options)
     return await run_load(opened, retries=retries)
 
 

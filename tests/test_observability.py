@@ -7,6 +7,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from app.metrics import Metrics
+from app.serving.statuses import Outcome
 from tests.conftest import GatewayFactory, Names
 from tests.test_behaviour import fetch, live_row, stamp, write
 from tests.test_faults import closed_backend
@@ -88,15 +89,15 @@ async def test_unknown_paths_share_one_route_label(gateway: GatewayFactory, name
 
 def test_workers_snapshots_are_merged(tmp_path: Path) -> None:
     first, second = Metrics(str(tmp_path)), Metrics(str(tmp_path))
-    first.backend_read("hot", "ok", 1.5)
-    first.features[("live", 0)][1] += 4
+    first.backend_read("hot", Outcome.OK, 1.5)
+    first.features[("live", 0)].present += 4
     first.dump()
-    second.backend_read("hot", "timeout", 50.0)
-    second.features[("live", 0)][1] += 6
+    second.backend_read("hot", Outcome.TIMEOUT, 50.0)
+    second.features[("live", 0)].present += 6
     # `second` is another process in production; here it has the same pid, so rename first's snapshot.
     (tmp_path / next(p.name for p in tmp_path.glob("*.json"))).rename(tmp_path / "12345.json")
     merged = second.merged()
     assert merged.backend_outcomes[("hot", "ok")] == 1
     assert merged.backend_outcomes[("hot", "timeout")] == 1
     assert sum(merged.backend_latency["hot"].counts) == 2
-    assert merged.feature_usage()[("live", 0)][1] == 10
+    assert merged.feature_usage()[("live", 0)].present == 10

@@ -17,7 +17,7 @@ from redis import Redis as SyncRedis
 from redis.asyncio.connection import SSLConnection
 from redis.crc import key_slot
 
-from app.registry import parse_registry
+from app.registry.load import parse_registry
 from backends import open_backend
 from backends.redis_cluster import BUCKETS, RedisClusterBackend, bucket_labels, bucket_of, cluster_client
 from tests.conftest import GatewayFactory, Names

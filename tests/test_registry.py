@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from app.errors import RegistryError
-from app.registry import parse_registry, url_hosts
+from app.registry.load import parse_registry
+from backends.options import url_hosts
 
 GOOD = """
 backends:

@@ -10,7 +10,7 @@ import msgspec
 import pytest
 import redis.asyncio as redis
 
-import app.gateway
+import app.serving.gateway
 from tests.conftest import REDIS_URL, GatewayFactory, Names
 from tests.support import RedisProcess
 from tests.test_behaviour import fetch, live_row, write
@@ -20,7 +20,7 @@ from tests.test_faults import closed_backend
 async def test_usage_stays_exact_when_plans_leave_the_cache(
     gateway: GatewayFactory, names: Names, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(app.gateway, "_PLAN_CACHE_SIZE", 2)  # every new feature list evicts an older plan
+    monkeypatch.setattr(app.serving.gateway, "_PLAN_CACHE_SIZE", 2)  # every new feature list evicts an older plan
     orders = [
         ["live:orders_7d", "live:avg_basket"],
         ["live:avg_basket", "live:orders_7d"],

@@ -52,7 +52,7 @@ def encode_answer(body: FeastBody, served: Served) -> bytes:
     rows = merge_rows(served, timestamps=True)
     names = list(body.entities)
     results: list[dict[str, Any]] = [
-        {"values": ids, "statuses": ["PRESENT"] * len(ids), "event_timestamps": [EPOCH] * len(ids)}
+        {"values": ids, "statuses": [FEAST_STATUS[Status.PRESENT]] * len(ids), "event_timestamps": [EPOCH] * len(ids)}
         for ids in body.entities.values()
     ]
     for j, ref in enumerate(served.plan.features):

@@ -12,6 +12,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.auth import check_every_group
 from app.metrics import LATENCY_BUCKETS_S, Histogram, Merged
+from app.resilience.breaker import CircuitState
 from app.serving.gateway import Gateway
 from app.serving.usage import UsageCounts
 from routers.deps import GatewayDep, ReadKey
@@ -95,7 +96,7 @@ def render_prometheus(gateway: Gateway, merged: Merged) -> str:
     name = family("backend_circuit_state", "gauge", "1 for the state each backend's read and write circuits are in.")
     for backend, circuits in gateway.breakers.items():
         for direction, breaker in zip(circuits._fields, circuits, strict=True):
-            for state in ("closed", "open", "half_open"):
+            for state in CircuitState:
                 labels = _labels(backend=backend, direction=direction, state=state)
                 lines.append(f"{name}{labels} {int(breaker.state == state)}")
     requested = family("feature_requests_total", "counter", "Fetch requests that asked for each feature.")

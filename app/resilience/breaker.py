@@ -16,9 +16,17 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import NamedTuple
 
-CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
+
+class CircuitState(StrEnum):
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+
+CLOSED, OPEN, HALF_OPEN = CircuitState.CLOSED, CircuitState.OPEN, CircuitState.HALF_OPEN
 
 
 class CircuitBreaker:
@@ -26,7 +34,7 @@ class CircuitBreaker:
         self.threshold = failures
         self.reset_s = reset_s
         self.clock = clock
-        self.state = CLOSED
+        self.state: CircuitState = CLOSED
         self.failures = 0  # consecutive
         self.opened_at = 0.0
 

@@ -74,7 +74,7 @@ async def _read_backend(
             # Whoever cancelled accounts for it with the breaker (see _missed): it knows why.
             outcome.ms = (time.perf_counter() - started) * 1000
             outcome.status, outcome.error = Outcome.TIMEOUT, "missed the deadline"
-            span.set_attribute("outcome", "timeout")
+            span.set_attribute("outcome", str(Outcome.TIMEOUT))
             span.set_status(SpanStatus(StatusCode.ERROR, "deadline"))
             raise
         except Exception as exc:  # any backend failure degrades the answer, never the service

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, NamedTuple
+from typing import Any
+
+import msgspec
 
 
 class Status(StrEnum):
@@ -37,8 +39,13 @@ class Outcome(StrEnum):
     OPEN = "open"  # its read circuit is open: not asked
 
 
-class Cell(NamedTuple):
-    """One (group, entity) answer: the requested values, their statuses, the event time (None unless PRESENT)."""
+class Cell(msgspec.Struct, frozen=True, gc=False):
+    """One (group, entity) answer: the requested values, their statuses, the event time (None unless PRESENT).
+
+    A msgspec Struct untracked by the garbage collector: a 100-entity fetch makes 200 of these, and as a
+    NamedTuple (a tuple subclass the collector can never untrack) they cost 8% more instructions per request
+    (callgrind, 100 x 100); a Struct costs about what a plain tuple does. It holds no reference cycle.
+    """
 
     values: tuple[Any, ...]
     statuses: tuple[str, ...]  # Status wire names

@@ -15,6 +15,7 @@ from app.serving.statuses import EXPIRED, MISSING, PRESENT, UNAVAILABLE, Cell
 from app.serving.usage import UsageCounts
 from app.storage.codec import CodecError
 
+
 def _getter(positions: Sequence[int]) -> Callable[[Sequence[Any]], tuple[Any, ...]]:
     """itemgetter that always returns a tuple (a bare itemgetter returns a scalar for one position)."""
     if len(positions) == 1:

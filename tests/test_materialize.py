@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from app.errors import BackendFailed, ValidationFailed
-from app.materialize import (
+from app.loading.sources import (
     Checkpoint,
     CsvTyping,
     MaterializeError,

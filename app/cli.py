@@ -93,7 +93,8 @@ def cmd_materialize(args: argparse.Namespace) -> int:
     2: arguments, registry, file or checkpoint are wrong (nothing written, unless the file is unreadable
     partway); 130: interrupted (rerun resumes)."""
     from app.errors import BackendFailed
-    from app.loading.sources import MaterializeError, open_load, progress_for, run_load
+    from app.loading.errors import MaterializeError
+    from app.loading.sources import open_load, progress_for, run_load
     from app.settings import Settings
 
     settings = Settings()

@@ -24,13 +24,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from app.errors import BackendFailed, ValidationFailed
+from app.loading.checkpoint import Checkpoint, default_checkpoint
+from app.loading.errors import MaterializeError
 from app.loading.sources import (
-    Checkpoint,
     CsvTyping,
-    MaterializeError,
     Progress,
     Report,
-    default_checkpoint,
     detect_format,
     from_text,
     open_load,

@@ -4,14 +4,6 @@ Every row goes through `app.serving.write.encode_row`, the validation of POST /v
 a bad row is counted and reported (its row number, field and reason) and the good rows of its batch are
 still stored, through `app.serving.write.store` (the same backend call, timeout and errors as the endpoint).
 
-Resuming: after each stored batch, and only then, a checkpoint file records how many source rows are done
-(with the running totals). A rerun of the same command skips those rows and goes on. A crash between storing
-a batch and recording it replays that batch, which is harmless: a row never replaces a newer one, and a
-replayed row carries the same event time and values as the stored one, so it rewrites the same bytes
-(rows without `event_timestamp` get the time the load started, kept in the checkpoint, for the same reason).
-The totals stay exact: the lost batch's counts were never recorded, and its replay counts it once.
-The checkpoint is removed when the load finishes.
-
 CSV is text: cells are typed by the group's dtypes in `from_text` (the one place that does it).
 """
 
@@ -20,9 +12,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import gzip
-import hashlib
 import io
-import os
 import re
 import sys
 import time
@@ -35,6 +25,15 @@ from typing import IO, Any, Protocol
 import msgspec
 
 from app.errors import BackendFailed, ValidationFailed
+from app.loading.checkpoint import (
+    Checkpoint,
+    backend_identity,
+    default_checkpoint,
+    file_digest,
+    load_checkpoint,
+    save_checkpoint,
+)
+from app.loading.errors import MaterializeError
 from app.registry.model import Group, Registry
 from app.serving.gateway import Gateway
 from app.serving.limits import Limits
@@ -50,15 +49,6 @@ _PANDAS_INDEX = re.compile(r"^__index_level_\d+__$")  # pandas' stored index: ne
 _INT = re.compile(r"^\s*[+-]?\d+\s*$")
 _TRUE = frozenset({"true", "t", "1", "yes", "y"})
 _FALSE = frozenset({"false", "f", "0", "no", "n"})
-_DIGEST_SPAN = 1 << 20
-
-
-# What identifies a backend's data (not its tuning): a checkpoint is only valid against the same place.
-class MaterializeError(Exception):
-    """Bad arguments, a file that cannot be read or whose columns do not fit, a foreign checkpoint.
-
-    Raised before anything is written, except when a file turns out unreadable partway (then it says so).
-    """
 
 
 def _guarded(path: Path, batches: Iterator[Any]) -> Iterator[Any]:
@@ -399,79 +389,6 @@ def open_source(path: Path, fmt: str, group: Group) -> Source:
     except OSError as exc:
         raise MaterializeError(f"{path}: cannot read: {exc.strerror or exc}") from None
     raise MaterializeError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
-
-
-# -- checkpoint ----------------------------------------------------------------------------------------
-
-
-class Checkpoint(msgspec.Struct, kw_only=True):
-    """What a rerun needs to continue: which file into where, how far, and the totals so far."""
-
-    version: int = 1
-    file: str
-    size: int
-    digest: str  # sha256 of the file's first and last MiB: a changed file is not resumed
-    format: str
-    group: str
-    backend: dict[str, Any]  # the backend's identity (type and location, passwords redacted)
-    default_event_time: str  # given to rows without event_timestamp, the same in every run
-    rows_done: int = 0
-    written: int = 0
-    skipped_stale: int = 0
-    rejected: int = 0
-    reasons: list[str] = msgspec.field(default_factory=list)
-    started_at: str
-    updated_at: str
-
-
-def default_checkpoint(path: Path, group: str) -> Path:
-    return path.with_name(f"{path.name}.{group}.checkpoint.json")
-
-
-def file_digest(path: Path) -> tuple[int, str]:
-    size = path.stat().st_size
-    digest = hashlib.sha256(str(size).encode())
-    with open(path, "rb") as f:
-        digest.update(f.read(_DIGEST_SPAN))
-        if size > _DIGEST_SPAN:
-            f.seek(max(size - _DIGEST_SPAN, _DIGEST_SPAN))
-            digest.update(f.read())
-    return size, digest.hexdigest()
-
-
-def save_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
-    """Atomically: a crash leaves the previous checkpoint or this one, never half a file."""
-    checkpoint.updated_at = format_event_time(time.time_ns() // 1000)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(msgspec.json.format(msgspec.json.encode(checkpoint)))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: Path) -> Checkpoint | None:
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise MaterializeError(f"checkpoint {path}: cannot read: {exc.strerror or exc}") from None
-    try:
-        return msgspec.json.decode(data, type=Checkpoint)
-    except msgspec.DecodeError as exc:
-        raise MaterializeError(
-            f"checkpoint {path} is not a checkpoint ({exc}); pass --restart to load from the start"
-        ) from None
-
-
-def backend_identity(registry: Registry, group: Group) -> dict[str, Any]:
-    """Where the group's data lives (the options its backend type marks as identity), passwords redacted."""
-    from backends import KINDS
-
-    described = registry.describe()["backends"][group.backend]
-    kind = described["type"]
-    return {"name": group.backend, "type": kind, **{k: described[k] for k in KINDS[kind].identity}}
 
 
 # -- progress ------------------------------------------------------------------------------------------

@@ -23,12 +23,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from app.cli import ProgressBar as Progress
 from app.errors import BackendFailed, ValidationFailed
 from app.loading.checkpoint import Checkpoint, default_checkpoint
 from app.loading.errors import MaterializeError
 from app.loading.sources import (
     CsvTyping,
-    Progress,
     Report,
     detect_format,
     from_text,

@@ -14,13 +14,12 @@ import csv
 import gzip
 import io
 import re
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import Any, Protocol
 
 import msgspec
 
@@ -394,48 +393,17 @@ def open_source(path: Path, fmt: str, group: Group) -> Source:
 # -- progress ------------------------------------------------------------------------------------------
 
 
-class Progress:
-    """A one-line progress bar on a terminal; elsewhere (logs, CI) a plain line every few seconds."""
-
-    def __init__(self, stream: IO[str], label: str, *, interval_s: float | None = None):
-        self.stream = stream
-        self.label = label
-        self.tty = stream.isatty()
-        self.interval_s = interval_s if interval_s is not None else (0.1 if self.tty else 5.0)
-        self.started = self.last = time.monotonic()
-        self.first_rows = 0
-        self.drawn = False
+class Progress(Protocol):
+    """Told how a load advances. The CLI draws it (`app.cli.ProgressBar`); other callers may pass none."""
 
     def begin(self, rows_done: int) -> None:
-        """Rates count from here (a resumed load starts past its first rows)."""
-        self.started = self.last = time.monotonic()
-        self.first_rows = rows_done
+        """The load starts here: `rows_done` rows were done by earlier runs."""
 
     def update(self, checkpoint: Checkpoint, fraction: float | None, *, final: bool = False) -> None:
-        now = time.monotonic()
-        if not final and now - self.last < self.interval_s:
-            return
-        self.last = now
-        rate = (checkpoint.rows_done - self.first_rows) / max(now - self.started, 1e-9)
-        counts = (
-            f"{checkpoint.rows_done:,} rows ({checkpoint.written:,} written, {checkpoint.skipped_stale:,} stale, "
-            f"{checkpoint.rejected:,} rejected) {rate:,.0f} rows/s"
-        )
-        if fraction is not None:
-            filled = int(fraction * 24)
-            counts = f"[{'#' * filled}{'.' * (24 - filled)}] {fraction * 100:5.1f}% {counts}"
-        if self.tty:
-            self.stream.write(f"\r{self.label}: {counts}\x1b[K")
-            self.drawn = True
-        else:
-            self.stream.write(f"{self.label}: {counts}\n")
-        self.stream.flush()
+        """After each checkpointed batch, and once more (`final`) at the end: the totals, how far through the source."""
 
     def close(self) -> None:
-        if self.drawn:
-            self.stream.write("\n")
-            self.stream.flush()
-            self.drawn = False
+        """The load ended, finished or not."""
 
 
 # -- the load ------------------------------------------------------------------------------------------
@@ -676,7 +644,3 @@ async def run_load(load: Load, *, retries: int = 3, progress: Progress | None = 
         seconds=time.monotonic() - started,
         rows_this_run=checkpoint.rows_done - resumed_from,
     )
-
-
-def progress_for(enabled: bool, label: str) -> Progress | None:
-    return Progress(sys.stderr, label) if enabled else None

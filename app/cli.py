@@ -142,7 +142,7 @@ def cmd_materialize(args: argparse.Namespace) -> int:
     partway); 130: interrupted (rerun resumes)."""
     from app.errors import BackendFailed
     from app.loading.errors import MaterializeError
-    from app.loading.sources import open_load, run_load
+    from app.loading.load import open_load, run_load
     from app.settings import Settings
 
     settings = Settings()

@@ -18,7 +18,7 @@ import hashlib
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 
@@ -53,7 +53,14 @@ def default_checkpoint(path: Path, group: str) -> Path:
     return path.with_name(f"{path.name}.{group}.checkpoint.json")
 
 
-def file_digest(path: Path) -> tuple[int, str]:
+class FileDigest(NamedTuple):
+    """What tells a file changed since its checkpoint, without reading all of it."""
+
+    size: int
+    digest: str  # sha256 of the size, the first MiB and the last MiB
+
+
+def file_digest(path: Path) -> FileDigest:
     size = path.stat().st_size
     digest = hashlib.sha256(str(size).encode())
     with open(path, "rb") as f:
@@ -61,7 +68,7 @@ def file_digest(path: Path) -> tuple[int, str]:
         if size > _DIGEST_SPAN:
             f.seek(max(size - _DIGEST_SPAN, _DIGEST_SPAN))
             digest.update(f.read())
-    return size, digest.hexdigest()
+    return FileDigest(size, digest.hexdigest())
 
 
 def save_checkpoint(path: Path, checkpoint: Checkpoint) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from app.materialize import open_load, run_load
+from app.loading.load import open_load, run_load
 from app.registry.load import parse_registry
 from app.serving.limits import Limits
 from tests.conftest import GatewayFactory, Names

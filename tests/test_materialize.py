@@ -23,19 +23,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from app.cli import ProgressBar as Progress
 from app.errors import BackendFailed, ValidationFailed
-from app.materialize import (
-    Checkpoint,
-    CsvTyping,
-    MaterializeError,
-    Progress,
-    Report,
-    default_checkpoint,
-    detect_format,
-    from_text,
-    open_load,
-    run_load,
-)
+from app.loading.checkpoint import Checkpoint, default_checkpoint
+from app.loading.csv_typing import CsvTyping, from_text
+from app.loading.errors import MaterializeError
+from app.loading.load import Report, open_load, run_load
+from app.loading.sources import detect_format
 from app.registry.load import parse_registry
 from app.registry.model import Registry
 from app.serving.limits import Limits

@@ -27,9 +27,10 @@ from app.errors import KeyConfigError, Unauthorized
 from app.main import create_app
 from app.registry.load import parse_registry
 from app.settings import Settings
-from tests.conftest import GatewayFactory, Names
-from tests.support import JSON, free_port
-from tests.test_behaviour import live_row
+from tests.support.clients import JSON, live_row
+from tests.support.gateways import GatewayFactory
+from tests.support.registries import Names
+from tests.support.servers import free_port
 
 CLI = [sys.executable, "-m", "app"]
 FETCH_LIVE = {"entities": {"consumer_id": [1]}, "features": ["live:orders_7d"]}

@@ -12,10 +12,9 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import GatewayFactory, Names
-from tests.processes import GatewayProcess
-from tests.support import JSON
-from tests.test_behaviour import fetch, live_row, write
+from tests.support.clients import JSON, fetch, live_row, write
+from tests.support.gateways import GatewayFactory, GatewayProcess
+from tests.support.registries import Names
 
 GOOD_FETCH = b'{"entities": {"consumer_id": [1]}, "features": ["live:avg_basket"]}'
 

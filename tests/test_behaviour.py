@@ -6,44 +6,11 @@ import base64
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import httpx
 import pytest
 
-from tests.conftest import GatewayFactory, Names
-
-
-def stamp(delta: timedelta = timedelta()) -> str:
-    return (datetime.now(UTC) + delta).isoformat().replace("+00:00", "Z")
-
-
-def live_row(consumer: int, orders: int, *, at: str | None = None, **overrides: Any) -> dict[str, Any]:
-    row = {
-        "consumer_id": consumer,
-        "event_timestamp": at or stamp(),
-        "orders_7d": orders,
-        "avg_basket": orders * 1.5,
-        "active": orders % 2 == 1,
-        "name": f"consumer {consumer} ✓",
-        "raw": base64.b64encode(bytes([consumer % 256, 0, 255])).decode(),
-        "embedding": [0.25, -1.5, float(orders)],
-        "ids": [consumer, -consumer],
-    }
-    row.update(overrides)
-    return row
-
-
-async def write(client: httpx.AsyncClient, group: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
-    response = await client.post("/v1/features/write", json={"group": group, "rows": rows})
-    assert response.status_code == 200, response.text
-    result: dict[str, Any] = response.json()
-    return result
-
-
-async def fetch(client: httpx.AsyncClient, **body: Any) -> dict[str, Any]:
-    response = await client.post("/v1/features/fetch", json=body)
-    assert response.status_code == 200, response.text
-    result: dict[str, Any] = response.json()
-    return result
+from tests.support.clients import fetch, live_row, stamp, write
+from tests.support.gateways import GatewayFactory
+from tests.support.registries import Names
 
 
 async def test_values_come_back_typed_and_in_request_order(gateway: GatewayFactory, names: Names, kind: str) -> None:

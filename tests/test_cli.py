@@ -14,10 +14,9 @@ from pathlib import Path
 import asyncpg
 import httpx
 
-from tests.conftest import PG_DSN
-from tests.processes import demo_gateway
-from tests.support import free_port
-from tests.test_registry import GOOD
+from tests.support.gateways import demo_gateway
+from tests.support.registries import GOOD_REGISTRY, PG_DSN
+from tests.support.servers import free_port
 
 CLI = [sys.executable, "-m", "app"]
 
@@ -28,7 +27,7 @@ def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
 
 def test_check_accepts_a_good_registry(tmp_path: Path) -> None:
     path = tmp_path / "registry.yaml"
-    path.write_text(GOOD)
+    path.write_text(GOOD_REGISTRY)
     result = run("check", str(path))
     assert result.returncode == 0, result.stderr
     assert "ok: 2 backends, 1 entities, 2 groups, 3 features" in result.stdout
@@ -36,7 +35,7 @@ def test_check_accepts_a_good_registry(tmp_path: Path) -> None:
 
 def test_check_names_the_bad_field(tmp_path: Path) -> None:
     path = tmp_path / "registry.yaml"
-    path.write_text(GOOD.replace("ttl: 1h", "ttl: soon"))
+    path.write_text(GOOD_REGISTRY.replace("ttl: 1h", "ttl: soon"))
     result = run("check", str(path))
     assert result.returncode == 2
     assert f"{path}: groups.live.ttl: 'soon' is not a duration" in result.stderr
@@ -53,7 +52,7 @@ def test_migrate_creates_tables_and_reports_a_dead_backend(tmp_path: Path) -> No
     schema = f"t_cli_{os.getpid()}_{free_port()}"  # its own, like every test's
     path = tmp_path / "registry.yaml"
     path.write_text(
-        GOOD.replace("${REDIS_URL:-redis://127.0.0.1:6379/0}", f"redis://127.0.0.1:{free_port()}/0").replace(
+        GOOD_REGISTRY.replace("${REDIS_URL:-redis://127.0.0.1:6379/0}", f"redis://127.0.0.1:{free_port()}/0").replace(
             "dialect: cockroach", f"dialect: auto, schema: {schema}"
         )
     )

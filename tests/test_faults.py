@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
-import asyncpg
 import pytest
 import redis.asyncio as redis
 
-from tests.conftest import PG_DSN, REDIS_URL, GatewayFactory, Names
-from tests.support import RedisProcess, TcpProxy, eventually, free_port, running
-from tests.test_behaviour import fetch, live_row, write
+from tests.support.clients import fetch, live_row, write
+from tests.support.faults import closed_backend, keep_redis_busy, postgres_locked, redis_paused
+from tests.support.gateways import GatewayFactory
+from tests.support.registries import REDIS_URL, Names
+from tests.support.servers import RedisProcess, TcpProxy, running
+from tests.support.waiting import eventually
 
 FEATURES = ["live:orders_7d", "history:lifetime_orders"]
 
@@ -21,17 +21,6 @@ FEATURES = ["live:orders_7d", "history:lifetime_orders"]
 async def seed(client: object, consumer: int = 1) -> None:
     await write(client, "live", [live_row(consumer, 3)])  # type: ignore[arg-type]
     await write(client, "history", [{"consumer_id": consumer, "lifetime_orders": 9, "lifetime_value": 1.0}])  # type: ignore[arg-type]
-
-
-def closed_backend(kind: str, names: Names) -> str:
-    port = free_port()
-    if kind == "redis":
-        return names.backend("redis", url=f"redis://127.0.0.1:{port}/0")
-    if kind == "cockroach":
-        return names.backend("cockroach", dsn=f"postgresql://root@127.0.0.1:{port}/test")
-    blocker = names.dir / "not-a-folder"
-    blocker.write_text("a file where the database's folder should be")
-    return f'{{type: sqlite, path: "{blocker / "db.sqlite"}"}}'
 
 
 @pytest.mark.parametrize("down", ["redis", "cockroach", "sqlite"])
@@ -70,38 +59,6 @@ async def test_unreachable_backend_is_unavailable_and_the_other_present(
     assert write_down.headers["content-type"] == "application/problem+json"
 
 
-@asynccontextmanager
-async def redis_paused(ms: int) -> AsyncIterator[None]:
-    """Every Redis client waits `ms` (CLIENT PAUSE): a real slow Redis."""
-    admin = redis.Redis.from_url(REDIS_URL)
-    try:
-        await admin.execute_command("CLIENT", "PAUSE", ms, "ALL")
-        yield
-    finally:
-        await asyncio.sleep(ms / 1000)
-        await admin.aclose()
-
-
-@asynccontextmanager
-async def postgres_locked(names: Names, seconds: float) -> AsyncIterator[None]:
-    """Reads of the gateway's table wait while another session holds a lock through `pg_sleep`."""
-    conn = await asyncpg.connect(PG_DSN)
-    try:
-        transaction = conn.transaction()
-        await transaction.start()
-        await conn.execute(f'LOCK TABLE "{names.schema}".feature_values IN ACCESS EXCLUSIVE MODE')
-
-        async def hold() -> None:
-            await conn.execute(f"SELECT pg_sleep({seconds})")
-            await transaction.rollback()
-
-        holder = asyncio.create_task(hold())
-        yield
-        await holder
-    finally:
-        await conn.close()
-
-
 async def test_backend_missing_the_deadline_is_unavailable(gateway: GatewayFactory, names: Names) -> None:
     async with gateway(names.registry(names.backend("redis"), names.backend("cockroach"))) as client:
         await seed(client)
@@ -133,16 +90,6 @@ async def test_backend_missing_the_deadline_is_unavailable(gateway: GatewayFacto
     assert after["rows"][0]["values"] == [3, 9]
 
 
-_SPIN = """
-local t = redis.call('TIME')
-local start = t[1] * 1000000 + t[2]
-repeat
-  t = redis.call('TIME')
-until t[1] * 1000000 + t[2] - start >= tonumber(ARGV[1])
-return 1
-"""
-
-
 async def test_backends_are_read_concurrently(gateway: GatewayFactory, names: Names) -> None:
     async with gateway(names.registry(names.backend("redis"), names.backend("cockroach"))) as client:
         await seed(client)
@@ -151,7 +98,7 @@ async def test_backends_are_read_concurrently(gateway: GatewayFactory, names: Na
         async with postgres_locked(names, 0.1):
             # A script spinning for 100 ms holds Redis for exactly that long (a CLIENT PAUSE ends only at the
             # server's next cron tick, up to 100 ms late, which would blur the timing this test is about).
-            busy = asyncio.create_task(admin.eval(_SPIN, 0, 100_000))
+            busy = asyncio.create_task(keep_redis_busy(admin, 100_000))
             await asyncio.sleep(0.005)
             started = time.perf_counter()
             answer = await fetch(client, entities={"consumer_id": [1]}, features=FEATURES, deadline_ms=2000)

@@ -8,9 +8,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from urllib.parse import urlsplit, urlunsplit
 
-from tests.conftest import PG_DSN, GatewayFactory, Names
-from tests.support import free_port
-from tests.test_behaviour import fetch, write
+from tests.support.clients import fetch, write
+from tests.support.gateways import GatewayFactory
+from tests.support.registries import PG_DSN, Names
+from tests.support.servers import free_port
 
 
 def with_hosts_before(dsn: str, *hosts: str) -> str:

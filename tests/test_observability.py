@@ -8,9 +8,10 @@ from pathlib import Path
 
 from app.metrics import Metrics
 from app.serving.statuses import Outcome
-from tests.conftest import GatewayFactory, Names
-from tests.test_behaviour import fetch, live_row, stamp, write
-from tests.test_faults import closed_backend
+from tests.support.clients import fetch, live_row, stamp, write
+from tests.support.faults import closed_backend
+from tests.support.gateways import GatewayFactory
+from tests.support.registries import Names
 
 SAMPLE = re.compile(r"^(?P<name>[a-z_]+)(?:\{(?P<labels>[^}]*)\})? (?P<value>[0-9.e+-]+|\+Inf)$")
 

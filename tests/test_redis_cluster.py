@@ -20,9 +20,10 @@ from redis.crc import key_slot
 from app.registry.load import parse_registry
 from backends import open_backend
 from backends.redis_cluster import BUCKETS, RedisClusterBackend, bucket_labels, bucket_of, cluster_client
-from tests.conftest import GatewayFactory, Names
-from tests.support import RedisClusterProcesses, free_port
-from tests.test_behaviour import fetch, live_row, stamp, write
+from tests.support.clients import fetch, live_row, stamp, write
+from tests.support.gateways import GatewayFactory
+from tests.support.registries import Names
+from tests.support.servers import RedisClusterProcesses, free_port
 
 
 def cluster_backend(names: Names) -> RedisClusterBackend:

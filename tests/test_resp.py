@@ -10,10 +10,9 @@ import pytest
 import redis.asyncio as redis
 
 from backends.resp import PipelinedReader
-from tests.conftest import REDIS_URL, Names
-from tests.support import RedisProcess
-
-_SPIN = "local t = redis.call('TIME') repeat local n = redis.call('TIME') until (n[1]-t[1])*1000000+n[2]-t[2] >= 150000"
+from tests.support.faults import keep_redis_busy
+from tests.support.registries import REDIS_URL, Names
+from tests.support.servers import RedisProcess
 
 
 def reader(url: str = REDIS_URL, timeout_s: float = 1.0) -> PipelinedReader:
@@ -26,7 +25,7 @@ async def test_a_cancelled_read_never_hands_its_reply_to_the_next(names: Names) 
     client = reader()
     try:
         await client.mget([f"{names.prefix}a"])  # connected
-        busy = asyncio.create_task(admin.eval(_SPIN, 0))
+        busy = asyncio.create_task(keep_redis_busy(admin, 150_000))
         await asyncio.sleep(0.01)
         slow = asyncio.create_task(client.mget([f"{names.prefix}a"]))
         await asyncio.sleep(0.01)

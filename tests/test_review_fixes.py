@@ -11,10 +11,11 @@ import pytest
 import redis.asyncio as redis
 
 import app.serving.gateway
-from tests.conftest import REDIS_URL, GatewayFactory, Names
-from tests.support import RedisProcess
-from tests.test_behaviour import fetch, live_row, write
-from tests.test_faults import closed_backend
+from tests.support.clients import fetch, live_row, write
+from tests.support.faults import closed_backend
+from tests.support.gateways import GatewayFactory
+from tests.support.registries import REDIS_URL, Names
+from tests.support.servers import RedisProcess
 
 
 async def test_usage_stays_exact_when_plans_leave_the_cache(

@@ -13,9 +13,9 @@ from pathlib import Path
 import httpx
 import redis.asyncio as redis
 
-from tests.processes import GatewayProcess
-from tests.support import RedisProcess
-from tests.test_faults import _SPIN
+from tests.support.faults import keep_redis_busy
+from tests.support.gateways import GatewayProcess
+from tests.support.servers import RedisProcess
 
 IN_FLIGHT = 8
 BUSY_MS = 2000  # how long the Lua script holds the gateway's Redis, so its reads are in flight for that long
@@ -79,7 +79,7 @@ async def test_sigterm_drains_in_flight_requests_then_closes_pools(tmp_path: Pat
             assert not warm.json()["degraded"], warm.text
             assert await gateway_clients(admin) > 0
 
-            busy = asyncio.create_task(admin.eval(_SPIN, 0, BUSY_MS * 1000))  # type: ignore[arg-type]
+            busy = asyncio.create_task(keep_redis_busy(admin, BUSY_MS * 1000))
             await asyncio.sleep(0.05)
             started = time.monotonic()
             in_flight = [asyncio.create_task(client.post("/v1/features/fetch", json=body)) for _ in range(IN_FLIGHT)]

@@ -1,4 +1,5 @@
-"""Behaviours a review asked for: bounded usage counting, unreadable values, breaker accounting."""
+"""The gateway's circuit breakers on real servers: what opens a read circuit and what does not, what an open
+circuit costs, and how a probe closes it. (The breaker's own state machine: test_breaker.py.)"""
 
 from __future__ import annotations
 

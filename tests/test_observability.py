@@ -6,6 +6,9 @@ import re
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
+
+import app.serving.gateway
 from app.metrics import Metrics
 from app.serving.statuses import Outcome
 from tests.support.clients import fetch, live_row, stamp, write
@@ -78,6 +81,42 @@ async def test_usage_counts_every_status_per_feature(gateway: GatewayFactory, na
         if n == "feature_gateway_backend_read_duration_seconds_bucket" and ("backend", "hot") in labels
     ]
     assert buckets == sorted(buckets)  # cumulative
+
+
+async def test_usage_stays_exact_when_plans_leave_the_cache(
+    gateway: GatewayFactory, names: Names, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(app.serving.gateway, "_PLAN_CACHE_SIZE", 2)  # every new feature list evicts an older plan
+    orders = [
+        ["live:orders_7d", "live:avg_basket"],
+        ["live:avg_basket", "live:orders_7d"],
+        ["live:orders_7d"],
+        ["live:avg_basket", "live:orders_7d", "live:orders_7d"],
+    ]
+    async with gateway(names.registry(names.backend("sqlite"))) as client:
+        await write(client, "live", [live_row(1, 1)])
+        for features in orders * 3:
+            # A generous deadline: this is about counting, and a slow first SQLite read would be UNAVAILABLE
+            await fetch(client, entities={"consumer_id": [1, 2]}, features=features, deadline_ms=5000)
+        gw = client.app.state.gateway  # type: ignore[attr-defined]
+        usage = (await client.get("/v1/usage")).json()["groups"]["live"]["features"]
+        cached = len(gw._plans)
+    assert cached <= 2
+    # orders_7d is asked 1 + 1 + 1 + 2 times per round (twice in the last list), 3 rounds, 2 rows each
+    assert usage["orders_7d"]["values"] == 5 * 3 * 2
+    assert usage["orders_7d"]["statuses"]["PRESENT"] == 5 * 3
+    assert usage["avg_basket"]["values"] == 3 * 3 * 2
+
+
+async def test_strict_failures_are_counted(gateway: GatewayFactory, names: Names) -> None:
+    async with gateway(names.registry(names.backend("sqlite"), closed_backend("redis", names))) as client:
+        strict = await client.post(
+            "/v1/features/fetch",
+            json={"entities": {"consumer_id": [1]}, "features": ["history:lifetime_orders"], "strict": True},
+        )
+        metrics = (await client.get("/metrics")).text
+    assert strict.status_code == 503
+    assert 'feature_gateway_backend_reads_total{backend="bulk",outcome="error"} 1' in metrics
 
 
 async def test_unknown_paths_share_one_route_label(gateway: GatewayFactory, names: Names) -> None:

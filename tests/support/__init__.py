@@ -6,6 +6,7 @@
 - `servers`: real servers a test owns: free ports, a TCP proxy, redis-server, a Redis Cluster, PostgreSQL.
 - `faults`: ways to make a backend fail for real: a closed port, a paused or busy Redis, a locked table.
 - `waiting`: waiting for an observable condition instead of sleeping a guessed time.
+- `clock`: `ManualClock`, for code that takes a clock: the test moves time by hand.
 """
 
 # bench/redis_cluster_buckets.py imports these two from `tests.support`, which was a module until the helpers

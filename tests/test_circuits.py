@@ -3,14 +3,12 @@ circuit costs, and how a probe closes it. (The breaker's own state machine: test
 
 from __future__ import annotations
 
-import asyncio
-import os
-import signal
 import time
 
 import redis.asyncio as redis
 
 from tests.support.clients import fetch, live_row, write
+from tests.support.clock import ManualClock
 from tests.support.gateways import GatewayFactory
 from tests.support.registries import REDIS_URL, Names
 from tests.support.servers import RedisProcess, TcpProxy, running
@@ -26,6 +24,11 @@ async def test_circuit_opens_after_failures_and_a_probe_closes_it(gateway: Gatew
     async with gateway(
         names.registry(names.backend("sqlite"), bulk), breaker_failures=3, breaker_reset_ms=1500, migrate_retry_s=0.05
     ) as client:
+        circuits = client.app.state.gateway.breakers["bulk"]  # type: ignore[attr-defined]
+        assert all(breaker.clock is time.monotonic for breaker in circuits)  # the gateway's own clock, which
+        clock = ManualClock()  # this test swaps for one it moves by hand: no request here can race breaker_reset_ms
+        for breaker in circuits:
+            breaker.clock = clock
         answers = [(await client.post("/v1/features/fetch", json=request)).json() for _ in range(5)]
         ready = (await client.get("/readyz")).json()
         write_open = await client.post(
@@ -35,8 +38,9 @@ async def test_circuit_opens_after_failures_and_a_probe_closes_it(gateway: Gatew
         async with running(proxy):
             await eventually(lambda: _migrated(client, "bulk"))
             still_open = (await client.post("/v1/features/fetch", json=request)).json()
-            breaker = client.app.state.gateway.breakers["bulk"].read  # type: ignore[attr-defined]
-            await asyncio.sleep(max(0.0, breaker.opened_at + 1.5 - time.monotonic()) + 0.01)  # next request probes
+            clock.advance(1.25)
+            not_yet = (await client.post("/v1/features/fetch", json=request)).json()
+            clock.advance(0.25)  # breaker_reset_ms since the circuit opened: the next request probes
             probe = (await client.post("/v1/features/fetch", json=request)).json()
             after = (await client.post("/v1/features/fetch", json=request)).json()
             ready_after = (await client.get("/readyz")).json()
@@ -47,6 +51,7 @@ async def test_circuit_opens_after_failures_and_a_probe_closes_it(gateway: Gatew
     assert write_open.status_code == 503  # tried, and refused: reads and writes have a circuit each
     assert "did not confirm the write" in write_open.json()["detail"]
     assert still_open["backends"]["bulk"]["status"] == "open"
+    assert not_yet["backends"]["bulk"]["status"] == "open"
     assert probe["backends"]["bulk"]["status"] == "ok"
     assert after["backends"]["bulk"]["status"] == "ok"
     assert after["rows"][0]["statuses"] == ["MISSING", "MISSING"]
@@ -56,7 +61,6 @@ async def test_circuit_opens_after_failures_and_a_probe_closes_it(gateway: Gatew
 async def test_a_frozen_backend_is_skipped_after_repeated_slow_misses(gateway: GatewayFactory, names: Names) -> None:
     server = RedisProcess()
     server.start()
-    assert server.proc is not None
     request = {
         "entities": {"consumer_id": [1]},
         "features": ["live:orders_7d", "history:lifetime_orders"],
@@ -65,13 +69,16 @@ async def test_a_frozen_backend_is_skipped_after_repeated_slow_misses(gateway: G
     try:
         registry = names.registry(names.backend("redis", url=server.url), names.backend("sqlite"))
         async with gateway(registry, breaker_failures=3, breaker_reset_ms=60_000) as client:
-            await fetch(client, **request)
-            os.kill(server.proc.pid, signal.SIGSTOP)  # no error ever comes back: only the deadline
+            # Connected, and a success on the breaker's count: a first read slower than 100 ms on a loaded box
+            # would otherwise be a fourth failure, and the circuit would open one answer early.
+            warm = await fetch(client, **{**request, "deadline_ms": 5000})
+            server.freeze()  # no error ever comes back: only the deadline
             answers = [await fetch(client, **request) for _ in range(5)]
             tight = await fetch(client, **{**request, "deadline_ms": 5})
     finally:
-        os.kill(server.proc.pid, signal.SIGCONT)
+        server.thaw()
         server.stop()
+    assert warm["backends"]["hot"]["status"] == "ok"
     assert [a["backends"]["hot"]["status"] for a in answers] == ["timeout"] * 3 + ["open"] * 2
     assert answers[4]["backends"]["hot"]["ms"] == 0
     assert answers[4]["rows"][0]["statuses"] == ["UNAVAILABLE", "MISSING"]

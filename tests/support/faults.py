@@ -58,20 +58,27 @@ def keep_redis_busy(client: redis.Redis, microseconds: int) -> Awaitable[Any]:
 
 
 @asynccontextmanager
-async def postgres_locked(names: Names, seconds: float) -> AsyncIterator[None]:
-    """Reads of the gateway's table wait while another session holds a lock through `pg_sleep`."""
+async def postgres_table_locked(names: Names) -> AsyncIterator[None]:
+    """The gateway's table locked by another session for as long as the block runs: reads of it wait, until
+    the block ends and the lock goes (an answer that comes inside the block did not wait for them)."""
     conn = await asyncpg.connect(PG_DSN)
     try:
-        transaction = conn.transaction()
-        await transaction.start()
-        await conn.execute(f'LOCK TABLE "{names.schema}".feature_values IN ACCESS EXCLUSIVE MODE')
-
-        async def hold() -> None:
-            await conn.execute(f"SELECT pg_sleep({seconds})")
-            await transaction.rollback()
-
-        holder = asyncio.create_task(hold())
-        yield
-        await holder
+        async with conn.transaction():  # rolled back or committed at the end: nothing was written
+            await conn.execute(f'LOCK TABLE "{names.schema}".feature_values IN ACCESS EXCLUSIVE MODE')
+            yield
     finally:
         await conn.close()
+
+
+async def reads_waiting_on_the_lock(names: Names) -> int:
+    """How many SELECTs of the test's table wait for its lock (PostgreSQL's own view of its sessions)."""
+    conn = await asyncpg.connect(PG_DSN)
+    try:
+        count = await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE 'SELECT %' "
+            "AND position($1 in query) > 0",
+            f'"{names.schema}".',
+        )
+    finally:
+        await conn.close()
+    return int(count)

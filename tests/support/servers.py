@@ -116,6 +116,26 @@ class RedisProcess:
             time.sleep(0.02)
         raise RuntimeError("redis-server did not start")
 
+    def freeze(self) -> None:
+        """SIGSTOP the server, like a hung machine: connections stay open and queue up, nothing is answered."""
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGSTOP)
+        # A signal is delivered asynchronously: until the process shows state T it may still answer.
+        _wait_for([self.proc.pid], lambda state: state in (None, "T", "Z"))
+
+    def thaw(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGCONT)
+
+    def calls(self, command: str) -> int:
+        """How many `command`s the server has run (INFO commandstats), asked on a connection of its own."""
+        client = SyncRedis(port=self.port, socket_timeout=5, decode_responses=True)
+        try:
+            stats = client.info("commandstats").get(f"cmdstat_{command.lower()}", {})
+        finally:
+            client.close()
+        return int(stats.get("calls", 0))
+
     def stop(self) -> None:
         if self.proc is not None:
             self.proc.kill()
@@ -268,6 +288,7 @@ def listening(port: int) -> bool:
     with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
         return True
     return False
+
 
 
 def _postgres_bin() -> Path:

@@ -522,10 +522,10 @@ def test_checking_a_key_is_cheap() -> None:
     tokens = [new_token() for _ in range(100)]
     ring = KeyRing(parse_keys([key_entry(f"k{i}", t, ["read"]) for i, t in enumerate(tokens)], "test", None))
     header = f"Bearer {tokens[-1]}"
-    started = time.perf_counter()
+    started = time.process_time()  # the CPU the checks cost (a KDF's cost), not the wall clock a loaded box stretches
     for _ in range(1000):
         ring.check(header, "read")
-    assert (time.perf_counter() - started) / 1000 < 0.001
+    assert (time.process_time() - started) / 1000 < 0.001
 
 
 # -- the key config -------------------------------------------------------------------------------------

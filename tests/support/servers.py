@@ -290,6 +290,17 @@ def listening(port: int) -> bool:
     return False
 
 
+def unread_bytes(port: int) -> list[int]:
+    """Per connection a server on 127.0.0.1:`port` has accepted or could accept, the bytes it was sent and has not
+    read yet (the kernel's receive queue, from /proc/net/tcp): all zeros once it has read every request."""
+    local = f"0100007F:{port:04X}"
+    queues = []
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[1] == local and fields[3] == "01":  # ESTABLISHED, whether accepted yet or not
+            queues.append(int(fields[4].split(":")[1], 16))
+    return queues
+
 
 def _postgres_bin() -> Path:
     found = sorted(glob.glob("/usr/lib/postgresql/*/bin/postgres"), key=lambda p: int(p.split("/")[4]))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -63,7 +64,11 @@ class GatewayProcess:
         if self.registry is not None:
             command += ["--registry", str(self.registry)]
         self.proc = subprocess.Popen(
-            [*command, *self.args], stdout=self._log, stderr=subprocess.STDOUT, env=self.env or dict(os.environ)
+            [*command, *self.args],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=self.env or dict(os.environ),
+            start_new_session=True,  # its own process group, which `stop()` kills whole (workers and all)
         )
         deadline = time.monotonic() + ready_within
         while time.monotonic() < deadline:
@@ -90,8 +95,10 @@ class GatewayProcess:
 
     def stop(self) -> None:
         if self.proc is not None:
-            if self.proc.poll() is None:
-                self.proc.kill()
+            # The group, not just the process: with --workers, killing only the supervisor left its workers
+            # running, still listening on the port.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
             self.proc = None
         if self._log is not None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from datetime import timedelta
 from pathlib import Path
 
@@ -11,28 +10,10 @@ import pytest
 import app.serving.gateway
 from app.metrics import Metrics
 from app.serving.statuses import Outcome
-from tests.support.clients import fetch, live_row, stamp, write
+from tests.support.clients import fetch, live_row, metric_value, parse_metrics, stamp, write
 from tests.support.faults import closed_backend
 from tests.support.gateways import GatewayFactory
 from tests.support.registries import Names
-
-SAMPLE = re.compile(r"^(?P<name>[a-z_]+)(?:\{(?P<labels>[^}]*)\})? (?P<value>[0-9.e+-]+|\+Inf)$")
-
-
-def parse_metrics(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    samples = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        match = SAMPLE.match(line)
-        assert match, f"not a Prometheus sample: {line!r}"
-        labels = frozenset(re.findall(r'(\w+)="([^"]*)"', match["labels"] or ""))
-        samples[(match["name"], labels)] = float(match["value"])
-    return samples
-
-
-def value(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float:
-    return samples[(f"feature_gateway_{name}", frozenset(labels.items()))]
 
 
 async def test_usage_counts_every_status_per_feature(gateway: GatewayFactory, names: Names) -> None:
@@ -67,14 +48,14 @@ async def test_usage_counts_every_status_per_feature(gateway: GatewayFactory, na
     assert "live:orders_7d" not in usage["never_requested"]
 
     samples = parse_metrics(text)
-    assert value(samples, "feature_requests_total", group="live", feature="orders_7d") == 3
-    assert value(samples, "feature_values_total", group="live", feature="embedding", status="MISSING") == 4
-    assert value(samples, "backend_reads_total", backend="bulk", outcome="error") == 2
-    assert value(samples, "backend_reads_total", backend="hot", outcome="ok") == 3
-    assert value(samples, "backend_circuit_state", backend="hot", direction="read", state="closed") == 1
-    assert value(samples, "backend_circuit_state", backend="hot", direction="write", state="closed") == 1
-    assert value(samples, "http_requests_total", route="/v1/features/fetch", method="POST", status="200") == 3
-    assert value(samples, "backend_read_duration_seconds_count", backend="hot") == 3
+    assert metric_value(samples, "feature_requests_total", group="live", feature="orders_7d") == 3
+    assert metric_value(samples, "feature_values_total", group="live", feature="embedding", status="MISSING") == 4
+    assert metric_value(samples, "backend_reads_total", backend="bulk", outcome="error") == 2
+    assert metric_value(samples, "backend_reads_total", backend="hot", outcome="ok") == 3
+    assert metric_value(samples, "backend_circuit_state", backend="hot", direction="read", state="closed") == 1
+    assert metric_value(samples, "backend_circuit_state", backend="hot", direction="write", state="closed") == 1
+    assert metric_value(samples, "http_requests_total", route="/v1/features/fetch", method="POST", status="200") == 3
+    assert metric_value(samples, "backend_read_duration_seconds_count", backend="hot") == 3
     buckets = [
         v
         for (n, labels), v in samples.items()
@@ -124,7 +105,7 @@ async def test_unknown_paths_share_one_route_label(gateway: GatewayFactory, name
         for i in range(3):
             await client.get(f"/no/such/path/{i}")
         samples = parse_metrics((await client.get("/metrics")).text)
-    assert value(samples, "http_requests_total", route="other", method="GET", status="404") == 3
+    assert metric_value(samples, "http_requests_total", route="other", method="GET", status="404") == 3
 
 
 def test_workers_snapshots_are_merged(tmp_path: Path) -> None:

@@ -1,8 +1,10 @@
-"""Talking to the gateway as a client does: rows to write, `write` and `fetch` that insist on a 200."""
+"""Talking to the gateway as a client does: rows to write, `write` and `fetch` that insist on a 200, and its
+Prometheus metrics read back as numbers."""
 
 from __future__ import annotations
 
 import base64
+import re
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -45,3 +47,24 @@ async def fetch(client: httpx.AsyncClient, **body: Any) -> dict[str, Any]:
     assert response.status_code == 200, response.text
     result: dict[str, Any] = response.json()
     return result
+
+
+SAMPLE = re.compile(r"^(?P<name>[a-z_]+)(?:\{(?P<labels>[^}]*)\})? (?P<value>[0-9.e+-]+|\+Inf)$")
+
+
+def parse_metrics(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """A Prometheus text exposition as {(name, labels): value}, asserting that every line is a sample."""
+    samples = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        match = SAMPLE.match(line)
+        assert match, f"not a Prometheus sample: {line!r}"
+        labels = frozenset(re.findall(r'(\w+)="([^"]*)"', match["labels"] or ""))
+        samples[(match["name"], labels)] = float(match["value"])
+    return samples
+
+
+def metric_value(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float:
+    """The gateway's sample `feature_gateway_<name>{labels}` (exactly those labels)."""
+    return samples[(f"feature_gateway_{name}", frozenset(labels.items()))]

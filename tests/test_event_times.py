@@ -13,7 +13,8 @@ import pytest
 from app.loading.load import open_load, run_load
 from app.registry.load import parse_registry
 from app.serving.limits import Limits
-from tests.conftest import GatewayFactory, Names
+from tests.support.gateways import GatewayFactory
+from tests.support.registries import Names
 
 
 def history(at: str, orders: int = 1) -> dict[str, Any]:

@@ -13,8 +13,10 @@ import redis.asyncio as redis
 
 from app.registry.load import parse_registry
 from app.serving.plan import EXPIRED, MISSING, PRESENT, GroupPlan
-from tests.conftest import PG_DSN, REDIS_URL, GatewayFactory, Names
-from tests.support import RedisClusterProcesses, eventually
+from tests.support.gateways import GatewayFactory
+from tests.support.registries import PG_DSN, REDIS_URL, Names
+from tests.support.servers import RedisClusterProcesses
+from tests.support.waiting import eventually
 
 KINDS = ("redis", "redis_cluster", "cockroach", "sqlite")
 TTL = timedelta(hours=1)

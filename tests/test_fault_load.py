@@ -19,8 +19,8 @@ from typing import Any
 import asyncpg
 import httpx
 
-from tests.processes import GatewayProcess, PostgresProcess
-from tests.support import RedisProcess
+from tests.support.gateways import GatewayProcess
+from tests.support.servers import PostgresProcess, RedisProcess
 
 RATE = 50  # fetches per second, sent on a fixed schedule whatever the answers take (an open loop)
 DEADLINE_MS = 100

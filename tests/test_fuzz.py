@@ -42,7 +42,7 @@ from app.registry.load import parse_registry
 from app.registry.model import Entity, Group, Registry
 from app.settings import Settings
 from app.storage.codec import DType
-from tests.conftest import Names
+from tests.support.registries import Names
 
 EXAMPLES = 80  # per operation and generation mode: about 10 s in all on a 2-core box
 INT64 = 1 << 63

@@ -35,7 +35,8 @@ from app.registry.model import Registry
 from app.serving.limits import Limits
 from app.storage.codec import CodecError, parse_dtype
 from backends import open_backend
-from tests.conftest import PG_DSN, GatewayFactory, Names
+from tests.support.gateways import GatewayFactory
+from tests.support.registries import PG_DSN, Names
 
 FORMATS = ["csv", "jsonl", "parquet"]
 T0 = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=10)  # within the live group's 1h ttl
@@ -410,7 +411,7 @@ async def test_a_cut_gzipped_file_stops_with_a_message_not_a_traceback(names: Na
 
 
 async def test_a_backend_that_does_not_answer_fails_the_load_clearly(names: Names, tmp_path: Path) -> None:
-    from tests.support import free_port
+    from tests.support.servers import free_port
 
     registry = parse_registry(
         names.registry(names.backend("cockroach", dsn=f"postgresql://root@127.0.0.1:{free_port()}/test")),

@@ -12,7 +12,8 @@ import asyncpg
 import httpx
 import pytest
 
-from tests.conftest import PG_DSN, GatewayFactory, Names
+from tests.support.gateways import GatewayFactory
+from tests.support.registries import PG_DSN, Names
 
 IDS = list(range(1, 31))
 

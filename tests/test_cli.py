@@ -7,6 +7,7 @@ import contextlib
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -148,6 +149,9 @@ def test_two_workers_report_one_set_of_metrics(tmp_path: Path) -> None:
         wait_until(lambda: snapshots_written_after(folder, 2, answered), what="both workers' snapshots")
         line = 'feature_gateway_http_requests_total{route="/v1/features/fetch",method="POST",status="200"} 20'
         assert line in httpx.get(f"{base}/metrics", timeout=5).text
+        server.signal(signal.SIGTERM)  # a clean stop: `serve` removes the snapshot folder it made
+        server.wait(30)
+        assert not folder.exists()
     finally:
         server.stop()
 

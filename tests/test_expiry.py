@@ -161,8 +161,8 @@ groups:
     event_us = 1_800_000_000_000_000
     blob = group.codec.encode(event_us, [4])
     nulls: dict[tuple[str, int], int] = {}
-    status = {offset: plan.cell(blob, event_us + offset, nulls)[1][0] for offset in (0, 10_000_000, 10_000_001)}
-    status |= {offset: plan.cell(blob, event_us + offset, nulls)[1][0] for offset in (15_000_000, 15_000_001)}
+    status = {offset: plan.cell(blob, event_us + offset, nulls).statuses[0] for offset in (0, 10_000_000, 10_000_001)}
+    status |= {offset: plan.cell(blob, event_us + offset, nulls).statuses[0] for offset in (15_000_000, 15_000_001)}
     assert status == {
         0: PRESENT,
         10_000_000: PRESENT,

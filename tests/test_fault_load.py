@@ -1,8 +1,9 @@
 """Faults under a steady load, all real processes: the gateway server, its own redis-server and its own
 PostgreSQL. Redis is SIGKILLed and restarted; PostgreSQL is frozen (SIGSTOP), crashed and restarted, and
 has its connections terminated. Throughout: no 5xx, no answer later than its deadline + 250 ms (measured
-by the client, whose own process the box may keep waiting; on a quiet box the slowest is about 110 ms), the failed backend's values UNAVAILABLE while the other's stay PRESENT, and every value
-PRESENT again within 2 s of the backend's recovery, without restarting the gateway.
+by the client, whose own process a loaded box may keep waiting; on a quiet box the slowest is about
+110 ms), the failed backend's values UNAVAILABLE while the other's stay PRESENT, and every value PRESENT
+again within 2 s of the backend's recovery, without restarting the gateway.
 """
 
 from __future__ import annotations

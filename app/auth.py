@@ -27,13 +27,13 @@ import re
 import secrets
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Final, Literal
 
 import yaml
 
 from app.errors import Forbidden, KeyConfigError, Unauthorized, ValidationFailed
-from app.registry import Registry
-from app.settings import Settings
+from app.registry.model import Registry
 
 Scope = Literal["read", "write", "admin"]
 SCOPES: Final = ("read", "write", "admin")
@@ -162,12 +162,10 @@ def visible_registry(registry: Registry, groups: Collection[str] | None) -> dict
 # -- loading -------------------------------------------------------------------------------------------
 
 
-def load_keys(settings: Settings, registry: Registry | None) -> KeyRing:
-    """The key ring from the settings (GATEWAY_API_KEYS or GATEWAY_API_KEYS_FILE); empty when neither is set.
-
-    Raises KeyConfigError naming the source and the bad field, like the registry loader.
+def load_keys(inline: str | None, path: Path | None, registry: Registry | None) -> KeyRing:
+    """The key ring from GATEWAY_API_KEYS (`inline`, JSON) or GATEWAY_API_KEYS_FILE (`path`); empty when
+    neither is set. Raises KeyConfigError naming the source and the bad field, like the registry loader.
     """
-    inline, path = settings.api_keys, settings.api_keys_file
     if inline is not None and path is not None:
         raise KeyConfigError(INLINE_SOURCE, "(root)", "GATEWAY_API_KEYS_FILE is set too: configure keys in one place")
     if inline is not None:

@@ -12,21 +12,26 @@ import shutil
 import signal
 import sys
 import tempfile
+import time
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import IO, TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
 from app.auth import SCOPES, KeyRing, key_entry, load_keys, new_token, parse_keys
 from app.errors import KeyConfigError, RegistryError
-from app.registry import Registry, load_registry
+from app.registry.load import load_registry
+from app.registry.model import Registry
 from app.settings import Settings
+
+if TYPE_CHECKING:
+    from app.loading.checkpoint import Checkpoint
 
 
 def _load(path: str | Path) -> Registry:
     try:
-        return load_registry(path)
+        return load_registry(path, os.environ)
     except RegistryError as exc:
         print(f"error: invalid registry: {exc.detail}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -34,7 +39,8 @@ def _load(path: str | Path) -> Registry:
 
 def _keys(registry: Registry) -> KeyRing:
     try:
-        return load_keys(Settings(), registry)
+        settings = Settings()
+        return load_keys(settings.api_keys, settings.api_keys_file, registry)
     except ValidationError as exc:
         print(f"error: invalid settings: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -86,12 +92,57 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return asyncio.run(run())
 
 
+class ProgressBar:
+    """A one-line progress bar on a terminal; elsewhere (logs, CI) a plain line every few seconds."""
+
+    def __init__(self, stream: IO[str], label: str, *, interval_s: float | None = None):
+        self.stream = stream
+        self.label = label
+        self.tty = stream.isatty()
+        self.interval_s = interval_s if interval_s is not None else (0.1 if self.tty else 5.0)
+        self.started = self.last = time.monotonic()
+        self.first_rows = 0
+        self.drawn = False
+
+    def begin(self, rows_done: int) -> None:
+        """Rates count from here (a resumed load starts past its first rows)."""
+        self.started = self.last = time.monotonic()
+        self.first_rows = rows_done
+
+    def update(self, checkpoint: Checkpoint, fraction: float | None, *, final: bool = False) -> None:
+        now = time.monotonic()
+        if not final and now - self.last < self.interval_s:
+            return
+        self.last = now
+        rate = (checkpoint.rows_done - self.first_rows) / max(now - self.started, 1e-9)
+        counts = (
+            f"{checkpoint.rows_done:,} rows ({checkpoint.written:,} written, {checkpoint.skipped_stale:,} stale, "
+            f"{checkpoint.rejected:,} rejected) {rate:,.0f} rows/s"
+        )
+        if fraction is not None:
+            filled = int(fraction * 24)
+            counts = f"[{'#' * filled}{'.' * (24 - filled)}] {fraction * 100:5.1f}% {counts}"
+        if self.tty:
+            self.stream.write(f"\r{self.label}: {counts}\x1b[K")
+            self.drawn = True
+        else:
+            self.stream.write(f"{self.label}: {counts}\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.drawn:
+            self.stream.write("\n")
+            self.stream.flush()
+            self.drawn = False
+
+
 def cmd_materialize(args: argparse.Namespace) -> int:
     """Exit 0: every row stored (or stale); 3: finished, some rows rejected; 1: backend failed (rerun resumes);
     2: arguments, registry, file or checkpoint are wrong (nothing written, unless the file is unreadable
     partway); 130: interrupted (rerun resumes)."""
     from app.errors import BackendFailed
-    from app.materialize import MaterializeError, open_load, progress_for, run_load
+    from app.loading.errors import MaterializeError
+    from app.loading.load import open_load, run_load
     from app.settings import Settings
 
     settings = Settings()
@@ -106,7 +157,7 @@ def cmd_materialize(args: argparse.Namespace) -> int:
             registry,
             args.group,
             path,
-            settings=settings,
+            limits=settings.limits(),
             fmt=args.format,
             batch_size=args.batch_size,
             checkpoint_path=Path(args.checkpoint) if args.checkpoint else None,
@@ -114,7 +165,7 @@ def cmd_materialize(args: argparse.Namespace) -> int:
         )
         if load.checkpoint.rows_done:
             print(f"resuming after row {load.checkpoint.rows_done:,} ({load.checkpoint_path})", file=sys.stderr)
-        progress = progress_for(not args.no_progress, f"{path.name} -> {args.group}")
+        progress = None if args.no_progress else ProgressBar(sys.stderr, f"{path.name} -> {args.group}")
         report = asyncio.run(run_load(load, retries=args.retries, progress=progress))
     except MaterializeError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -1,6 +1,7 @@
-"""The app factory and its lifespan, which owns every backend connection.
+"""The composition root of the server: the app factory and its lifespan, which owns every backend connection.
 
-Nothing is opened at import: `create_app()` reads and validates the registry and the API keys (a bad one
+It alone turns settings into what the parts take (limits, policies, the key ring, the tracer). Nothing is
+opened at import: `create_app()` reads and validates the registry and the API keys (a bad one
 fails here, before the port is bound); the lifespan opens backends, migrates them, and closes them in reverse
 on shutdown.
 """
@@ -8,72 +9,34 @@ on shutdown.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, Response
 from opentelemetry.sdk.trace.export import SpanExporter
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import ClientDisconnect
 
 from app.auth import load_keys
-from app.errors import GatewayError
-from app.gateway import Gateway
-from app.registry import Registry, load_registry
+from app.metrics import Metrics
+from app.registry.load import load_registry
+from app.registry.model import Registry
+from app.serving.gateway import Gateway
 from app.settings import Settings
 from app.telemetry import make_tracer_provider, tracer_for
 from backends import open_backend
 from routers import feast, features, health, observability, status
 from routers import registry as registry_routes
+from routers.errors import install_error_handlers
 from routers.models import add_request_schemas
 from routers.observability import RequestMetrics
 
 log = logging.getLogger(__name__)
 
 DEMO_REGISTRY = Path(__file__).parent / "demo" / "registry.yaml"
-PROBLEM = "application/problem+json"
-
-
-def problem_response(status: int, title: str, detail: str, field: str | None = None) -> JSONResponse:
-    body: dict[str, object] = {"type": "about:blank", "title": title, "status": status, "detail": detail}
-    if field is not None:
-        body["field"] = field
-    return JSONResponse(body, status_code=status, media_type=PROBLEM)
-
-
-def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(GatewayError)
-    async def gateway_error(request: Request, exc: GatewayError) -> JSONResponse:
-        return JSONResponse(exc.problem(), status_code=exc.status, media_type=PROBLEM, headers=exc.headers())
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-        field = ".".join(str(p) for p in first["loc"]) or None
-        return problem_response(422, "Invalid request", str(first["msg"]), field)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        response = problem_response(exc.status_code, str(exc.detail), str(exc.detail))
-        if exc.headers:
-            response.headers.update(exc.headers)
-        return response
-
-    @app.exception_handler(ClientDisconnect)
-    async def client_gone(request: Request, exc: ClientDisconnect) -> Response:
-        # The client hung up mid-body (a load generator stopping, a caller's own timeout): nobody reads this.
-        return Response(status_code=499)
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return problem_response(500, "Internal error", "the gateway failed to answer; this is a bug, it was logged")
 
 
 def create_app(
@@ -84,15 +47,23 @@ def create_app(
 ) -> FastAPI:
     settings = settings or Settings()
     if registry is None:
-        registry = load_registry(settings.registry or DEMO_REGISTRY)
-    keyring = load_keys(settings, registry)
+        registry = load_registry(settings.registry or DEMO_REGISTRY, os.environ)
+    keyring = load_keys(settings.api_keys, settings.api_keys_file, registry)
     demo = settings.registry is None and registry.source == str(DEMO_REGISTRY)
     provider = make_tracer_provider(settings, span_exporter)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         backends = {name: open_backend(spec, registry) for name, spec in registry.backends.items()}
-        gateway = Gateway(settings, registry, backends, tracer_for(provider))
+        gateway = Gateway(
+            registry,
+            backends,
+            limits=settings.limits(),
+            breaker_policy=settings.breaker_policy(),
+            lifecycle=settings.lifecycle(),
+            metrics=Metrics(settings.metrics_dir),
+            tracer=tracer_for(provider),
+        )
         if keyring.enabled:
             log.info("API keys: %d configured (%s)", len(keyring.keys), keyring.source)
         else:
@@ -121,6 +92,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.keyring = keyring
+    app.state.max_body_bytes = settings.max_body_bytes  # routers read bodies up to it
     install_error_handlers(app)
     app.include_router(features.router)
     app.include_router(registry_routes.router)

@@ -24,8 +24,10 @@ from typing import Any, Protocol
 
 import msgspec
 
+from app.serving.statuses import Outcome
+from app.serving.usage import UsageCounts
+
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
-STATUSES = ("PRESENT", "MISSING", "EXPIRED", "UNAVAILABLE")
 WINDOW_S = 5  # status-page series: one point per 5 s
 WINDOW_POINTS = 72  # six minutes
 
@@ -36,14 +38,14 @@ class _Group(Protocol):
 
 
 class UsageCounter(Protocol):
-    """A group plan's usage counters (app.plan.GroupPlan)."""
+    """A group plan's usage counters (app.serving.plan.GroupPlan)."""
 
     @property
     def group(self) -> _Group: ...
     @property
     def positions(self) -> tuple[int, ...]: ...
     @property
-    def usage(self) -> list[int]: ...
+    def usage(self) -> UsageCounts: ...
 
 
 class Histogram:
@@ -65,8 +67,8 @@ class Metrics:
         self.request_latency: dict[str, Histogram] = defaultdict(Histogram)
         self.backend_latency: dict[str, Histogram] = defaultdict(Histogram)
         self.backend_outcomes: dict[tuple[str, str], int] = defaultdict(int)
-        # (group, feature position) -> [requests, PRESENT, MISSING, EXPIRED, UNAVAILABLE], from evicted plans
-        self.features: dict[tuple[str, int], list[int]] = defaultdict(lambda: [0, 0, 0, 0, 0])
+        # (group, feature position) -> usage, from evicted plans
+        self.features: dict[tuple[str, int], UsageCounts] = defaultdict(UsageCounts)
         # The plans still counting (the gateway's plan cache), expanded when a snapshot is taken
         self.live_plans: Callable[[], Iterable[UsageCounter]] = tuple
         self.null_values: dict[tuple[str, int], int] = defaultdict(int)  # PRESENT rows holding a null value
@@ -80,24 +82,20 @@ class Metrics:
         """Add plans' counts into the per-feature totals (a plan leaving the cache)."""
         for counter in counters:
             for position in counter.positions:
-                slot = self.features[(counter.group.name, position)]
-                for i, count in enumerate(counter.usage):
-                    slot[i] += count
+                self.features[(counter.group.name, position)].add(counter.usage)
 
-    def feature_totals(self) -> dict[tuple[str, int], list[int]]:
-        totals: dict[tuple[str, int], list[int]] = defaultdict(lambda: [0, 0, 0, 0, 0])
+    def feature_totals(self) -> dict[tuple[str, int], UsageCounts]:
+        totals: dict[tuple[str, int], UsageCounts] = defaultdict(UsageCounts)
         for key, counts in self.features.items():
-            totals[key] = list(counts)
+            totals[key] = counts.copy()
         for counter in self.live_plans():
             for position in counter.positions:
-                slot = totals[(counter.group.name, position)]
-                for i, count in enumerate(counter.usage):
-                    slot[i] += count
+                totals[(counter.group.name, position)].add(counter.usage)
         return totals
 
-    def backend_read(self, backend: str, outcome: str, ms: float) -> None:
-        self.backend_outcomes[(backend, outcome)] += 1
-        if outcome == "open":
+    def backend_read(self, backend: str, outcome: Outcome, ms: float) -> None:
+        self.backend_outcomes[(backend, outcome.value)] += 1
+        if outcome is Outcome.OPEN:
             return
         self.backend_latency[backend].observe(ms / 1000)
         window = int(time.time()) // WINDOW_S * WINDOW_S
@@ -124,7 +122,7 @@ class Metrics:
             "request_latency": {k: [h.counts, h.sum] for k, h in self.request_latency.items()},
             "backend_latency": {k: [h.counts, h.sum] for k, h in self.backend_latency.items()},
             "backend_outcomes": [[*k, v] for k, v in self.backend_outcomes.items()],
-            "usage": [[g, p, counts] for (g, p), counts in self.feature_totals().items()],
+            "usage": [[g, p, counts.to_list()] for (g, p), counts in self.feature_totals().items()],
             "null_values": [[g, p, v] for (g, p), v in self.null_values.items()],
             "series": {b: [[w, *point] for w, point in points.items()] for b, points in self.series.items()},
         }
@@ -156,7 +154,7 @@ class Merged:
         self.request_latency: dict[str, Histogram] = defaultdict(Histogram)
         self.backend_latency: dict[str, Histogram] = defaultdict(Histogram)
         self.backend_outcomes: dict[tuple[str, str], int] = defaultdict(int)
-        self.usage: dict[tuple[str, int], list[int]] = defaultdict(lambda: [0, 0, 0, 0, 0])
+        self.usage: dict[tuple[str, int], UsageCounts] = defaultdict(UsageCounts)
         self.null_values: dict[tuple[str, int], int] = defaultdict(int)
         self.series: dict[str, dict[int, list[float]]] = defaultdict(dict)
         for snap in snapshots:
@@ -173,9 +171,7 @@ class Merged:
             for backend, outcome, count in snap["backend_outcomes"]:
                 self.backend_outcomes[(backend, outcome)] += count
             for group, position, counts in snap["usage"]:
-                slot = self.usage[(group, position)]
-                for i, count in enumerate(counts):
-                    slot[i] += count
+                self.usage[(group, position)].add(UsageCounts.from_list(counts))
             for group, position, count in snap["null_values"]:
                 self.null_values[(group, position)] += count
             for backend, points in snap["series"].items():
@@ -185,13 +181,13 @@ class Merged:
                     point[1] += total
                     point[2] = max(point[2], worst)
 
-    def feature_usage(self) -> dict[tuple[str, int], list[int]]:
-        """(group, feature position) -> [requests, PRESENT, MISSING, EXPIRED, UNAVAILABLE] in values."""
-        per_feature: dict[tuple[str, int], list[int]] = defaultdict(lambda: [0, 0, 0, 0, 0])
+    def feature_usage(self) -> dict[tuple[str, int], UsageCounts]:
+        """(group, feature position) -> usage in values (a null stored in a PRESENT row served as MISSING)."""
+        per_feature: dict[tuple[str, int], UsageCounts] = defaultdict(UsageCounts)
         for key, counts in self.usage.items():
-            per_feature[key] = list(counts)
+            per_feature[key] = counts.copy()
         for (group, position), nulls in self.null_values.items():
-            slot = per_feature[(group, position)]
-            slot[1] -= nulls
-            slot[2] += nulls
+            counts = per_feature[(group, position)]
+            counts.present -= nulls
+            counts.missing += nulls
         return per_feature

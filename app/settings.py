@@ -1,4 +1,8 @@
-"""All configuration, from the environment (prefix GATEWAY_) or arguments to `create_app`."""
+"""All configuration, from the environment (prefix GATEWAY_) or arguments to `create_app`.
+
+Read only by the composition root (app/main.py, app/cli.py), which hands the parts what they take: the
+serving core gets `limits()`, `breaker_policy()` and `lifecycle()`, never this object.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,10 @@ from pathlib import Path
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from app.resilience.breaker import BreakerPolicy
+from app.serving.gateway import Lifecycle
+from app.serving.limits import Limits
 
 
 class Settings(BaseSettings):
@@ -49,3 +57,21 @@ class Settings(BaseSettings):
     otlp_endpoint: str | None = Field(
         None, description="OTLP/HTTP endpoint; OTEL_EXPORTER_OTLP_ENDPOINT is honoured too"
     )
+
+    def limits(self) -> Limits:
+        return Limits(
+            max_entities=self.max_entities,
+            max_features=self.max_features,
+            max_write_rows=self.max_write_rows,
+            max_key_length=self.max_key_length,
+            default_deadline_ms=self.default_deadline_ms,
+            max_deadline_ms=self.max_deadline_ms,
+            write_timeout_ms=self.write_timeout_ms,
+            max_future_event_ms=self.max_future_event_ms,
+        )
+
+    def breaker_policy(self) -> BreakerPolicy:
+        return BreakerPolicy(self.breaker_failures, self.breaker_reset_ms / 1000, self.breaker_slow_ms)
+
+    def lifecycle(self) -> Lifecycle:
+        return Lifecycle(self.migrate_on_start, self.migrate_retry_s, self.ready_timeout_ms / 1000)

@@ -8,7 +8,6 @@ next to nothing on the hot path.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
 
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
@@ -39,10 +38,3 @@ def tracer_for(provider: TracerProvider | None) -> trace.Tracer | None:
     if provider is None:
         return None
     return provider.get_tracer("feature-gateway")
-
-
-def server_timing(backend_ms: Iterable[tuple[str, float]], total_ms: float) -> str:
-    """`hot;dur=0.41, bulk;dur=1.20, total;dur=1.9` (backend names are registry identifiers: token-safe)."""
-    parts = [f"{name};dur={ms:.2f}" for name, ms in backend_ms]
-    parts.append(f"total;dur={total_ms:.2f}")
-    return ", ".join(parts)

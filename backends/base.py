@@ -1,15 +1,18 @@
-"""The one extension point for storage: a `FeatureBackend` moves blobs (see `app/layout.py`) for groups.
+"""The one extension point for storage: a `FeatureBackend` moves blobs (see `app/storage/layout.py`) for groups.
 
 The core passes a backend only its own groups, keys already deduplicated, and a deadline it enforces by
-cancelling the call; a backend raises on failure and never retries past its own short timeouts.
+cancelling the call; a backend raises on failure and never retries past its own short timeouts. Each backend
+module also declares a `BackendKind`: its option schema, which options say where its data lives, and how to
+open it; `backends/__init__.py` registers it (see backends/README.md). This module imports no driver.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import NamedTuple, Protocol
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Protocol
 
-from app.registry import Group
+from app.registry.model import BackendSpec, Group
 
 
 class WriteRow(NamedTuple):
@@ -44,6 +47,37 @@ class FeatureBackend(Protocol):
     async def aclose(self) -> None:
         """Release connections; the backend is not used afterwards."""
 
+    def server_answered(self, exc: BaseException) -> bool:
+        """Did the server itself refuse this one operation (so it is up)? Then the failure is no reason to open
+        the backend's circuit: an error of this request (a full Redis, a read-only replica, a constraint), not
+        an outage. Connection errors and timeouts are not answers."""
+
+
+REQUIRED: Any = ...  # the default of an option that must be given
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    """One backend option: its check (YAML value -> value, ValueError with a reason) and default."""
+
+    check: Callable[[Any], Any]
+    default: Any = REQUIRED
+    identity: bool = False  # says where the data lives: a materialize checkpoint is bound to it
+
+
+@dataclass(frozen=True, slots=True)
+class BackendKind:
+    """What the registry and the composition root need of one backend type."""
+
+    type: str
+    options: Mapping[str, Option]
+    open: Callable[[BackendSpec, Sequence[Group]], FeatureBackend]  # lazily: a backend that is down starts too
+    rules: Callable[[Mapping[str, Any]], tuple[str, str] | None] | None = None  # options together: (option, why)
+
+    @property
+    def identity(self) -> tuple[str, ...]:
+        return tuple(name for name, option in self.options.items() if option.identity)
+
 
 def reclaim_us(group: Group, event_us: int) -> int | None:
     """When a stored row may be reclaimed: its ttl and then its grace after its event time (None: never).
@@ -58,19 +92,3 @@ def reclaim_us(group: Group, event_us: int) -> int | None:
 
 # 9999-12-31T00:00:00Z: a later expiry does not fit a Python datetime (the PostgreSQL backend's TIMESTAMPTZ).
 _LATEST_EXPIRY_US = 253_402_214_400_000_000
-
-
-def server_answered(exc: BaseException) -> bool:
-    """Did the server itself refuse this one operation (so it is up)? Then it is no reason to open its circuit.
-
-    Redis error replies (OOM, READONLY, WRONGTYPE) and PostgreSQL SQLSTATE errors, except the classes that
-    mean the server is going away or cannot take work: 08 connection, 53 resources, 57 operator intervention.
-    """
-    from asyncpg import PostgresError
-    from redis.exceptions import BusyLoadingError, ResponseError
-
-    if isinstance(exc, ResponseError):
-        return not isinstance(exc, BusyLoadingError)
-    if isinstance(exc, PostgresError):
-        return str(getattr(exc, "sqlstate", "") or "")[:2] not in {"08", "53", "57"}
-    return False

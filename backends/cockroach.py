@@ -17,8 +17,9 @@ from typing import Any
 
 import asyncpg
 
-from app.registry import BackendSpec, Group, url_hosts
-from backends.base import WriteResult, WriteRow, reclaim_us
+from app.registry.model import BackendSpec, Group
+from backends import options as check
+from backends.base import BackendKind, Option, WriteResult, WriteRow, reclaim_us
 from backends.reclaim import reclaim_loop
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,7 @@ class CockroachBackend:
                 if self._pool is None:
                     # min_size=0: creating the pool opens no connection, so a database that is down
                     # does not stop start-up; connections are opened on first use and kept.
-                    hosts = url_hosts(self.options["dsn"])
+                    hosts = check.url_hosts(self.options["dsn"])
                     self._pool = await asyncpg.create_pool(
                         self.options["dsn"],
                         connect=each_host(hosts) if len(hosts) > 1 else None,
@@ -213,8 +214,29 @@ class CockroachBackend:
         pool = await self.pool()
         await pool.fetchval("SELECT 1")
 
+    def server_answered(self, exc: BaseException) -> bool:
+        """A SQLSTATE error, except the classes that mean the server is going away or cannot take work:
+        08 connection, 53 resources, 57 operator intervention."""
+        return isinstance(exc, asyncpg.PostgresError) and str(exc.sqlstate or "")[:2] not in {"08", "53", "57"}
+
     async def aclose(self) -> None:
         if self._cleanup is not None:
             self._cleanup.cancel()
         if self._pool is not None:
             await self._pool.close()
+
+
+KIND = BackendKind(
+    type="cockroach",
+    options={
+        "dsn": Option(check.url("postgresql", "postgres"), identity=True),
+        "dialect": Option(check.choice("auto", "cockroach", "postgres"), "auto"),
+        "schema": Option(check.identifier, "public", identity=True),
+        "table": Option(check.identifier, "feature_values", identity=True),
+        "timeout_ms": Option(check.positive(float), 2000.0),
+        "connect_timeout_ms": Option(check.positive(float), 1000.0),
+        "pool_size": Option(check.positive(int), 16),
+        "cleanup_interval": Option(check.duration, 600.0),
+    },
+    open=CockroachBackend,
+)

@@ -8,16 +8,19 @@ row written already past it is gone at once.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from app.registry import BackendSpec, Group
-from backends.base import WriteResult, WriteRow
-from backends.redis_write import WRITE_IF_NEWER, script_args
+from app.registry.model import BackendSpec, Group
+from backends import options as check
+from backends.base import BackendKind, FeatureBackend, Option, WriteResult, WriteRow
+from backends.redis_common import WRITE_IF_NEWER, script_args, server_answered
 from backends.resp import PipelinedReader
 
 
@@ -75,7 +78,51 @@ class RedisBackend:
     async def ping(self) -> None:
         await self.client.ping()
 
+    def server_answered(self, exc: BaseException) -> bool:
+        return server_answered(exc)
+
     async def aclose(self) -> None:
         await self.reader.aclose()
         await self.client.aclose()
         await self.client.connection_pool.disconnect()
+
+
+def _rules(options: Mapping[str, Any]) -> tuple[str, str] | None:
+    """What a redis backend's options must agree on; (option, reason) for the first that does not."""
+    url = urlsplit(options["url"])
+    several = url.scheme != "unix" and len(check.url_hosts(options["url"])) > 1
+    if not options["cluster"]:
+        if several:
+            return "url", "lists several hosts, which is a Redis Cluster's seed list: add cluster: true"
+        return None
+    if url.scheme == "unix":
+        return "url", "a Redis Cluster is reached over TCP (redis:// or rediss://), not a unix socket"
+    db = parse_qs(url.query).get("db", [url.path.strip("/")])[0]
+    if db not in ("", "0"):
+        return "url", f"a Redis Cluster has only database 0, not {db}"
+    if "{" in options["key_prefix"] or "}" in options["key_prefix"]:
+        return "key_prefix", "must not contain { or }: on a cluster the key's first {...} is the gateway's hash tag"
+    return None
+
+
+def _open(spec: BackendSpec, groups: Sequence[Group]) -> FeatureBackend:
+    if spec.options["cluster"]:
+        from backends.redis_cluster import RedisClusterBackend  # its own module: redis-py's cluster client
+
+        return RedisClusterBackend(spec, groups)
+    return RedisBackend(spec, groups)
+
+
+KIND = BackendKind(
+    type="redis",
+    options={
+        "url": Option(check.url("redis", "rediss", "unix"), identity=True),
+        "cluster": Option(check.flag, False),
+        "key_prefix": Option(check.text, "fg:", identity=True),
+        "timeout_ms": Option(check.positive(float), 1000.0),
+        "connect_timeout_ms": Option(check.positive(float), 1000.0),
+        "pool_size": Option(check.positive(int), 64),
+    },
+    open=_open,
+    rules=_rules,
+)

@@ -7,7 +7,7 @@ only the `{live:0060}` tag, so every key of one (group, bucket) shares a slot, e
 
 A read is one pipeline: one MGET per (group, bucket) present in the batch, sent to the master owning that
 slot; the per-node pipelines go out concurrently, so a read costs one round trip per master, not per key
-or per slot. A write runs the compare-event-time script of `backends/redis_write.py` once per bucket, in one
+or per slot. A write runs the compare-event-time script of `backends.redis_common.py` once per bucket, in one
 pipeline the same way.
 
 Atomicity is per slot, not per batch: a script sees only keys of its own slot, and Redis Cluster has no
@@ -51,9 +51,10 @@ from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
 
-from app.registry import BackendSpec, Group, url_hosts
+from app.registry.model import BackendSpec, Group
 from backends.base import WriteResult, WriteRow
-from backends.redis_write import WRITE_IF_NEWER, script_args
+from backends.options import url_hosts
+from backends.redis_common import WRITE_IF_NEWER, script_args, server_answered
 
 # Changing this moves every key (existing data reads as MISSING until rewritten): it is part of the layout.
 BUCKETS = 16
@@ -232,6 +233,9 @@ class RedisClusterBackend:
         client = self.client
         await client.initialize()
         await client.execute_command("PING", target_nodes=client.get_primaries())
+
+    def server_answered(self, exc: BaseException) -> bool:
+        return server_answered(exc)
 
     async def aclose(self) -> None:
         await self.client.aclose()

@@ -17,8 +17,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
-from app.registry import BackendSpec, Group
-from backends.base import WriteResult, WriteRow, reclaim_us
+from app.registry.model import BackendSpec, Group
+from backends import options as check
+from backends.base import BackendKind, Option, WriteResult, WriteRow, reclaim_us
 from backends.reclaim import reclaim_loop
 
 T = TypeVar("T")
@@ -151,6 +152,9 @@ class SqliteBackend:
     async def ping(self) -> None:
         await self._reader.run(lambda conn: conn.execute("SELECT count(*) FROM sqlite_master").fetchone())
 
+    def server_answered(self, exc: BaseException) -> bool:
+        return False  # in-process: no server to tell apart from its answers (a locked file counts against it)
+
     async def aclose(self) -> None:
         if self._cleanup is not None:
             self._cleanup.cancel()
@@ -158,3 +162,14 @@ class SqliteBackend:
                 await self._cleanup
         await self._reader.aclose()
         await self._writer.aclose()
+
+
+KIND = BackendKind(
+    type="sqlite",
+    options={
+        "path": Option(check.file_path, identity=True),
+        "timeout_ms": Option(check.positive(float), 1000.0),
+        "cleanup_interval": Option(check.duration, 600.0),
+    },
+    open=SqliteBackend,
+)

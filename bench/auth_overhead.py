@@ -26,7 +26,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from app.main import create_app
-from app.registry import parse_registry
+from app.registry.load import parse_registry
 from app.settings import Settings
 
 try:

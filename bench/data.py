@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 
-from app.registry import Group, Registry
+from app.registry.model import Group, Registry
 from bench.procs import BenchError
 
 JOIN_KEY = "consumer_id"

@@ -36,7 +36,8 @@ import redis.asyncio as aioredis
 import uvloop
 
 from app.errors import RegistryError
-from app.registry import Registry, load_registry
+from app.registry.load import load_registry
+from app.registry.model import Registry
 from bench.data import entity_ids, generate, verify, write_rows
 from bench.measure import (
     Floor,

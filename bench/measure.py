@@ -15,7 +15,7 @@ from typing import Any
 import asyncpg
 import redis.asyncio as aioredis
 
-from app.registry import Registry
+from app.registry.model import Registry
 from backends.cockroach import CockroachBackend
 from backends.redis import RedisBackend
 from bench.data import FIRST_ID, JOIN_KEY

@@ -25,7 +25,8 @@ import uvloop
 from redis import Redis as SyncRedis
 from redis.crc import key_slot
 
-from app.registry import Group, parse_registry
+from app.registry.load import parse_registry
+from app.registry.model import Group
 from backends.base import WriteRow
 from backends.redis import RedisBackend
 from backends.redis_cluster import RedisClusterBackend, bucket_labels

@@ -9,8 +9,7 @@ from fastapi.openapi.models import HTTPBearer as HTTPBearerModel
 from fastapi.security.base import SecurityBase
 
 from app.auth import ApiKey, KeyRing, Scope
-from app.errors import TooLarge, UnsupportedMedia
-from app.gateway import Gateway
+from app.serving.gateway import Gateway
 
 
 def gateway_of(request: Request) -> Gateway:
@@ -24,54 +23,6 @@ async def get_gateway(request: Request) -> Gateway:
 
 
 GatewayDep = Annotated[Gateway, Depends(get_gateway)]
-
-
-def check_json_media(request: Request, *, untyped_ok: bool = False) -> None:
-    """Refuse (415) a body not declared `application/json`.
-
-    Why: a web page may send a cross-origin POST without asking the server first (no CORS preflight) only with
-    `text/plain`, `application/x-www-form-urlencoded`, `multipart/form-data` or no content type at all; parsing
-    such bodies as JSON would let any page a developer opens write to a keyless gateway on loopback. Demanding
-    `application/json` forces the preflight, which fails unless `cors_origins` allows the page's origin.
-
-    `untyped_ok` admits a body with no content type from a client that is not a browser (no `Origin` header):
-    Feast's remote online store posts its JSON that way, and browsers send `Origin` on every cross-origin POST.
-    """
-    media: bytes | None = None
-    origin = False
-    for name, value in request.scope["headers"]:
-        if name == b"content-type":
-            media = value
-        elif name == b"origin":
-            origin = True
-    if media is None:
-        if untyped_ok and not origin:
-            return
-        raise UnsupportedMedia("send the body with content-type: application/json", field="(content-type)")
-    kind, _, params = media.partition(b";")
-    charset = params.strip().lower().partition(b"charset=")[2].strip(b'" ')
-    if kind.strip().lower() != b"application/json" or charset not in (b"", b"utf-8", b"utf8"):
-        shown = media.decode("latin-1")[:100]
-        raise UnsupportedMedia(
-            f"content-type {shown!r} is not accepted; send the body as application/json (UTF-8)",
-            field="(content-type)",
-        )
-
-
-async def read_body(request: Request, limit: int, *, untyped_ok: bool = False) -> bytes:
-    """The JSON body (see check_json_media), refused with 413 as soon as it passes `limit` bytes (not after
-    buffering all of it)."""
-    check_json_media(request, untyped_ok=untyped_ok)
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise TooLarge(f"the body is {declared} bytes; the limit is {limit}", field="(body)")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise TooLarge(f"the body is over the limit of {limit} bytes", field="(body)")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 SCHEME = "bearerAuth"  # the bearer security scheme's name in the OpenAPI spec

@@ -10,10 +10,12 @@ from fastapi import APIRouter, Request, Response
 from opentelemetry.trace import SpanKind
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.feast import feast_write_rows, get_online_features
-from app.telemetry import server_timing
-from app.write import write
-from routers.deps import authorize, gateway_of, read_body, security
+from app.serving.fetch import serve
+from app.serving.write import write
+from routers.answers import server_timing
+from routers.decode import decode_body, read_body
+from routers.deps import authorize, gateway_of, security
+from routers.feast_protocol import FeastBody, FeastWriteBody, encode_answer, fetch_request, write_request
 from routers.models import WriteResponse, json_body, problems
 from routers.raw_route import RawRoute
 
@@ -94,8 +96,10 @@ async def feast_get_online_features(request: Request) -> Response:
     key = authorize(request, "read")
     gateway = gateway_of(request)
     with gateway.span("POST /get-online-features", SpanKind.SERVER):
-        raw = await read_body(request, gateway.settings.max_body_bytes, untyped_ok=True)
-        body, served = await get_online_features(gateway, raw, None if key is None else key.groups)
+        raw = await read_body(request, request.app.state.max_body_bytes, untyped_ok=True)
+        feast = decode_body(raw, FeastBody)
+        served = await serve(gateway, fetch_request(feast, gateway.plan), None if key is None else key.groups)
+        body = encode_answer(feast, served)
     total_ms = (time.perf_counter() - started) * 1000
     headers = {
         "Server-Timing": server_timing(((n, o.ms) for n, o in served.outcomes.items()), total_ms),
@@ -142,6 +146,7 @@ async def feast_write_to_online_store(request: Request) -> Response:
     key = authorize(request, "write")
     gateway = gateway_of(request)
     with gateway.span("POST /write-to-online-store", SpanKind.SERVER):
-        rows = feast_write_rows(await read_body(request, gateway.settings.max_body_bytes, untyped_ok=True), gateway)
-        result = await write(gateway, rows, None if key is None else key.groups)
-    return Response(content=msgspec.json.encode(result), media_type="application/json")
+        raw = await read_body(request, request.app.state.max_body_bytes, untyped_ok=True)
+        rows = write_request(decode_body(raw, FeastWriteBody))
+        written = await write(gateway, rows, None if key is None else key.groups)
+    return Response(content=msgspec.json.encode(written), media_type="application/json")

@@ -8,10 +8,13 @@ import msgspec
 from fastapi import APIRouter, Request, Response
 from opentelemetry.trace import SpanKind
 
-from app.fetch import fetch
-from app.telemetry import server_timing
-from app.write import write
-from routers.deps import authorize, gateway_of, read_body, security
+from app.serving.fetch import serve
+from app.serving.request import FetchRequest as Fetch
+from app.serving.request import WriteRequest as Write
+from app.serving.write import write
+from routers.answers import encode_fetch, server_timing
+from routers.decode import decode_body, read_body
+from routers.deps import authorize, gateway_of, security
 from routers.models import (
     FetchRequest,
     FetchResponse,
@@ -38,13 +41,15 @@ async def fetch_features(request: Request) -> Response:
     started = time.perf_counter()
     key = authorize(request, "read")
     gateway = gateway_of(request)
+    limit = request.app.state.max_body_bytes
     with gateway.span("POST /v1/features/fetch", SpanKind.SERVER) as span:
-        groups = None if key is None else key.groups
-        result = await fetch(gateway, await read_body(request, gateway.settings.max_body_bytes), groups=groups)
-        span.set_attribute("degraded", result.degraded)
+        body = decode_body(await read_body(request, limit), Fetch)
+        served = await serve(gateway, body, None if key is None else key.groups)
+        span.set_attribute("degraded", served.degraded)
+        content = encode_fetch(served)
     total_ms = (time.perf_counter() - started) * 1000
-    timing = server_timing(((n, o.ms) for n, o in result.backends.items()), total_ms)
-    return Response(content=result.body, media_type="application/json", headers={"Server-Timing": timing})
+    timing = server_timing(((n, o.ms) for n, o in served.outcomes.items()), total_ms)
+    return Response(content=content, media_type="application/json", headers={"Server-Timing": timing})
 
 
 @router.post(
@@ -59,7 +64,8 @@ async def fetch_features(request: Request) -> Response:
 async def write_features(request: Request) -> Response:
     key = authorize(request, "write")
     gateway = gateway_of(request)
+    limit = request.app.state.max_body_bytes
     with gateway.span("POST /v1/features/write", SpanKind.SERVER):
-        groups = None if key is None else key.groups
-        result = await write(gateway, await read_body(request, gateway.settings.max_body_bytes), groups=groups)
-    return Response(content=msgspec.json.encode(result), media_type="application/json")
+        body = decode_body(await read_body(request, limit), Write)
+        written = await write(gateway, body, None if key is None else key.groups)
+    return Response(content=msgspec.json.encode(written), media_type="application/json")

@@ -1,16 +1,26 @@
 """Pydantic models that document the API in the OpenAPI spec (and so in generated SDKs).
 
-The hot path does not build these: bodies are decoded by `app/requests.py` and answers encoded once as
-bytes; tests check that what is served validates against these models.
+The hot path does not build these: bodies are decoded by `routers/decode.py` into `app/serving/request.py`'s
+types and answers encoded once as bytes; tests check that what is served validates against these models.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
-Status = Literal["PRESENT", "MISSING", "EXPIRED", "UNAVAILABLE"]
+from app.resilience.breaker import CircuitState
+from app.serving.statuses import Outcome, Status
+
+# The spec spells these closed sets out inline, as it always has (an enum type would become a named schema and
+# change every generated SDK); they are the enums' values, which the checks below hold them to.
+StatusName = Literal["PRESENT", "MISSING", "EXPIRED", "UNAVAILABLE"]
+OutcomeName = Literal["ok", "error", "timeout", "open"]
+CircuitName = Literal["closed", "open", "half_open"]
+for _names, _enum in ((StatusName, Status), (OutcomeName, Outcome), (CircuitName, CircuitState)):
+    if get_args(_names) != tuple(_enum):
+        raise AssertionError(f"{_enum.__name__}'s values and the spec's names differ: {get_args(_names)}")
 
 
 class FetchRequest(BaseModel):
@@ -40,12 +50,12 @@ class FetchRequest(BaseModel):
 class FetchRow(BaseModel):
     entity: dict[str, int | str]
     values: list[Any] = Field(description="values[i] answers features[i]; the declared default when not PRESENT")
-    statuses: list[Status]
+    statuses: list[StatusName]
     event_timestamps: list[str | None] | None = Field(None, description="RFC 3339; null where not PRESENT")
 
 
 class BackendReport(BaseModel):
-    status: Literal["ok", "error", "timeout", "open"] = Field(
+    status: OutcomeName = Field(
         description="open: the backend's circuit is open after repeated failures, so it was not asked"
     )
     ms: float
@@ -155,10 +165,10 @@ class Readiness(BaseModel):
 
     ready: bool
     backends: dict[str, str] = Field(description="Backend -> 'ok' or why it does not answer")
-    circuits: dict[str, Literal["closed", "open", "half_open"]] = Field(
+    circuits: dict[str, CircuitName] = Field(
         description="Backend -> read circuit state; open: fetches skip it until a probe succeeds"
     )
-    write_circuits: dict[str, Literal["closed", "open", "half_open"]] = Field(
+    write_circuits: dict[str, CircuitName] = Field(
         description="Backend -> write circuit state; open: writes are refused (503) until a probe succeeds. "
         "Failed writes never open the read circuit"
     )
@@ -300,8 +310,8 @@ class UsageReport(BaseModel):
 
 class BackendStatus(BaseModel):
     type: str
-    circuit: Literal["closed", "open", "half_open"] = Field(description="The read circuit")
-    write_circuit: Literal["closed", "open", "half_open"]
+    circuit: CircuitName = Field(description="The read circuit")
+    write_circuit: CircuitName
     migrated: bool
     reads: dict[str, int] = Field(description="Reads by outcome: ok, error, timeout, open")
     series: list[list[float]] = Field(description="[window start (unix s), reads, mean ms, max ms] per 5 s")

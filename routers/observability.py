@@ -11,8 +11,10 @@ from fastapi.responses import PlainTextResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.auth import check_every_group
-from app.gateway import Gateway
-from app.metrics import LATENCY_BUCKETS_S, STATUSES, Histogram, Merged
+from app.metrics import LATENCY_BUCKETS_S, Histogram, Merged
+from app.resilience.breaker import CircuitState
+from app.serving.gateway import Gateway
+from app.serving.usage import UsageCounts
 from routers.deps import GatewayDep, ReadKey
 from routers.models import AUTH_RESPONSES, UsageReport
 
@@ -94,7 +96,7 @@ def render_prometheus(gateway: Gateway, merged: Merged) -> str:
     name = family("backend_circuit_state", "gauge", "1 for the state each backend's read and write circuits are in.")
     for backend, circuits in gateway.breakers.items():
         for direction, breaker in zip(circuits._fields, circuits, strict=True):
-            for state in ("closed", "open", "half_open"):
+            for state in CircuitState:
                 labels = _labels(backend=backend, direction=direction, state=state)
                 lines.append(f"{name}{labels} {int(breaker.state == state)}")
     requested = family("feature_requests_total", "counter", "Fetch requests that asked for each feature.")
@@ -104,9 +106,9 @@ def render_prometheus(gateway: Gateway, merged: Merged) -> str:
     for (group, position), counts in sorted(usage.items()):
         known = groups[group].by_index.get(position) if group in groups else None
         feature = known.name if known is not None else f"#{position}"  # counted under an older registry
-        lines.append(f"{requested}{_labels(group=group, feature=feature)} {counts[0]}")
-        for status_name, count in zip(STATUSES, counts[1:], strict=True):
-            lines.append(f"{served}{_labels(group=group, feature=feature, status=status_name)} {count}")
+        lines.append(f"{requested}{_labels(group=group, feature=feature)} {counts.requests}")
+        for value_status, count in counts.by_status().items():
+            lines.append(f"{served}{_labels(group=group, feature=feature, status=value_status)} {count}")
     return "\n".join(lines) + "\n"
 
 
@@ -117,15 +119,14 @@ def usage_report(gateway: Gateway, merged: Merged) -> dict[str, Any]:
     for group in gateway.registry.groups.values():
         features = {}
         for feature in group.features:
-            requests, *by_status = usage.get((group.name, feature.index), [0, 0, 0, 0, 0])
-            values = sum(by_status)
-            if requests == 0:
+            counts = usage.get((group.name, feature.index)) or UsageCounts()
+            if counts.requests == 0:
                 never.append(feature.ref)
             features[feature.name] = {
-                "requests": requests,
-                "values": values,
-                "statuses": dict(zip(STATUSES, by_status, strict=True)),
-                "default_rate": round((values - by_status[0]) / values, 4) if values else None,
+                "requests": counts.requests,
+                "values": counts.values,
+                "statuses": counts.by_status(),
+                "default_rate": counts.default_rate(),
             }
         groups[group.name] = {"backend": group.backend, "features": features}
     return {"since": merged_since(gateway), "groups": groups, "never_requested": never}

@@ -14,7 +14,7 @@ from fastapi import APIRouter
 from fastapi.responses import HTMLResponse
 
 from app.auth import check_every_group
-from app.metrics import STATUSES
+from app.serving.usage import UsageCounts
 from routers.deps import GatewayDep, ReadKey
 from routers.models import AUTH_RESPONSES, StatusReport
 
@@ -58,15 +58,13 @@ async def get_status(gateway: GatewayDep, key: ReadKey) -> dict[str, Any]:
     usage = merged.feature_usage()
     groups: dict[str, Any] = {}
     for group in gateway.registry.groups.values():
-        totals = [0, 0, 0, 0]
+        totals = UsageCounts()
         for feature in group.features:
-            for i, count in enumerate(usage.get((group.name, feature.index), [0, 0, 0, 0, 0])[1:]):
-                totals[i] += count
-        values = sum(totals)
+            totals.add(usage.get((group.name, feature.index)) or UsageCounts())
         groups[group.name] = {
-            "values": values,
-            "statuses": dict(zip(STATUSES, totals, strict=True)),
-            "default_rate": round((values - totals[0]) / values, 4) if values else None,
+            "values": totals.values,
+            "statuses": totals.by_status(),
+            "default_rate": totals.default_rate(),
         }
     return {
         "now": time.time(),

@@ -7,9 +7,9 @@ from typing import Any
 import pytest
 
 from routers.models import FetchResponse, WriteResponse
-from tests.conftest import GatewayFactory, Names
-from tests.support import JSON
-from tests.test_behaviour import live_row, write
+from tests.support.clients import JSON, live_row, write
+from tests.support.gateways import GatewayFactory
+from tests.support.registries import Names
 
 GOOD = {"entities": {"consumer_id": [1]}, "features": ["live:orders_7d"]}
 

@@ -25,11 +25,12 @@ from app.auth import KeyRing, hash_token, key_entry, new_token, parse_keys
 from app.cli import is_loopback
 from app.errors import KeyConfigError, Unauthorized
 from app.main import create_app
-from app.registry import parse_registry
+from app.registry.load import parse_registry
 from app.settings import Settings
-from tests.conftest import GatewayFactory, Names
-from tests.support import JSON, free_port
-from tests.test_behaviour import live_row
+from tests.support.clients import JSON, live_row
+from tests.support.gateways import GatewayFactory
+from tests.support.registries import Names
+from tests.support.servers import free_port
 
 CLI = [sys.executable, "-m", "app"]
 FETCH_LIVE = {"entities": {"consumer_id": [1]}, "features": ["live:orders_7d"]}
@@ -521,10 +522,10 @@ def test_checking_a_key_is_cheap() -> None:
     tokens = [new_token() for _ in range(100)]
     ring = KeyRing(parse_keys([key_entry(f"k{i}", t, ["read"]) for i, t in enumerate(tokens)], "test", None))
     header = f"Bearer {tokens[-1]}"
-    started = time.perf_counter()
+    started = time.process_time()  # the CPU the checks cost (a KDF's cost), not the wall clock a loaded box stretches
     for _ in range(1000):
         ring.check(header, "read")
-    assert (time.perf_counter() - started) / 1000 < 0.001
+    assert (time.process_time() - started) / 1000 < 0.001
 
 
 # -- the key config -------------------------------------------------------------------------------------

@@ -9,12 +9,13 @@ from typing import Any
 
 import redis.asyncio as redis
 
-from app.registry import parse_registry
+from app.registry.load import parse_registry
 from backends import open_backend
 from backends.cockroach import CockroachBackend, create_table_sql
-from tests.conftest import REDIS_URL, GatewayFactory, Names
-from tests.support import RedisProcess
-from tests.test_behaviour import fetch, live_row, stamp, write
+from tests.support.clients import fetch, live_row, stamp, write
+from tests.support.gateways import GatewayFactory
+from tests.support.registries import REDIS_URL, Names
+from tests.support.servers import RedisProcess
 
 
 async def test_redis_keys_expire_at_their_reclaim_time(gateway: GatewayFactory, names: Names) -> None:

@@ -12,10 +12,9 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import GatewayFactory, Names
-from tests.processes import GatewayProcess
-from tests.support import JSON
-from tests.test_behaviour import fetch, live_row, write
+from tests.support.clients import JSON, fetch, live_row, write
+from tests.support.gateways import GatewayFactory, GatewayProcess
+from tests.support.registries import Names
 
 GOOD_FETCH = b'{"entities": {"consumer_id": [1]}, "features": ["live:avg_basket"]}'
 
@@ -259,13 +258,15 @@ async def test_deep_nesting_is_refused_quickly(gateway: GatewayFactory, names: N
     ]
     async with gateway(names.registry(names.backend("sqlite"))) as client:
         for n, (path, body) in enumerate(bodies):
-            started = time.perf_counter()
+            # The CPU the refusal costs this process (the gateway runs in it), not the wall clock, which counts
+            # the time other processes had the CPU: descending a body level by level would cost CPU time.
+            started = time.process_time()
             response = await client.post(path, headers=JSON, content=body)
-            elapsed = time.perf_counter() - started
+            cpu_s = time.process_time() - started
             assert response.status_code in (400, 422), (path, depth, response.text)
             assert response.headers["content-type"] == "application/problem+json"
             assert len(response.content) < 1000  # the error names the value in a few levels, not all of them
-            assert elapsed < 0.5, (path, depth, elapsed)
+            assert cpu_s < 0.5, (path, depth, cpu_s)
             if depth >= 5_000 and n != 1:  # (`features` is typed: a list there is refused at its first level)
                 assert response.json()["detail"] == "the body is nested too deeply"
 
@@ -283,15 +284,15 @@ async def test_a_huge_body_is_refused_without_being_read(gateway: GatewayFactory
     chunk = b" " * 65536
     declared, streamed = [0], [0]
     async with gateway(names.registry(names.backend("sqlite")), max_body_bytes=1 << 20) as client:
-        started = time.perf_counter()
+        started = time.process_time()  # what refusing costs this process (the gateway runs in it), not the wall clock
         response = await client.post(
             path, content=counted(declared, chunk, 800), headers={**JSON, "content-length": str(800 * len(chunk))}
         )
-        declared_s = time.perf_counter() - started
+        declared_cpu_s = time.process_time() - started
         chunked = await client.post(path, headers=JSON, content=counted(streamed, chunk, 800))
     assert_problem(response, 413, "(body)")
     assert declared[0] == 0, "the body was read although its declared size was over the limit"
-    assert declared_s < 0.5
+    assert declared_cpu_s < 0.5
     assert_problem(chunked, 413, "(body)")
     assert (1 << 20) < streamed[0] <= (1 << 20) + len(chunk), streamed[0]
 
@@ -343,27 +344,29 @@ async def test_event_times_at_the_edges_are_stored_and_served(
 
 
 def test_the_server_answers_a_declared_50_mb_body_at_once(tmp_path: Path) -> None:
-    """Through uvicorn for real: the 413 comes back while the client has sent only the first bytes."""
+    """Through uvicorn for real: the 413 comes back while the client has sent only the first bytes.
+
+    The client sends the head and 64 KiB of the declared 50 MB, then nothing more and only waits: an answer
+    can come only from a server that did not wait for the body (one waiting for it would never answer, and
+    the socket's timeout fails the test)."""
     registry = tmp_path / "registry.yaml"
     registry.write_text(unicode_registry(Names(tmp_path), "sqlite"))
     server = GatewayProcess(registry, tmp_path / "gateway.log")
+    declared, sent = 50_000_000, 65536
     try:
         server.start()
         with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
-            started = time.monotonic()
             sock.sendall(
                 b"POST /v1/features/write HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
-                b"Content-Length: 50000000\r\n\r\n" + b"[" * 65536
+                b"Content-Length: %d\r\n\r\n" % declared + b"[" * sent
             )
             answer = b""
             while b"\r\n\r\n" not in answer:
-                chunk = sock.recv(65536)
+                chunk = sock.recv(65536)  # nothing more is sent while waiting: the body is withheld
                 assert chunk, f"the connection closed without an answer: {answer!r}"
                 answer += chunk
-            elapsed = time.monotonic() - started
     finally:
         server.stop()
     head = answer.split(b"\r\n\r\n")[0].decode().lower()
     assert head.startswith("http/1.1 413"), head
     assert "content-type: application/problem+json" in head
-    assert elapsed < 1.0

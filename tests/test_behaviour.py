@@ -3,47 +3,17 @@
 from __future__ import annotations
 
 import base64
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import httpx
+import msgspec
 import pytest
+import redis.asyncio as redis
 
-from tests.conftest import GatewayFactory, Names
-
-
-def stamp(delta: timedelta = timedelta()) -> str:
-    return (datetime.now(UTC) + delta).isoformat().replace("+00:00", "Z")
-
-
-def live_row(consumer: int, orders: int, *, at: str | None = None, **overrides: Any) -> dict[str, Any]:
-    row = {
-        "consumer_id": consumer,
-        "event_timestamp": at or stamp(),
-        "orders_7d": orders,
-        "avg_basket": orders * 1.5,
-        "active": orders % 2 == 1,
-        "name": f"consumer {consumer} ✓",
-        "raw": base64.b64encode(bytes([consumer % 256, 0, 255])).decode(),
-        "embedding": [0.25, -1.5, float(orders)],
-        "ids": [consumer, -consumer],
-    }
-    row.update(overrides)
-    return row
-
-
-async def write(client: httpx.AsyncClient, group: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
-    response = await client.post("/v1/features/write", json={"group": group, "rows": rows})
-    assert response.status_code == 200, response.text
-    result: dict[str, Any] = response.json()
-    return result
-
-
-async def fetch(client: httpx.AsyncClient, **body: Any) -> dict[str, Any]:
-    response = await client.post("/v1/features/fetch", json=body)
-    assert response.status_code == 200, response.text
-    result: dict[str, Any] = response.json()
-    return result
+from tests.support.clients import fetch, live_row, stamp, write
+from tests.support.gateways import GatewayFactory
+from tests.support.registries import REDIS_URL, Names
 
 
 async def test_values_come_back_typed_and_in_request_order(gateway: GatewayFactory, names: Names, kind: str) -> None:
@@ -110,6 +80,25 @@ async def test_unknown_entities_are_missing_with_defaults(gateway: GatewayFactor
     assert row["statuses"] == ["MISSING"] * 7
     assert [r["values"] for r in stores["rows"]] == [[4], [0], [4]]
     assert [r["statuses"][0] for r in stores["rows"]] == ["PRESENT", "MISSING", "PRESENT"]
+
+
+async def test_an_unreadable_stored_value_is_missing_for_that_entity_only(
+    gateway: GatewayFactory, names: Names
+) -> None:
+    async with gateway(names.registry(names.backend("redis"))) as client:
+        await write(client, "live", [live_row(1, 1), live_row(2, 2)])
+        admin = redis.Redis.from_url(REDIS_URL)
+        # Layout 1, fresh, but an embedding that is text: decoding it fails
+        row = [1, 1.0, True, "n", b"r", "not packed floats", b"\x00" * 16]
+        now_us = time.time_ns() // 1000
+        await admin.set(
+            f"{names.prefix}live:2", b"\x01" + (now_us + (1 << 63)).to_bytes(8, "big") + msgspec.msgpack.encode(row)
+        )
+        await admin.aclose()
+        answer = await fetch(client, entities={"consumer_id": [1, 2]}, features=["live:orders_7d", "live:ids"])
+    assert answer["backends"]["hot"]["status"] == "ok"
+    assert answer["rows"][0]["statuses"] == ["PRESENT", "PRESENT"]
+    assert answer["rows"][1]["statuses"] == ["MISSING", "MISSING"]
 
 
 async def test_old_values_are_expired_and_served_as_default(gateway: GatewayFactory, names: Names, kind: str) -> None:

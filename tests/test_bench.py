@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from app.registry import load_registry
+from app.registry.load import load_registry
 from bench.data import generate
 from bench.main import REGISTRY
 from bench.measure import FloorResult, WrkResult, percentile

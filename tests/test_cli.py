@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -14,10 +16,11 @@ from pathlib import Path
 import asyncpg
 import httpx
 
-from tests.conftest import PG_DSN
-from tests.processes import demo_gateway
-from tests.support import free_port
-from tests.test_registry import GOOD
+from tests.support.clients import parse_metrics
+from tests.support.gateways import GatewayProcess, demo_gateway
+from tests.support.registries import GOOD_REGISTRY, PG_DSN
+from tests.support.servers import child_pids, free_port
+from tests.support.waiting import wait_until
 
 CLI = [sys.executable, "-m", "app"]
 
@@ -28,7 +31,7 @@ def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
 
 def test_check_accepts_a_good_registry(tmp_path: Path) -> None:
     path = tmp_path / "registry.yaml"
-    path.write_text(GOOD)
+    path.write_text(GOOD_REGISTRY)
     result = run("check", str(path))
     assert result.returncode == 0, result.stderr
     assert "ok: 2 backends, 1 entities, 2 groups, 3 features" in result.stdout
@@ -36,7 +39,7 @@ def test_check_accepts_a_good_registry(tmp_path: Path) -> None:
 
 def test_check_names_the_bad_field(tmp_path: Path) -> None:
     path = tmp_path / "registry.yaml"
-    path.write_text(GOOD.replace("ttl: 1h", "ttl: soon"))
+    path.write_text(GOOD_REGISTRY.replace("ttl: 1h", "ttl: soon"))
     result = run("check", str(path))
     assert result.returncode == 2
     assert f"{path}: groups.live.ttl: 'soon' is not a duration" in result.stderr
@@ -53,7 +56,7 @@ def test_migrate_creates_tables_and_reports_a_dead_backend(tmp_path: Path) -> No
     schema = f"t_cli_{os.getpid()}_{free_port()}"  # its own, like every test's
     path = tmp_path / "registry.yaml"
     path.write_text(
-        GOOD.replace("${REDIS_URL:-redis://127.0.0.1:6379/0}", f"redis://127.0.0.1:{free_port()}/0").replace(
+        GOOD_REGISTRY.replace("${REDIS_URL:-redis://127.0.0.1:6379/0}", f"redis://127.0.0.1:{free_port()}/0").replace(
             "dialect: cockroach", f"dialect: auto, schema: {schema}"
         )
     )
@@ -110,6 +113,26 @@ def test_serve_without_registry_runs_the_demo_and_its_curl_line_works(tmp_path: 
     assert answer["rows"][0]["values"][:2] == [3, 17]
 
 
+def metrics_folder(server: GatewayProcess) -> Path:
+    """The folder `serve --workers` made for its workers' snapshots (GATEWAY_METRICS_DIR, in their environment)."""
+    assert server.proc is not None
+    for pid in child_pids(server.proc.pid):
+        with contextlib.suppress(OSError):  # a child that ended meanwhile
+            for entry in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                if entry.startswith(b"GATEWAY_METRICS_DIR="):
+                    return Path(os.fsdecode(entry.split(b"=", 1)[1]))
+    raise AssertionError("no worker has GATEWAY_METRICS_DIR in its environment")
+
+
+def snapshots_written_after(folder: Path, workers: int, moment_ns: int) -> bool:
+    """Has each of the `workers` written its snapshot into `folder` after `moment_ns` (time.time_ns())?"""
+    try:
+        written = [path.stat().st_mtime_ns for path in folder.glob("*.json")]
+    except FileNotFoundError:  # replaced meanwhile: look again
+        return False
+    return len(written) == workers and all(mtime > moment_ns for mtime in written)
+
+
 def test_two_workers_report_one_set_of_metrics(tmp_path: Path) -> None:
     server = demo_gateway(tmp_path, "--workers", "2", "--log-level", "warning")
     server.start(ready_within=30)
@@ -118,9 +141,17 @@ def test_two_workers_report_one_set_of_metrics(tmp_path: Path) -> None:
     try:
         for _ in range(20):  # a new connection each time, so both workers serve some
             assert httpx.post(f"{base}/v1/features/fetch", json=body, timeout=5).status_code == 200
-        time.sleep(1.5)  # each worker writes its snapshot every second
+        answered = time.time_ns()
+        # Each worker writes its snapshot every second, and a scrape merges them: once both have written one
+        # since the last answer, a scrape sees all 20 (a worker counts a request in the same step as it sends
+        # the answer, so before any later snapshot).
+        folder = metrics_folder(server)
+        wait_until(lambda: snapshots_written_after(folder, 2, answered), what="both workers' snapshots")
         line = 'feature_gateway_http_requests_total{route="/v1/features/fetch",method="POST",status="200"} 20'
         assert line in httpx.get(f"{base}/metrics", timeout=5).text
+        server.signal(signal.SIGTERM)  # a clean stop: `serve` removes the snapshot folder it made
+        server.wait(30)
+        assert not folder.exists()
     finally:
         server.stop()
 
@@ -138,7 +169,19 @@ def test_a_client_hanging_up_mid_body_is_not_logged_as_an_error(tmp_path: Path) 
                     b'Content-Length: 1000\r\n\r\n{"entities":'
                 )
                 time.sleep(0.05)
-        time.sleep(0.3)
+
+        def handled() -> bool:
+            """Has the gateway finished with the three requests (it counts one when it is done with it, in the
+            same step as any error it would log about it)?"""
+            samples = parse_metrics(httpx.get(f"{server.url}/metrics", timeout=5).text)
+            fetches = [
+                count
+                for (name, labels), count in samples.items()
+                if name == "feature_gateway_http_requests_total" and ("route", "/v1/features/fetch") in labels
+            ]
+            return sum(fetches) == 3
+
+        wait_until(handled, what="the gateway done with the three hung-up requests")
         assert httpx.get(f"{server.url}/healthz", timeout=2).status_code == 200
     finally:
         server.stop()

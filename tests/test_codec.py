@@ -9,8 +9,8 @@ import struct
 import msgspec
 import pytest
 
-from app.codec import CodecError, parse_dtype
-from app.layout import GroupCodec, blob_event_us
+from app.storage.codec import CodecError, parse_dtype
+from app.storage.layout import GroupCodec, blob_event_us
 
 ALL = ["bool", "int64", "float64", "string", "bytes", "float32[3]", "int64[2]", "float64"]
 

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from tests.conftest import GatewayFactory, Names
+from tests.support.gateways import GatewayFactory
+from tests.support.registries import Names
 
 WRITE = json.dumps({"group": "stores", "rows": [{"store_id": "s", "open_orders": 66}]}).encode()
 FETCH = json.dumps({"entities": {"store_id": ["s"]}, "features": ["stores:open_orders"]}).encode()

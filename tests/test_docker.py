@@ -29,8 +29,8 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
-from app.registry import parse_registry
-from tests.support import free_port
+from app.registry.load import parse_registry
+from tests.support.servers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE_REGISTRY = "/etc/feature-gateway/registry.yaml"

@@ -10,10 +10,11 @@ from typing import Any
 import httpx
 import pytest
 
-from app.materialize import open_load, run_load
-from app.registry import parse_registry
-from app.settings import Settings
-from tests.conftest import GatewayFactory, Names
+from app.loading.load import open_load, run_load
+from app.registry.load import parse_registry
+from app.serving.limits import Limits
+from tests.support.gateways import GatewayFactory
+from tests.support.registries import Names
 
 
 def history(at: str, orders: int = 1) -> dict[str, Any]:
@@ -176,7 +177,7 @@ async def test_materialize_rejects_rows_ahead_of_the_clock(names: Names, tmp_pat
     path = tmp_path / "history.jsonl"
     rows = [history(iso(now)), {**history(iso(now + timedelta(days=2))), "consumer_id": 2}]
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    report = await run_load(open_load(registry, "history", path, settings=Settings()))
+    report = await run_load(open_load(registry, "history", path, limits=Limits()))
     assert (report.written, report.rejected) == (1, 1)
     assert report.reasons[0].startswith("row 2 (line 2): event_timestamp:")
     assert "ahead of the gateway's clock" in report.reasons[0]

@@ -11,10 +11,12 @@ import httpx
 import pytest
 import redis.asyncio as redis
 
-from app.plan import EXPIRED, MISSING, PRESENT, GroupPlan
-from app.registry import parse_registry
-from tests.conftest import PG_DSN, REDIS_URL, GatewayFactory, Names
-from tests.support import RedisClusterProcesses, eventually
+from app.registry.load import parse_registry
+from app.serving.plan import EXPIRED, MISSING, PRESENT, GroupPlan
+from tests.support.gateways import GatewayFactory
+from tests.support.registries import PG_DSN, REDIS_URL, Names
+from tests.support.servers import RedisClusterProcesses
+from tests.support.waiting import eventually
 
 KINDS = ("redis", "redis_cluster", "cockroach", "sqlite")
 TTL = timedelta(hours=1)
@@ -159,8 +161,8 @@ groups:
     event_us = 1_800_000_000_000_000
     blob = group.codec.encode(event_us, [4])
     nulls: dict[tuple[str, int], int] = {}
-    status = {offset: plan.cell(blob, event_us + offset, nulls)[1][0] for offset in (0, 10_000_000, 10_000_001)}
-    status |= {offset: plan.cell(blob, event_us + offset, nulls)[1][0] for offset in (15_000_000, 15_000_001)}
+    status = {offset: plan.cell(blob, event_us + offset, nulls).statuses[0] for offset in (0, 10_000_000, 10_000_001)}
+    status |= {offset: plan.cell(blob, event_us + offset, nulls).statuses[0] for offset in (15_000_000, 15_000_001)}
     assert status == {
         0: PRESENT,
         10_000_000: PRESENT,

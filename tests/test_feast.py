@@ -6,9 +6,10 @@ import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from tests.conftest import GatewayFactory, Names
-from tests.test_behaviour import live_row, stamp, write
-from tests.test_faults import closed_backend
+from tests.support.clients import live_row, stamp, write
+from tests.support.faults import closed_backend
+from tests.support.gateways import GatewayFactory
+from tests.support.registries import Names
 
 
 def feast_event_ts(response_json: dict) -> datetime:  # type: ignore[type-arg]

@@ -37,11 +37,12 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from app.auth import key_entry, new_token
-from app.codec import DType
 from app.main import DEMO_REGISTRY, create_app
-from app.registry import Entity, Group, Registry, parse_registry
+from app.registry.load import parse_registry
+from app.registry.model import Entity, Group, Registry
 from app.settings import Settings
-from tests.conftest import Names
+from app.storage.codec import DType
+from tests.support.registries import Names
 
 EXAMPLES = 80  # per operation and generation mode: about 10 s in all on a 2-core box
 INT64 = 1 << 63

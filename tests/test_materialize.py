@@ -23,24 +23,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from app.codec import CodecError, parse_dtype
+from app.cli import ProgressBar as Progress
 from app.errors import BackendFailed, ValidationFailed
-from app.materialize import (
-    Checkpoint,
-    CsvTyping,
-    MaterializeError,
-    Progress,
-    Report,
-    default_checkpoint,
-    detect_format,
-    from_text,
-    open_load,
-    run_load,
-)
-from app.registry import Registry, parse_registry
-from app.settings import Settings
+from app.loading.checkpoint import Checkpoint, default_checkpoint
+from app.loading.csv_typing import CsvTyping, from_text
+from app.loading.errors import MaterializeError
+from app.loading.load import Report, open_load, run_load
+from app.loading.sources import detect_format
+from app.registry.load import parse_registry
+from app.registry.model import Registry
+from app.serving.limits import Limits
+from app.storage.codec import CodecError, parse_dtype
 from backends import open_backend
-from tests.conftest import PG_DSN, GatewayFactory, Names
+from tests.support.gateways import GatewayFactory
+from tests.support.registries import PG_DSN, Names
 
 FORMATS = ["csv", "jsonl", "parquet"]
 T0 = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=10)  # within the live group's 1h ttl
@@ -203,7 +199,7 @@ def write_file(path: Path, rows: list[dict[str, Any]], *, row_group_size: int = 
 async def load(
     registry: Registry, path: Path, group: str = "live", *, batch_size: int = 10, retries: int = 0, **options: Any
 ) -> Report:
-    opened = open_load(registry, group, path, settings=Settings(), batch_size=batch_size, **options)
+    opened = open_load(registry, group, path, limits=Limits(), batch_size=batch_size, **options)
     return await run_load(opened, retries=retries)
 
 
@@ -415,7 +411,7 @@ async def test_a_cut_gzipped_file_stops_with_a_message_not_a_traceback(names: Na
 
 
 async def test_a_backend_that_does_not_answer_fails_the_load_clearly(names: Names, tmp_path: Path) -> None:
-    from tests.support import free_port
+    from tests.support.servers import free_port
 
     registry = parse_registry(
         names.registry(names.backend("cockroach", dsn=f"postgresql://root@127.0.0.1:{free_port()}/test")),

@@ -2,32 +2,18 @@
 
 from __future__ import annotations
 
-import re
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
+
+import app.serving.gateway
 from app.metrics import Metrics
-from tests.conftest import GatewayFactory, Names
-from tests.test_behaviour import fetch, live_row, stamp, write
-from tests.test_faults import closed_backend
-
-SAMPLE = re.compile(r"^(?P<name>[a-z_]+)(?:\{(?P<labels>[^}]*)\})? (?P<value>[0-9.e+-]+|\+Inf)$")
-
-
-def parse_metrics(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    samples = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        match = SAMPLE.match(line)
-        assert match, f"not a Prometheus sample: {line!r}"
-        labels = frozenset(re.findall(r'(\w+)="([^"]*)"', match["labels"] or ""))
-        samples[(match["name"], labels)] = float(match["value"])
-    return samples
-
-
-def value(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float:
-    return samples[(f"feature_gateway_{name}", frozenset(labels.items()))]
+from app.serving.statuses import Outcome
+from tests.support.clients import fetch, live_row, metric_value, parse_metrics, stamp, write
+from tests.support.faults import closed_backend
+from tests.support.gateways import GatewayFactory
+from tests.support.registries import Names
 
 
 async def test_usage_counts_every_status_per_feature(gateway: GatewayFactory, names: Names) -> None:
@@ -62,14 +48,14 @@ async def test_usage_counts_every_status_per_feature(gateway: GatewayFactory, na
     assert "live:orders_7d" not in usage["never_requested"]
 
     samples = parse_metrics(text)
-    assert value(samples, "feature_requests_total", group="live", feature="orders_7d") == 3
-    assert value(samples, "feature_values_total", group="live", feature="embedding", status="MISSING") == 4
-    assert value(samples, "backend_reads_total", backend="bulk", outcome="error") == 2
-    assert value(samples, "backend_reads_total", backend="hot", outcome="ok") == 3
-    assert value(samples, "backend_circuit_state", backend="hot", direction="read", state="closed") == 1
-    assert value(samples, "backend_circuit_state", backend="hot", direction="write", state="closed") == 1
-    assert value(samples, "http_requests_total", route="/v1/features/fetch", method="POST", status="200") == 3
-    assert value(samples, "backend_read_duration_seconds_count", backend="hot") == 3
+    assert metric_value(samples, "feature_requests_total", group="live", feature="orders_7d") == 3
+    assert metric_value(samples, "feature_values_total", group="live", feature="embedding", status="MISSING") == 4
+    assert metric_value(samples, "backend_reads_total", backend="bulk", outcome="error") == 2
+    assert metric_value(samples, "backend_reads_total", backend="hot", outcome="ok") == 3
+    assert metric_value(samples, "backend_circuit_state", backend="hot", direction="read", state="closed") == 1
+    assert metric_value(samples, "backend_circuit_state", backend="hot", direction="write", state="closed") == 1
+    assert metric_value(samples, "http_requests_total", route="/v1/features/fetch", method="POST", status="200") == 3
+    assert metric_value(samples, "backend_read_duration_seconds_count", backend="hot") == 3
     buckets = [
         v
         for (n, labels), v in samples.items()
@@ -78,25 +64,61 @@ async def test_usage_counts_every_status_per_feature(gateway: GatewayFactory, na
     assert buckets == sorted(buckets)  # cumulative
 
 
+async def test_usage_stays_exact_when_plans_leave_the_cache(
+    gateway: GatewayFactory, names: Names, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(app.serving.gateway, "_PLAN_CACHE_SIZE", 2)  # every new feature list evicts an older plan
+    orders = [
+        ["live:orders_7d", "live:avg_basket"],
+        ["live:avg_basket", "live:orders_7d"],
+        ["live:orders_7d"],
+        ["live:avg_basket", "live:orders_7d", "live:orders_7d"],
+    ]
+    async with gateway(names.registry(names.backend("sqlite"))) as client:
+        await write(client, "live", [live_row(1, 1)])
+        for features in orders * 3:
+            # A generous deadline: this is about counting, and a slow first SQLite read would be UNAVAILABLE
+            await fetch(client, entities={"consumer_id": [1, 2]}, features=features, deadline_ms=5000)
+        gw = client.app.state.gateway  # type: ignore[attr-defined]
+        usage = (await client.get("/v1/usage")).json()["groups"]["live"]["features"]
+        cached = len(gw._plans)
+    assert cached <= 2
+    # orders_7d is asked 1 + 1 + 1 + 2 times per round (twice in the last list), 3 rounds, 2 rows each
+    assert usage["orders_7d"]["values"] == 5 * 3 * 2
+    assert usage["orders_7d"]["statuses"]["PRESENT"] == 5 * 3
+    assert usage["avg_basket"]["values"] == 3 * 3 * 2
+
+
+async def test_strict_failures_are_counted(gateway: GatewayFactory, names: Names) -> None:
+    async with gateway(names.registry(names.backend("sqlite"), closed_backend("redis", names))) as client:
+        strict = await client.post(
+            "/v1/features/fetch",
+            json={"entities": {"consumer_id": [1]}, "features": ["history:lifetime_orders"], "strict": True},
+        )
+        metrics = (await client.get("/metrics")).text
+    assert strict.status_code == 503
+    assert 'feature_gateway_backend_reads_total{backend="bulk",outcome="error"} 1' in metrics
+
+
 async def test_unknown_paths_share_one_route_label(gateway: GatewayFactory, names: Names) -> None:
     async with gateway(names.registry(names.backend("sqlite"))) as client:
         for i in range(3):
             await client.get(f"/no/such/path/{i}")
         samples = parse_metrics((await client.get("/metrics")).text)
-    assert value(samples, "http_requests_total", route="other", method="GET", status="404") == 3
+    assert metric_value(samples, "http_requests_total", route="other", method="GET", status="404") == 3
 
 
 def test_workers_snapshots_are_merged(tmp_path: Path) -> None:
     first, second = Metrics(str(tmp_path)), Metrics(str(tmp_path))
-    first.backend_read("hot", "ok", 1.5)
-    first.features[("live", 0)][1] += 4
+    first.backend_read("hot", Outcome.OK, 1.5)
+    first.features[("live", 0)].present += 4
     first.dump()
-    second.backend_read("hot", "timeout", 50.0)
-    second.features[("live", 0)][1] += 6
+    second.backend_read("hot", Outcome.TIMEOUT, 50.0)
+    second.features[("live", 0)].present += 6
     # `second` is another process in production; here it has the same pid, so rename first's snapshot.
     (tmp_path / next(p.name for p in tmp_path.glob("*.json"))).rename(tmp_path / "12345.json")
     merged = second.merged()
     assert merged.backend_outcomes[("hot", "ok")] == 1
     assert merged.backend_outcomes[("hot", "timeout")] == 1
     assert sum(merged.backend_latency["hot"].counts) == 2
-    assert merged.feature_usage()[("live", 0)][1] == 10
+    assert merged.feature_usage()[("live", 0)].present == 10

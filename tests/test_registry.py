@@ -5,33 +5,13 @@ from __future__ import annotations
 import pytest
 
 from app.errors import RegistryError
-from app.registry import parse_registry, url_hosts
-
-GOOD = """
-backends:
-  hot: {type: redis, url: "${REDIS_URL:-redis://127.0.0.1:6379/0}"}
-  bulk: {type: cockroach, dsn: "postgresql://root@127.0.0.1:5432/test", dialect: cockroach}
-entities:
-  consumer: {join_key: consumer_id, dtype: int64}
-groups:
-  live:
-    entity: consumer
-    backend: hot
-    ttl: 1h
-    features:
-      orders_7d: {dtype: int64, default: 0}
-      embedding: {dtype: "float32[4]"}
-  history:
-    entity: consumer
-    backend: bulk
-    ttl: 30d
-    features:
-      lifetime_orders: {dtype: int64, default: 0}
-"""
+from app.registry.load import parse_registry
+from backends.options import url_hosts
+from tests.support.registries import GOOD_REGISTRY
 
 
 def test_good_registry_loads_into_frozen_objects() -> None:
-    registry = parse_registry(GOOD, "r.yaml", env={"REDIS_URL": "redis://cache:6380/1"})
+    registry = parse_registry(GOOD_REGISTRY, "r.yaml", env={"REDIS_URL": "redis://cache:6380/1"})
     assert registry.backends["hot"].options["url"] == "redis://cache:6380/1"
     assert registry.backends["hot"].options["timeout_ms"] == 1000.0
     assert registry.backends["bulk"].options["dialect"] == "cockroach"
@@ -46,7 +26,7 @@ def test_good_registry_loads_into_frozen_objects() -> None:
 
 
 def test_env_default_fills_an_unset_variable() -> None:
-    registry = parse_registry(GOOD, "r.yaml", env={})
+    registry = parse_registry(GOOD_REGISTRY, "r.yaml", env={})
     assert registry.backends["hot"].options["url"] == "redis://127.0.0.1:6379/0"
 
 
@@ -100,9 +80,9 @@ def test_env_default_fills_an_unset_variable() -> None:
     ],
 )
 def test_bad_registry_names_file_path_and_reason(old: str, new: str, path: str, reason: str) -> None:
-    assert old in GOOD
+    assert old in GOOD_REGISTRY
     with pytest.raises(RegistryError) as caught:
-        parse_registry(GOOD.replace(old, new, 1), "registry.yaml", env={})
+        parse_registry(GOOD_REGISTRY.replace(old, new, 1), "registry.yaml", env={})
     message = str(caught.value)
     assert message.startswith("registry.yaml: ")
     assert path in message
@@ -110,7 +90,7 @@ def test_bad_registry_names_file_path_and_reason(old: str, new: str, path: str, 
 
 
 def test_the_same_join_key_for_two_entities_is_refused() -> None:
-    text = GOOD.replace("entities:\n", "entities:\n  other: {join_key: consumer_id, dtype: string}\n")
+    text = GOOD_REGISTRY.replace("entities:\n", "entities:\n  other: {join_key: consumer_id, dtype: string}\n")
     with pytest.raises(RegistryError, match="entities.consumer.join_key"):
         parse_registry(text, "r.yaml", env={})
 
@@ -134,7 +114,7 @@ def test_the_same_join_key_for_two_entities_is_refused() -> None:
     ],
 )
 def test_bad_redis_cluster_options_are_named(hot: str, path: str, reason: str) -> None:
-    text = GOOD.replace('{type: redis, url: "${REDIS_URL:-redis://127.0.0.1:6379/0}"}', hot, 1)
+    text = GOOD_REGISTRY.replace('{type: redis, url: "${REDIS_URL:-redis://127.0.0.1:6379/0}"}', hot, 1)
     with pytest.raises(RegistryError) as caught:
         parse_registry(text, "registry.yaml", env={})
     assert f"registry.yaml: {path}: " in str(caught.value)
@@ -142,7 +122,7 @@ def test_bad_redis_cluster_options_are_named(hot: str, path: str, reason: str) -
 
 
 def test_cluster_seed_lists_and_multi_host_dsns_load() -> None:
-    text = GOOD.replace(
+    text = GOOD_REGISTRY.replace(
         '{type: redis, url: "${REDIS_URL:-redis://127.0.0.1:6379/0}"}',
         '{type: redis, cluster: true, url: "rediss://gw:s3cret@r1:7000,r2:7001,[::1]:7002/0"}',
     ).replace(
@@ -159,5 +139,5 @@ def test_cluster_seed_lists_and_multi_host_dsns_load() -> None:
     described = registry.describe()["backends"]["hot"]
     assert described["url"] == "rediss://gw:***@r1:7000,r2:7001,[::1]:7002/0"
     assert described["cluster"] is True
-    plain = parse_registry(GOOD, "r.yaml", env={})
+    plain = parse_registry(GOOD_REGISTRY, "r.yaml", env={})
     assert plain.backends["hot"].options["cluster"] is False

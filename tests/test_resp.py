@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 
 import pytest
 import redis.asyncio as redis
 
 from backends.resp import PipelinedReader
-from tests.conftest import REDIS_URL, Names
-from tests.support import RedisProcess
-
-_SPIN = "local t = redis.call('TIME') repeat local n = redis.call('TIME') until (n[1]-t[1])*1000000+n[2]-t[2] >= 150000"
+from tests.support.faults import keep_redis_busy
+from tests.support.registries import REDIS_URL, Names
+from tests.support.servers import RedisProcess
 
 
 def reader(url: str = REDIS_URL, timeout_s: float = 1.0) -> PipelinedReader:
@@ -23,10 +20,11 @@ def reader(url: str = REDIS_URL, timeout_s: float = 1.0) -> PipelinedReader:
 async def test_a_cancelled_read_never_hands_its_reply_to_the_next(names: Names) -> None:
     admin = redis.Redis.from_url(REDIS_URL)
     await admin.mset({f"{names.prefix}a": b"A", f"{names.prefix}b": b"B"})
-    client = reader()
+    client = reader(timeout_s=5.0)  # above the script's second: no reply here is overdue, only queued
     try:
         await client.mget([f"{names.prefix}a"])  # connected
-        busy = asyncio.create_task(admin.eval(_SPIN, 0))
+        # A second of script: however late this test runs on a loaded box, `slow` is sent and cancelled in it.
+        busy = asyncio.create_task(keep_redis_busy(admin, 1_000_000))
         await asyncio.sleep(0.01)
         slow = asyncio.create_task(client.mget([f"{names.prefix}a"]))
         await asyncio.sleep(0.01)
@@ -82,12 +80,11 @@ async def test_auth_and_database_from_the_url() -> None:
 async def test_a_hung_server_is_abandoned_after_the_timeout_and_reconnected() -> None:
     server = RedisProcess()
     server.start()
-    assert server.proc is not None
     client = reader(f"redis://127.0.0.1:{server.port}/0", timeout_s=0.2)
     try:
         assert await client.mget(["k"]) == [None]
         first = client._protocol
-        os.kill(server.proc.pid, signal.SIGSTOP)
+        server.freeze()  # stopped for sure before the read (a SIGSTOP alone is delivered asynchronously)
         with pytest.raises(TimeoutError):
             async with asyncio.timeout(0.3):
                 await client.mget(["k"])  # no answer: the caller's deadline gives up
@@ -96,11 +93,11 @@ async def test_a_hung_server_is_abandoned_after_the_timeout_and_reconnected() ->
         with pytest.raises(TimeoutError):
             async with asyncio.timeout(0.3):
                 await client.mget(["k"])
-        os.kill(server.proc.pid, signal.SIGCONT)
+        server.thaw()
         assert await client.mget(["k"]) == [None]
         assert client._protocol is not first
     finally:
-        os.kill(server.proc.pid, signal.SIGCONT)
+        server.thaw()
         await client.aclose()
         server.stop()
 

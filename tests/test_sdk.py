@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.processes import demo_gateway
+from tests.support.gateways import demo_gateway
 
 
 def test_generated_python_client_fetches_and_writes(tmp_path: Path) -> None:

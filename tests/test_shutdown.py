@@ -9,13 +9,15 @@ import signal
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import redis.asyncio as redis
 
-from tests.processes import GatewayProcess
-from tests.support import RedisProcess
-from tests.test_faults import _SPIN
+from tests.support.faults import keep_redis_busy
+from tests.support.gateways import GatewayProcess
+from tests.support.servers import RedisProcess, unread_bytes
+from tests.support.waiting import eventually
 
 IN_FLIGHT = 8
 BUSY_MS = 2000  # how long the Lua script holds the gateway's Redis, so its reads are in flight for that long
@@ -79,11 +81,26 @@ async def test_sigterm_drains_in_flight_requests_then_closes_pools(tmp_path: Pat
             assert not warm.json()["degraded"], warm.text
             assert await gateway_clients(admin) > 0
 
-            busy = asyncio.create_task(admin.eval(_SPIN, 0, BUSY_MS * 1000))  # type: ignore[arg-type]
+            started = time.monotonic()  # before Redis is busy: no answer can come sooner than BUSY_MS after this
+            busy = asyncio.create_task(keep_redis_busy(admin, BUSY_MS * 1000))
             await asyncio.sleep(0.05)
-            started = time.monotonic()
-            in_flight = [asyncio.create_task(client.post("/v1/features/fetch", json=body)) for _ in range(IN_FLIGHT)]
-            await asyncio.sleep(0.5)  # every request has reached the server and waits on the busy Redis
+            sent = 0
+
+            async def count_sent(event: str, info: dict[str, Any]) -> None:
+                nonlocal sent
+                sent += event == "http11.send_request_body.complete"
+
+            in_flight = [
+                asyncio.create_task(client.post("/v1/features/fetch", json=body, extensions={"trace": count_sent}))
+                for _ in range(IN_FLIGHT)
+            ]
+
+            async def all_read_by_the_server() -> bool:
+                return sent == IN_FLIGHT and not any(unread_bytes(server.port))
+
+            # Every request was sent and the server has read it (nothing waits in its sockets): each is in
+            # flight in the gateway, waiting on the busy Redis, when the SIGTERM comes.
+            await eventually(all_read_by_the_server)
             assert not any(task.done() for task in in_flight)
 
             server.signal(signal.SIGTERM)

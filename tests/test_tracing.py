@@ -6,9 +6,10 @@ import re
 
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from tests.conftest import GatewayFactory, Names
-from tests.test_behaviour import live_row, stamp, write
-from tests.test_faults import closed_backend
+from tests.support.clients import live_row, stamp, write
+from tests.support.faults import closed_backend
+from tests.support.gateways import GatewayFactory
+from tests.support.registries import Names
 
 TIMING = re.compile(r"^[A-Za-z0-9_]+;dur=\d+(\.\d+)?$")
 

@@ -12,7 +12,8 @@ import asyncpg
 import httpx
 import pytest
 
-from tests.conftest import PG_DSN, GatewayFactory, Names
+from tests.support.gateways import GatewayFactory
+from tests.support.registries import PG_DSN, Names
 
 IDS = list(range(1, 31))
 
@@ -112,6 +113,6 @@ async def test_failing_writes_never_open_the_read_circuit(
     assert {s for row in answer["rows"] for s in row["statuses"]} == {"PRESENT"}, answer["backends"]
     assert ready["circuits"]["bulk"] == "closed"
     assert ready["write_circuits"]["bulk"] == "open"
-    failures = [r for r in caplog.records if r.name == "app.write" and "bulk" in r.getMessage()]
+    failures = [r for r in caplog.records if r.name == "app.serving.write" and "bulk" in r.getMessage()]
     assert failures, "a failed write was not logged"
     assert "timed out" in failures[0].getMessage()

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-import msgspec
-
-from app.gateway import Gateway
-from app.write import write
+from app.serving.gateway import Gateway
+from app.serving.request import WriteRequest
+from app.serving.write import write
 
 
 def _rows(now: datetime) -> dict[str, list[dict[str, object]]]:
@@ -90,4 +89,4 @@ def _rows(now: datetime) -> dict[str, list[dict[str, object]]]:
 
 async def seed_demo(gateway: Gateway) -> None:
     for group, rows in _rows(datetime.now(UTC)).items():
-        await write(gateway, msgspec.json.encode({"group": group, "rows": rows}))
+        await write(gateway, WriteRequest(group=group, rows=rows))

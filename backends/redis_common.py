@@ -1,4 +1,5 @@
-"""The write script shared by the single-node and the cluster Redis backends, and its arguments.
+"""What the single-node and the cluster Redis backends share: the write script, its arguments, and which
+errors are Redis' own answers.
 
 Compares the 8 event-time bytes after the version byte (big-endian, biased: byte order = time order, see
 app/layout.py) and writes only where the stored row is not newer, setting the key to expire at the row's
@@ -10,7 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from app.registry import Group
+from redis.exceptions import BusyLoadingError, ResponseError
+
+from app.registry.model import Group
 from backends.base import WriteRow, reclaim_us
 
 WRITE_IF_NEWER = """
@@ -44,3 +47,8 @@ def script_args(group: Group, rows: Sequence[WriteRow]) -> list[bytes | str]:
         expires = reclaim_us(group, row.event_us)
         args += [row.blob, "" if expires is None else str(max(expires // 1000, 1))]
     return args
+
+
+def server_answered(exc: BaseException) -> bool:
+    """An error reply (OOM, READONLY, WRONGTYPE): Redis is up. Not LOADING: it cannot take work yet."""
+    return isinstance(exc, ResponseError) and not isinstance(exc, BusyLoadingError)

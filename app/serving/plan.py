@@ -9,14 +9,11 @@ from dataclasses import dataclass
 from operator import itemgetter
 from typing import Any
 
-from app.codec import CodecError
 from app.errors import TooLarge, ValidationFailed
-from app.registry import Group, Registry
-
-PRESENT, MISSING, EXPIRED, UNAVAILABLE = "PRESENT", "MISSING", "EXPIRED", "UNAVAILABLE"
-
-# One (group, entity) answer: the requested values, their statuses, the event time (None unless PRESENT).
-Cell = tuple[tuple[Any, ...], tuple[str, ...], int | None]
+from app.registry.model import Group, Registry
+from app.serving.statuses import EXPIRED, MISSING, PRESENT, UNAVAILABLE, Cell
+from app.serving.usage import UsageCounts
+from app.storage.codec import CodecError
 
 
 def _getter(positions: Sequence[int]) -> Callable[[Sequence[Any]], tuple[Any, ...]]:
@@ -42,9 +39,9 @@ class GroupPlan:
     reclaim_us: (
         int  # ttl + grace (unused without a ttl): older values read MISSING, whether or not a backend has deleted them
     )
-    # Feature usage of requests using this plan: [requests, PRESENT, MISSING, EXPIRED, UNAVAILABLE] in cells.
+    # Feature usage of requests using this plan, counted in cells (one per row) for each of its features.
     # Counted here (bounded: plans are cached per feature list) and folded into per-feature totals on eviction.
-    usage: list[int]
+    usage: UsageCounts
 
     @classmethod
     def build(cls, group: Group, positions: Sequence[int]) -> GroupPlan:
@@ -57,12 +54,12 @@ class GroupPlan:
             decode=group.codec.decode,
             defaults=defaults,
             present=(PRESENT,) * width,
-            missing=(defaults, (MISSING,) * width, None),
-            expired=(defaults, (EXPIRED,) * width, None),
-            unavailable=(defaults, (UNAVAILABLE,) * width, None),
+            missing=Cell(defaults, (MISSING,) * width, None),
+            expired=Cell(defaults, (EXPIRED,) * width, None),
+            unavailable=Cell(defaults, (UNAVAILABLE,) * width, None),
             ttl_us=None if group.ttl_s is None else int(group.ttl_s * 1_000_000),
             reclaim_us=group.reclaim_after_us or 0,
-            usage=[0, 0, 0, 0, 0],
+            usage=UsageCounts(),
         )
 
     def cell(self, blob: bytes | None, now_us: int, nulls: dict[tuple[str, int], int]) -> Cell:
@@ -83,8 +80,8 @@ class GroupPlan:
                 if value is None:
                     served[i], statuses[i] = self.defaults[i], MISSING
                     nulls[(self.group.name, self.positions[i])] += 1
-            return tuple(served), tuple(statuses), event_us
-        return picked, self.present, event_us
+            return Cell(tuple(served), tuple(statuses), event_us)
+        return Cell(picked, self.present, event_us)
 
 
 @dataclass(frozen=True, slots=True)

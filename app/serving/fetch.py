@@ -1,5 +1,7 @@
-"""Serving a fetch: read every backend of the plan concurrently under one deadline, decode, count, and merge
-into rows in request order with a status and, where not PRESENT, the default per value.
+"""Serving a fetch: read every backend of the plan concurrently under one deadline, decode and count.
+
+`serve` takes a decoded FetchRequest and answers a `Served`: per group of the plan, a cell per row (values,
+statuses, event time), ready for `routers/` to merge into request order and encode.
 """
 
 from __future__ import annotations
@@ -10,27 +12,19 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from itertools import repeat
 from operator import is_
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-import msgspec
-from opentelemetry.trace import Status, StatusCode
+from opentelemetry.trace import Status as SpanStatus
+from opentelemetry.trace import StatusCode
 
 from app.auth import check_feature_groups
 from app.errors import StrictDegraded, ValidationFailed, describe_error
-from app.plan import PRESENT, Cell, GroupPlan, Plan
-from app.requests import FetchBody, check_entities, decode_body, format_event_time
-from backends.base import server_answered
+from app.serving.plan import GroupPlan, Plan
+from app.serving.request import FetchRequest, check_entities
+from app.serving.statuses import BackendOutcome, Cell, Outcome
 
 if TYPE_CHECKING:
-    from app.gateway import Gateway
-
-
-@dataclass(slots=True)
-class BackendOutcome:
-    status: str = "ok"  # ok | error | timeout | open (circuit open: not asked)
-    ms: float = 0.0
-    error: str | None = None
-    cells: list[list[Cell]] | None = None  # per group of this backend, per unique key
+    from app.serving.gateway import Gateway
 
 
 async def _read_backend(
@@ -79,31 +73,31 @@ async def _read_backend(
         except asyncio.CancelledError:
             # Whoever cancelled accounts for it with the breaker (see _missed): it knows why.
             outcome.ms = (time.perf_counter() - started) * 1000
-            outcome.status, outcome.error = "timeout", "missed the deadline"
-            span.set_attribute("outcome", "timeout")
-            span.set_status(Status(StatusCode.ERROR, "deadline"))
+            outcome.status, outcome.error = Outcome.TIMEOUT, "missed the deadline"
+            span.set_attribute("outcome", str(Outcome.TIMEOUT))
+            span.set_status(SpanStatus(StatusCode.ERROR, "deadline"))
             raise
         except Exception as exc:  # any backend failure degrades the answer, never the service
-            if server_answered(exc):
+            if backend.server_answered(exc):
                 breaker.abandoned()  # it answered, so it is up: an error of this request, not an outage
             else:
                 breaker.failure()
             outcome.ms = (time.perf_counter() - started) * 1000
             if isinstance(exc, TimeoutError):
-                outcome.status, outcome.error = "timeout", "backend timeout"
+                outcome.status, outcome.error = Outcome.TIMEOUT, "backend timeout"
             else:
-                outcome.status, outcome.error = "error", describe_error(exc)
-            span.set_attribute("outcome", outcome.status)
+                outcome.status, outcome.error = Outcome.ERROR, describe_error(exc)
+            span.set_attribute("outcome", str(outcome.status))
             span.set_attribute("circuit.state", breaker.state)
             span.record_exception(exc)
-            span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+            span.set_status(SpanStatus(StatusCode.ERROR, type(exc).__name__))
 
 
 def _missed(gw: Gateway, name: str, outcome: BackendOutcome, deadline_ms: float) -> None:
     """A read the deadline cut off. A tight deadline is not the backend's fault; one that kept a request
     waiting past `breaker_slow_ms` is failing (a frozen or black-holed server never answers with an error)."""
-    outcome.status, outcome.error, outcome.ms = "timeout", "missed the deadline", deadline_ms
-    if deadline_ms >= gw.settings.breaker_slow_ms:
+    outcome.status, outcome.error, outcome.ms = Outcome.TIMEOUT, "missed the deadline", deadline_ms
+    if deadline_ms >= gw.breaker_policy.slow_ms:
         gw.breakers[name].read.failure()
     else:
         gw.breakers[name].read.abandoned()
@@ -119,17 +113,10 @@ def _unique(keys: list[str]) -> tuple[list[str], list[int] | None]:
 
 
 @dataclass(slots=True)
-class FetchResult:
-    body: bytes
-    backends: dict[str, BackendOutcome]
-    degraded: bool
-
-
-@dataclass(slots=True)
 class Served:
     """A fetch answered, before formatting: per group of the plan, its cells in row order."""
 
-    request: FetchBody
+    request: FetchRequest
     plan: Plan
     columns: list[list[Cell]]
     outcomes: dict[str, BackendOutcome]
@@ -137,37 +124,19 @@ class Served:
     degraded: bool
 
 
-async def fetch(gw: Gateway, raw: bytes, groups: Collection[str] | None = None) -> FetchResult:
-    """POST /v1/features/fetch: JSON in, JSON out. `groups`: those the caller's API key may use (None: all)."""
-    served = await serve(gw, decode_body(raw, FetchBody, gw.settings), groups)
-    rows = merge_rows(served)
-    body = msgspec.json.encode(
-        {
-            "features": served.plan.features,
-            "rows": rows,
-            "backends": {
-                n: {"status": o.status, "ms": round(o.ms, 3)} | ({"error": o.error} if o.error else {})
-                for n, o in served.outcomes.items()
-            },
-            "degraded": served.degraded,
-        }
-    )
-    return FetchResult(body, served.outcomes, served.degraded)
-
-
-async def serve(gw: Gateway, request: FetchBody, groups: Collection[str] | None = None) -> Served:
+async def serve(gw: Gateway, request: FetchRequest, groups: Collection[str] | None = None) -> Served:
     """Validate against the registry, read every backend under the deadline, count usage.
 
     `groups`: the feature groups the caller's API key may use (None: all).
     """
-    settings = gw.settings
+    limits = gw.limits
     if groups is not None:
         check_feature_groups(request.features, groups)
     plan = gw.plan(request.features)
-    n_rows, keys_by_join = check_entities(request.entities, gw.registry, plan.join_keys, settings)
-    deadline_ms = settings.default_deadline_ms if request.deadline_ms is None else request.deadline_ms
-    if not 0 < deadline_ms <= settings.max_deadline_ms:
-        raise ValidationFailed(f"deadline_ms is between 0 and {settings.max_deadline_ms:g}", field="deadline_ms")
+    n_rows, keys_by_join = check_entities(request.entities, gw.registry, plan.join_keys, limits)
+    deadline_ms = limits.default_deadline_ms if request.deadline_ms is None else request.deadline_ms
+    if not 0 < deadline_ms <= limits.max_deadline_ms:
+        raise ValidationFailed(f"deadline_ms is between 0 and {limits.max_deadline_ms:g}", field="deadline_ms")
 
     unique = {jk: _unique(keys) for jk, keys in keys_by_join.items()}
     now_us = time.time_ns() // 1000
@@ -177,7 +146,7 @@ async def serve(gw: Gateway, request: FetchBody, groups: Collection[str] | None 
     for name, indexes in plan.by_backend:
         if not gw.breakers[name].read.allow():
             outcome = outcomes[name]
-            outcome.status, outcome.error = "open", "circuit open: the backend failed repeatedly; probing it"
+            outcome.status, outcome.error = Outcome.OPEN, "circuit open: the backend failed repeatedly; probing it"
             continue
         plans = [plan.groups[i] for i in indexes]
         keys = [unique[p.group.entity.join_key][0] for p in plans]
@@ -212,9 +181,9 @@ async def serve(gw: Gateway, request: FetchBody, groups: Collection[str] | None 
 
     for name, outcome in outcomes.items():  # before any strict 503, so failures are always counted
         gw.metrics.backend_read(name, outcome.status, outcome.ms)
-    degraded = any(o.status != "ok" for o in outcomes.values())
+    degraded = any(o.status is not Outcome.OK for o in outcomes.values())
     if degraded and request.strict:
-        failed = {n: o.error for n, o in outcomes.items() if o.status != "ok"}
+        failed = {n: o.error for n, o in outcomes.items() if o.status is not Outcome.OK}
         raise StrictDegraded(f"backend(s) {', '.join(failed)} failed and strict was asked", extra={"backends": failed})
 
     # Per group, its cells in row order.
@@ -236,52 +205,13 @@ async def serve(gw: Gateway, request: FetchBody, groups: Collection[str] | None 
 def _count(plan: Plan, columns: list[list[Cell]], n: int) -> None:
     """Feature usage, on the group plan's own counters (the cached plan is bounded; see Gateway.plan)."""
     for gp, column in zip(plan.groups, columns, strict=True):
-        slot = gp.usage
-        slot[0] += 1
+        usage = gp.usage
+        usage.requests += 1
         if column[0] is gp.unavailable:
-            slot[4] += n
+            usage.unavailable += n
             continue
         missing = sum(map(is_, column, repeat(gp.missing)))  # identity counts, in C
         expired = sum(map(is_, column, repeat(gp.expired)))
-        slot[1] += n - missing - expired
-        slot[2] += missing
-        slot[3] += expired
-
-
-def merge_rows(served: Served, *, timestamps: bool | None = None) -> list[dict[str, Any]]:
-    """Rows in request order: entity ids, values, statuses (and event times when asked)."""
-    plan, columns, request, n_rows = served.plan, served.columns, served.request, served.n_rows
-    with_times = request.include_timestamps if timestamps is None else timestamps
-    reorder = plan.reorder
-    ids = list(request.entities.items())
-    widths = [len(gp.positions) for gp in plan.groups]
-    stamps: dict[int, str] = {}
-    rows = []
-    for r in range(n_rows):
-        values: tuple[Any, ...] = ()
-        statuses: tuple[str, ...] = ()
-        for column in columns:
-            cell = column[r]
-            values += cell[0]
-            statuses += cell[1]
-        row: dict[str, Any] = {
-            "entity": {jk: column_ids[r] for jk, column_ids in ids},
-            "values": values if reorder is None else reorder(values),
-            "statuses": statuses if reorder is None else reorder(statuses),
-        }
-        if with_times:
-            times: list[str | None] = []
-            for column, width in zip(columns, widths, strict=True):
-                event_us = column[r][2]
-                if event_us is None:
-                    times += [None] * width
-                else:
-                    text = stamps.get(event_us)
-                    if text is None:
-                        text = stamps[event_us] = format_event_time(event_us)
-                    times += [text] * width
-            # A value stored as null inside a PRESENT row is MISSING: it has no event time either.
-            times = [t if s is PRESENT else None for t, s in zip(times, statuses, strict=True)]
-            row["event_timestamps"] = times if reorder is None else reorder(times)
-        rows.append(row)
-    return rows
+        usage.present += n - missing - expired
+        usage.missing += missing
+        usage.expired += expired

@@ -1,7 +1,7 @@
-"""Request bodies, decoded and checked straight from bytes with msgspec (no pydantic on the hot path).
+"""The typed requests the serving core takes, and the checks of their parts: ids, entities, event times.
 
-The pydantic models in `routers/models.py` describe the same bodies for the OpenAPI spec; the tests hold
-the two to each other.
+`routers/decode.py` turns body bytes into these with msgspec (no pydantic on the hot path); the pydantic models
+in `routers/models.py` describe the same bodies for the OpenAPI spec, and the tests hold the two to each other.
 """
 
 from __future__ import annotations
@@ -15,15 +15,14 @@ from typing import Any
 
 import msgspec
 
-from app.errors import BadRequest, TooLarge, ValidationFailed
-from app.registry import Entity, Registry
-from app.settings import Settings
+from app.errors import TooLarge, ValidationFailed
+from app.registry.model import Entity, Registry
+from app.serving.limits import Limits
 
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
-_MSGSPEC_PATH = re.compile(r" - at `\$(.*)`$")
 
 
-class FetchBody(msgspec.Struct, forbid_unknown_fields=True):
+class FetchRequest(msgspec.Struct, forbid_unknown_fields=True):
     # Ids are checked against each entity's dtype by `entity_key`, which names the exact field.
     entities: dict[str, list[Any]]
     features: list[str]
@@ -32,53 +31,9 @@ class FetchBody(msgspec.Struct, forbid_unknown_fields=True):
     strict: bool = False
 
 
-class WriteBody(msgspec.Struct, forbid_unknown_fields=True):
+class WriteRequest(msgspec.Struct, forbid_unknown_fields=True):
     group: str
     rows: list[dict[str, Any]]
-
-
-_LENIENT: dict[type[msgspec.Struct], msgspec.json.Decoder[Any]] = {}
-
-
-def _lenient_decoder(kind: type[msgspec.Struct]) -> msgspec.json.Decoder[Any]:
-    decoder = _LENIENT.get(kind)
-    if decoder is None:
-        decoder = _LENIENT[kind] = msgspec.json.Decoder(kind, float_hook=float)
-    return decoder
-
-
-def decode_body(body: bytes, kind: type[msgspec.Struct], settings: Settings) -> Any:
-    if len(body) > settings.max_body_bytes:
-        raise TooLarge(f"the body is {len(body)} bytes; the limit is {settings.max_body_bytes}", field="(body)")
-    try:
-        try:
-            return msgspec.json.decode(body, type=kind)
-        except msgspec.ValidationError as exc:
-            if not str(exc).startswith("Number out of range"):
-                raise
-        # A number literal past float64 (1e309) in a free-form value (an id, a row's feature): decoded as
-        # infinity, the dtype checks that follow refuse it naming the exact field (msgspec cannot: `[...]`).
-        return _lenient_decoder(kind).decode(body)
-    except msgspec.ValidationError as exc:
-        message = str(exc)
-        match = _MSGSPEC_PATH.search(message)
-        # `[...]` stands for "some key of this object" in msgspec's paths: name the object instead.
-        field = match[1].lstrip(".").partition("[...]")[0] if match else ""
-        reason = message[: match.start()] if match else message
-        if reason.startswith("Object missing required field"):
-            field = ".".join(filter(None, (field, message.split("`")[1])))  # name the missing field itself
-        elif reason.startswith("Object contains unknown field"):
-            reason = f"unknown field; expected one of {', '.join(kind.__struct_fields__)}"
-            field = message.split("`")[1] if not match else field
-        raise ValidationFailed(reason, field=field or "(body)") from None
-    except msgspec.DecodeError as exc:
-        raise BadRequest(f"the body is not valid JSON: {exc}", field="(body)") from None
-    except UnicodeDecodeError:
-        # msgspec raises this (not DecodeError) for a string that is not UTF-8.
-        raise BadRequest("the body is not valid UTF-8", field="(body)") from None
-    except RecursionError:
-        # msgspec refuses nesting past the interpreter's recursion limit at once, before building anything.
-        raise BadRequest("the body is nested too deeply", field="(body)") from None
 
 
 _repr = reprlib.Repr()
@@ -91,7 +46,7 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def entity_key(entity: Entity, value: Any, field: str, settings: Settings) -> str:
+def entity_key(entity: Entity, value: Any, field: str, max_key_length: int) -> str:
     """The canonical storage key of one id, after checking it against the entity's dtype."""
     if entity.dtype.kind == "int64":
         if type(value) is not int:
@@ -101,8 +56,8 @@ def entity_key(entity: Entity, value: Any, field: str, settings: Settings) -> st
         return str(value)
     if type(value) is not str:
         raise ValidationFailed(f"{entity.join_key} ids are strings; got {_short(value)}", field=field)
-    if not value or len(value) > settings.max_key_length:
-        raise ValidationFailed(f"a string id has 1 to {settings.max_key_length} characters", field=field)
+    if not value or len(value) > max_key_length:
+        raise ValidationFailed(f"a string id has 1 to {max_key_length} characters", field=field)
     if "\x00" in value:
         # PostgreSQL/CockroachDB TEXT cannot hold NUL: refused here so every backend treats the id alike.
         raise ValidationFailed("a string id may not contain NUL (U+0000)", field=field)
@@ -110,7 +65,7 @@ def entity_key(entity: Entity, value: Any, field: str, settings: Settings) -> st
 
 
 def check_entities(
-    entities: Mapping[str, list[Any]], registry: Registry, needed: AbstractSet[str], settings: Settings
+    entities: Mapping[str, list[Any]], registry: Registry, needed: AbstractSet[str], limits: Limits
 ) -> tuple[int, dict[str, list[str]]]:
     """Validate the `entities` object: known join keys, equal non-empty columns, ids of the right dtype.
 
@@ -129,15 +84,16 @@ def check_entities(
             )
         if not ids:
             raise ValidationFailed("the list of ids is empty", field=f"entities.{join_key}")
-        if len(ids) > settings.max_entities:
-            raise TooLarge(f"{len(ids)} entities; the limit is {settings.max_entities}", field=f"entities.{join_key}")
+        if len(ids) > limits.max_entities:
+            raise TooLarge(f"{len(ids)} entities; the limit is {limits.max_entities}", field=f"entities.{join_key}")
         if rows == -1:
             rows = len(ids)
         elif len(ids) != rows:
             raise ValidationFailed(
                 f"every join key needs the same number of ids ({rows})", field=f"entities.{join_key}"
             )
-        keys[join_key] = [entity_key(entity, v, f"entities.{join_key}[{i}]", settings) for i, v in enumerate(ids)]
+        longest = limits.max_key_length
+        keys[join_key] = [entity_key(entity, v, f"entities.{join_key}[{i}]", longest) for i, v in enumerate(ids)]
     missing = needed - keys.keys()
     if missing:
         raise ValidationFailed(

@@ -1,4 +1,5 @@
-"""Feast's feature-server protocol (POST /get-online-features), answered by the same fetch path.
+"""Feast's feature-server protocol (POST /get-online-features, /write-to-online-store), translated once into
+the serving core's typed requests and answered by the same fetch and write paths.
 
 A Feast client changes only its URL. Unlike Feast, statuses are exact and non-present values carry the
 group's declared default: EXPIRED is Feast's OUTSIDE_MAX_AGE, MISSING its NOT_FOUND, and a backend that failed
@@ -9,19 +10,24 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Collection, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import msgspec
 
 from app.errors import ValidationFailed
-from app.fetch import Served, merge_rows, serve
-from app.requests import FetchBody, decode_body
+from app.serving.fetch import Served
+from app.serving.plan import Plan
+from app.serving.request import FetchRequest, WriteRequest
+from app.serving.statuses import Status
+from routers.answers import merge_rows
 
-if TYPE_CHECKING:
-    from app.gateway import Gateway
-
-FEAST_STATUS = {"PRESENT": "PRESENT", "MISSING": "NOT_FOUND", "EXPIRED": "OUTSIDE_MAX_AGE", "UNAVAILABLE": "INVALID"}
+FEAST_STATUS: dict[str, str] = {
+    Status.PRESENT: "PRESENT",
+    Status.MISSING: "NOT_FOUND",
+    Status.EXPIRED: "OUTSIDE_MAX_AGE",
+    Status.UNAVAILABLE: "INVALID",
+}
 EPOCH = "1970-01-01T00:00:00Z"  # Feast's event time for entity columns and values it did not find
 
 
@@ -33,17 +39,20 @@ class FeastBody(msgspec.Struct):
     feature_service: str | None = None
 
 
-async def get_online_features(gw: Gateway, raw: bytes, groups: Collection[str] | None = None) -> tuple[bytes, Served]:
-    """`groups`: the feature groups the caller's API key may use (None: all)."""
-    body: FeastBody = decode_body(raw, FeastBody, gw.settings)
+def fetch_request(body: FeastBody, plan_of: Callable[[Sequence[str]], Plan]) -> FetchRequest:
+    """The fetch a Feast request asks for; `plan_of` resolves its features (to check Feast's naming rule)."""
     if body.feature_service is not None:
         raise ValidationFailed("feature services are not supported; list the features", field="feature_service")
-    check_name_collisions(gw.plan(body.features).features, body.full_feature_names)
-    served = await serve(gw, FetchBody(entities=body.entities, features=body.features), groups)
+    check_name_collisions(plan_of(body.features).features, body.full_feature_names)
+    return FetchRequest(entities=body.entities, features=body.features)
+
+
+def encode_answer(body: FeastBody, served: Served) -> bytes:
+    """Feast's columnar answer: the entity columns, then one column per feature with Feast's status names."""
     rows = merge_rows(served, timestamps=True)
     names = list(body.entities)
     results: list[dict[str, Any]] = [
-        {"values": ids, "statuses": ["PRESENT"] * len(ids), "event_timestamps": [EPOCH] * len(ids)}
+        {"values": ids, "statuses": [FEAST_STATUS[Status.PRESENT]] * len(ids), "event_timestamps": [EPOCH] * len(ids)}
         for ids in body.entities.values()
     ]
     for j, ref in enumerate(served.plan.features):
@@ -56,7 +65,7 @@ async def get_online_features(gw: Gateway, raw: bytes, groups: Collection[str] |
                 "event_timestamps": [row["event_timestamps"][j] or EPOCH for row in rows],
             }
         )
-    return msgspec.json.encode({"metadata": {"feature_names": names}, "results": results}), served
+    return msgspec.json.encode({"metadata": {"feature_names": names}, "results": results})
 
 
 def check_name_collisions(refs: Sequence[str], full_feature_names: bool) -> None:
@@ -92,14 +101,13 @@ class FeastWriteBody(msgspec.Struct):
     transform_on_write: bool = True
 
 
-def feast_write_rows(raw: bytes, gw: Gateway) -> bytes:
+def write_request(body: FeastWriteBody) -> WriteRequest:
     """Feast's POST /write-to-online-store (columnar `df`) -> our write body (rows), validated by the write path.
 
     Feast sends naive UTC `event_timestamp`s, which our RFC 3339 parser refuses (a time without offset is
     ambiguous in general): here they are Feast's convention, so they get their `Z`. It also sends a `created`
     column, which we ignore.
     """
-    body: FeastWriteBody = decode_body(raw, FeastWriteBody, gw.settings)
     columns = {k: v for k, v in body.df.items() if k != "created"}
     lengths = {len(v) for v in columns.values()}
     if len(lengths) > 1:
@@ -109,4 +117,4 @@ def feast_write_rows(raw: bytes, gw: Gateway) -> bytes:
     if times is not None:
         columns[EVENT_TIMESTAMP] = [t + "Z" if isinstance(t, str) and _NAIVE.fullmatch(t) else t for t in times]
     rows = [{name: values[i] for name, values in columns.items()} for i in range(count)]
-    return msgspec.json.encode({"group": body.feature_view_name, "rows": rows})
+    return WriteRequest(group=body.feature_view_name, rows=rows)

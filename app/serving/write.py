@@ -13,41 +13,51 @@ import time
 from collections.abc import Collection, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
+import msgspec
+
 from app.auth import check_write_group
-from app.codec import CodecError
 from app.errors import BackendFailed, TooLarge, ValidationFailed, describe_error
-from app.registry import Group
-from app.requests import WriteBody, decode_body, entity_key, format_event_time, parse_event_time
-from app.settings import Settings
-from backends.base import WriteResult, WriteRow, server_answered
+from app.registry.model import Group
+from app.serving.limits import Limits
+from app.serving.request import WriteRequest, entity_key, format_event_time, parse_event_time
+from app.storage.codec import CodecError
+from backends.base import WriteResult, WriteRow
 
 if TYPE_CHECKING:
-    from app.gateway import Gateway
+    from app.serving.gateway import Gateway
 
 log = logging.getLogger(__name__)
 
 EVENT_TIMESTAMP = "event_timestamp"
 
 
-def encode_rows(group: Group, rows: Sequence[dict[str, Any]], settings: Settings) -> tuple[list[WriteRow], int]:
+class Written(msgspec.Struct):
+    """What a write did: rows stored, and rows skipped because what is stored (or sent with them) is newer."""
+
+    group: str
+    written: int
+    skipped_stale: int
+
+
+def encode_rows(group: Group, rows: Sequence[dict[str, Any]], limits: Limits) -> tuple[list[WriteRow], int]:
     """Validate and encode rows. Returns one row per entity (the newest) and how many older duplicates fell."""
     now_us = time.time_ns() // 1000
-    latest_us = latest_event_us(settings, now_us)
-    return keep_newest(encode_row(group, row, settings, now_us, f"rows[{i}]", latest_us) for i, row in enumerate(rows))
+    latest_us = latest_event_us(limits, now_us)
+    return keep_newest(encode_row(group, row, limits, now_us, f"rows[{i}]", latest_us) for i, row in enumerate(rows))
 
 
-def latest_event_us(settings: Settings, now_us: int) -> int:
+def latest_event_us(limits: Limits, now_us: int) -> int:
     """The latest event time a row may carry, read off the clock at `now_us`.
 
     A row far in the future would freeze its entity: every real write after it is older, so skipped as stale,
     and the future value is served PRESENT until the clock catches up. Writers' clocks drift a little, so the
     bound is a margin (`max_future_event_ms`), not the present.
     """
-    return now_us + int(settings.max_future_event_ms * 1000)
+    return now_us + int(limits.max_future_event_ms * 1000)
 
 
 def encode_row(
-    group: Group, row: dict[str, Any], settings: Settings, default_us: int, where: str, latest_us: int
+    group: Group, row: dict[str, Any], limits: Limits, default_us: int, where: str, latest_us: int
 ) -> WriteRow:
     """Validate and encode one row; `default_us` is its event time when it has none, `latest_us` the latest it
     may have (see latest_event_us). Errors name `{where}.{field}`."""
@@ -60,17 +70,17 @@ def encode_row(
                 f"unknown field {name!r}; group {group.name} has {', '.join(group.by_name)}",
                 field=f"{where}.{name}",
             )
-    key = entity_key(group.entity, row[join_key], f"{where}.{join_key}", settings)
+    key = entity_key(group.entity, row[join_key], f"{where}.{join_key}", limits.max_key_length)
     event_us = default_us
     if row.get(EVENT_TIMESTAMP) is not None:
         field = f"{where}.{EVENT_TIMESTAMP}"
         event_us = parse_event_time(row[EVENT_TIMESTAMP], field)
         if event_us > latest_us:
-            ahead_s = (event_us - latest_us) / 1e6 + settings.max_future_event_ms / 1000
+            ahead_s = (event_us - latest_us) / 1e6 + limits.max_future_event_ms / 1000
             raise ValidationFailed(
                 f"{row[EVENT_TIMESTAMP]!r} is {_duration(ahead_s)} ahead of the gateway's clock "
-                f"({format_event_time(latest_us - int(settings.max_future_event_ms * 1000))}); an event time may be "
-                f"at most {_duration(settings.max_future_event_ms / 1000)} ahead, so that a wrong clock cannot "
+                f"({format_event_time(latest_us - int(limits.max_future_event_ms * 1000))}); an event time may be "
+                f"at most {_duration(limits.max_future_event_ms / 1000)} ahead, so that a wrong clock cannot "
                 "freeze an entity",
                 field=field,
             )
@@ -130,10 +140,10 @@ async def store(gw: Gateway, group: Group, rows: Sequence[WriteRow]) -> WriteRes
         span.set_attribute("feature.groups", [group.name])
         span.set_attribute("feature.keys", len(rows))
         try:
-            async with asyncio.timeout(gw.settings.write_timeout_ms / 1000):
+            async with asyncio.timeout(gw.limits.write_timeout_ms / 1000):
                 result: WriteResult = await backend.write(group, rows)
         except Exception as exc:
-            if server_answered(exc):
+            if backend.server_answered(exc):
                 breaker.abandoned()  # e.g. Redis OOM or a read-only replica: writes fail, reads still work
             else:
                 breaker.failure()
@@ -161,10 +171,9 @@ async def store(gw: Gateway, group: Group, rows: Sequence[WriteRow]) -> WriteRes
     return result
 
 
-async def write(gw: Gateway, raw: bytes, groups: Collection[str] | None = None) -> dict[str, Any]:
-    """`groups`: the feature groups the caller's API key may write (None: all)."""
-    settings = gw.settings
-    request: WriteBody = decode_body(raw, WriteBody, settings)
+async def write(gw: Gateway, request: WriteRequest, groups: Collection[str] | None = None) -> Written:
+    """Validate every row, then store the batch. `groups`: those the caller's API key may write (None: all)."""
+    limits = gw.limits
     if groups is not None:
         check_write_group(request.group, groups)
     group = gw.registry.groups.get(request.group)
@@ -172,8 +181,8 @@ async def write(gw: Gateway, raw: bytes, groups: Collection[str] | None = None) 
         raise ValidationFailed(f"unknown group; groups: {', '.join(gw.registry.groups)}", field="group")
     if not request.rows:
         raise ValidationFailed("give at least one row", field="rows")
-    if len(request.rows) > settings.max_write_rows:
-        raise TooLarge(f"{len(request.rows)} rows; the limit is {settings.max_write_rows}", field="rows")
-    rows, dropped = encode_rows(group, request.rows, settings)
+    if len(request.rows) > limits.max_write_rows:
+        raise TooLarge(f"{len(request.rows)} rows; the limit is {limits.max_write_rows}", field="rows")
+    rows, dropped = encode_rows(group, request.rows, limits)
     result = await store(gw, group, rows)
-    return {"group": group.name, "written": result.written, "skipped_stale": result.skipped_stale + dropped}
+    return Written(group.name, result.written, result.skipped_stale + dropped)

@@ -15,9 +15,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
 from typing import NamedTuple
 
-CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
+
+class CircuitState(StrEnum):
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+
+CLOSED, OPEN, HALF_OPEN = CircuitState.CLOSED, CircuitState.OPEN, CircuitState.HALF_OPEN
 
 
 class CircuitBreaker:
@@ -25,7 +34,7 @@ class CircuitBreaker:
         self.threshold = failures
         self.reset_s = reset_s
         self.clock = clock
-        self.state = CLOSED
+        self.state: CircuitState = CLOSED
         self.failures = 0  # consecutive
         self.opened_at = 0.0
 
@@ -56,6 +65,13 @@ class CircuitBreaker:
             self.opened_at = self.clock()
 
 
+@dataclass(frozen=True, slots=True)
+class BreakerPolicy:
+    failures: int = 5  # consecutive failures that open a circuit
+    reset_s: float = 1.0  # how long an open circuit waits before one probe
+    slow_ms: float = 50.0  # a read the request's deadline cut off after this long counts as a failure
+
+
 class Circuits(NamedTuple):
     """A backend's two breakers."""
 
@@ -63,5 +79,5 @@ class Circuits(NamedTuple):
     write: CircuitBreaker
 
     @classmethod
-    def make(cls, failures: int, reset_s: float) -> Circuits:
-        return cls(CircuitBreaker(failures, reset_s), CircuitBreaker(failures, reset_s))
+    def make(cls, policy: BreakerPolicy) -> Circuits:
+        return cls(CircuitBreaker(policy.failures, policy.reset_s), CircuitBreaker(policy.failures, policy.reset_s))

@@ -1,17 +1,24 @@
-"""Real-service helpers for the tests: free ports, a TCP proxy we can switch on, a redis-server process."""
+"""Real servers a test owns or reaches: free ports, a TCP proxy it can switch on and off, a redis-server, a
+Redis Cluster, and a PostgreSQL of its own (initdb into a temporary folder, on a free port) that can be frozen
+with SIGSTOP and thawed with SIGCONT."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import glob
+import os
+import pwd
 import random
 import shutil
+import signal
 import socket
 import subprocess
+import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from redis import Redis as SyncRedis
 from redis.exceptions import RedisError
@@ -109,22 +116,31 @@ class RedisProcess:
             time.sleep(0.02)
         raise RuntimeError("redis-server did not start")
 
+    def freeze(self) -> None:
+        """SIGSTOP the server, like a hung machine: connections stay open and queue up, nothing is answered."""
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGSTOP)
+        # A signal is delivered asynchronously: until the process shows state T it may still answer.
+        _wait_for([self.proc.pid], lambda state: state in (None, "T", "Z"))
+
+    def thaw(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGCONT)
+
+    def calls(self, command: str) -> int:
+        """How many `command`s the server has run (INFO commandstats), asked on a connection of its own."""
+        client = SyncRedis(port=self.port, socket_timeout=5, decode_responses=True)
+        try:
+            stats = client.info("commandstats").get(f"cmdstat_{command.lower()}", {})
+        finally:
+            client.close()
+        return int(stats.get("calls", 0))
+
     def stop(self) -> None:
         if self.proc is not None:
             self.proc.kill()
             self.proc.wait(10)
             self.proc = None
-
-
-async def eventually(check: object, within: float = 5.0, interval: float = 0.05) -> None:
-    """Await `check()` until it returns truthy or `within` seconds pass (then assert on its last answer)."""
-    deadline = time.monotonic() + within
-    while True:
-        result = await check()  # type: ignore[operator]
-        if result or time.monotonic() > deadline:
-            assert result, "condition not met in time"
-            return
-        await asyncio.sleep(interval)
 
 
 @contextlib.asynccontextmanager
@@ -268,4 +284,173 @@ class RedisClusterProcesses:
         self.procs.clear()
 
 
-JSON = {"content-type": "application/json"}  # for requests that send raw bytes (httpx's json= sets it itself)
+def listening(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+        return True
+    return False
+
+
+def unread_bytes(port: int) -> list[int]:
+    """Per connection a server on 127.0.0.1:`port` has accepted or could accept, the bytes it was sent and has not
+    read yet (the kernel's receive queue, from /proc/net/tcp): all zeros once it has read every request."""
+    local = f"0100007F:{port:04X}"
+    queues = []
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[1] == local and fields[3] == "01":  # ESTABLISHED, whether accepted yet or not
+            queues.append(int(fields[4].split(":")[1], 16))
+    return queues
+
+
+def _postgres_bin() -> Path:
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/postgres"), key=lambda p: int(p.split("/")[4]))
+    if found:
+        return Path(found[-1]).parent
+    on_path = shutil.which("postgres")
+    if on_path:
+        return Path(on_path).parent
+    raise RuntimeError("no PostgreSQL server binaries (postgres, initdb) under /usr/lib/postgresql/*/bin or on PATH")
+
+
+def child_pids(pid: int) -> list[int]:
+    """Processes whose parent is `pid` (PostgreSQL backends each lead their own process group, so
+    signalling the postmaster's group does not reach them)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue  # it ended meanwhile
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+def _state(pid: int) -> str | None:
+    """The process state letter from /proc (R, S, T, Z, ...); None when it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def _wait_for(pids: list[int], ok: Callable[[str | None], bool], within: float = 10.0) -> None:
+    deadline = time.monotonic() + within
+    while not all(ok(_state(pid)) for pid in pids):
+        assert time.monotonic() < deadline, {pid: _state(pid) for pid in pids}
+        time.sleep(0.005)
+
+
+def _signal_all(pids: list[int], signum: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):  # it ended meanwhile
+            os.kill(pid, signum)
+
+
+class PostgresProcess:
+    """A PostgreSQL server of the test's own: trust auth, user root, database `test`, fsync off.
+
+    PostgreSQL refuses to run as root; as root it runs as the `postgres` system user. `freeze()` stops the
+    postmaster and every backend, like a hung machine; `crash()` kills them all.
+    """
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.bin = _postgres_bin()
+        self.user = "postgres" if os.geteuid() == 0 else None
+        self.dir = Path(tempfile.mkdtemp(prefix="fg-pg-"))
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    @property
+    def dsn(self) -> str:
+        return f"postgresql://root@127.0.0.1:{self.port}/test"
+
+    def _run(self, *command: str) -> None:
+        result = subprocess.run(command, capture_output=True, timeout=60, user=self.user)
+        if result.returncode != 0:
+            raise RuntimeError(f"{command[0]} failed: {result.stdout.decode()}{result.stderr.decode()}")
+
+    def start(self) -> None:
+        if self.user is not None:
+            owner = pwd.getpwnam(self.user)
+            os.chown(self.dir, owner.pw_uid, owner.pw_gid)
+        data = self.dir / "data"
+        self._run(str(self.bin / "initdb"), "-D", str(data), "-U", "root", "--auth=trust", "-E", "UTF8", "--no-sync")
+        self._log = (self.dir / "server.log").open("wb")
+        self._launch()
+        self._run(str(self.bin / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "root", "test")
+
+    def _launch(self) -> None:
+        data = self.dir / "data"
+        self.proc = subprocess.Popen(
+            [
+                str(self.bin / "postgres"),
+                "-D",
+                str(data),
+                "-p",
+                str(self.port),
+                "-k",
+                str(self.dir),
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                "fsync=off",
+                "-c",
+                "full_page_writes=off",
+                "-c",
+                "synchronous_commit=off",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=self._log,
+            user=self.user,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 20
+        while not listening(self.port):
+            assert self.proc.poll() is None, (self.dir / "server.log").read_text()
+            assert time.monotonic() < deadline, "PostgreSQL did not start"
+            time.sleep(0.05)
+
+    def crash(self) -> None:
+        """SIGKILL the postmaster and every backend, as a machine or container dying would."""
+        assert self.proc is not None
+        children = child_pids(self.proc.pid)
+        os.kill(self.proc.pid, signal.SIGKILL)
+        _signal_all(children, signal.SIGKILL)
+        self.proc.wait(10)
+        _wait_for(children, lambda state: state in (None, "Z"))  # gone, or a zombie: its sockets are closed
+
+    def restart(self) -> None:
+        """Start again on the same port and data (after `crash()`: crash recovery, then it accepts)."""
+        self._launch()
+
+    def freeze(self) -> None:
+        """SIGSTOP the postmaster (no new sessions) and then every backend (open sessions hang too)."""
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGSTOP)
+        children = child_pids(self.proc.pid)
+        _signal_all(children, signal.SIGSTOP)
+        # A signal is delivered asynchronously: until each process shows state T it may still answer.
+        _wait_for([self.proc.pid, *children], lambda state: state in (None, "T", "Z"))
+
+    def thaw(self) -> None:
+        assert self.proc is not None
+        _signal_all(child_pids(self.proc.pid), signal.SIGCONT)
+        os.kill(self.proc.pid, signal.SIGCONT)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.thaw()
+                self.proc.send_signal(signal.SIGINT)  # fast shutdown: it removes its shared memory
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.crash()
+            self.proc = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        shutil.rmtree(self.dir, ignore_errors=True)

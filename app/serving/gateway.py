@@ -1,6 +1,6 @@
-"""The running gateway: registry, open backends, tracer and the per-registry plan cache.
+"""The running gateway: registry, open backends, circuits, limits, tracer and the per-registry plan cache.
 
-Owned by the app's lifespan; `app/fetch.py` and `app/write.py` do the work against it.
+Owned by the app's lifespan (or a materialize run); `fetch.py` and `write.py` do the work against it.
 """
 
 from __future__ import annotations
@@ -10,16 +10,17 @@ import contextlib
 import logging
 from collections.abc import Coroutine, Sequence
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 from opentelemetry import trace
 
-from app.breaker import Circuits
 from app.errors import describe_error
 from app.metrics import Metrics
-from app.plan import Plan, make_plan
-from app.registry import Registry
-from app.settings import Settings
+from app.registry.model import Registry
+from app.resilience.breaker import BreakerPolicy, Circuits
+from app.serving.limits import Limits
+from app.serving.plan import Plan, make_plan
 from backends.base import FeatureBackend
 
 log = logging.getLogger(__name__)
@@ -29,19 +30,37 @@ _PLAN_CACHE_FEATURES = 200_000  # about 30 MB of plans at most
 _NO_SPAN: AbstractContextManager[trace.Span] = nullcontext(trace.INVALID_SPAN)
 
 
+@dataclass(frozen=True, slots=True)
+class Lifecycle:
+    migrate_on_start: bool = True  # create tables at start-up (and when a backend that was down answers)
+    migrate_retry_s: float = 1.0  # how often to retry a backend that was down at start
+    ready_timeout_s: float = 1.0  # how long readiness waits for each backend
+
+
 class Gateway:
+    """What serving needs, wired by the composition root: the registry, open backends, their circuits, the
+    limits and policies, metrics and tracer; and the cached plans and background tasks it owns."""
+
     def __init__(
-        self, settings: Settings, registry: Registry, backends: dict[str, FeatureBackend], tracer: trace.Tracer | None
+        self,
+        registry: Registry,
+        backends: dict[str, FeatureBackend],
+        *,
+        limits: Limits | None = None,
+        breaker_policy: BreakerPolicy | None = None,
+        lifecycle: Lifecycle | None = None,
+        metrics: Metrics | None = None,
+        tracer: trace.Tracer | None = None,
     ):
-        self.settings = settings
         self.registry = registry
         self.backends = backends
+        self.limits = limits or Limits()
+        self.breaker_policy = breaker_policy or BreakerPolicy()
+        self.lifecycle = lifecycle or Lifecycle()
         self.tracer = tracer
-        self.metrics = Metrics(settings.metrics_dir)
+        self.metrics = metrics or Metrics()
         self.migrated: dict[str, bool] = dict.fromkeys(backends, False)
-        self.breakers = {
-            name: Circuits.make(settings.breaker_failures, settings.breaker_reset_ms / 1000) for name in backends
-        }
+        self.breakers = {name: Circuits.make(self.breaker_policy) for name in backends}
         self.read_timeout_s = {name: registry.backends[name].options["timeout_ms"] / 1000 for name in backends}
         self._plans: dict[tuple[str, ...], Plan] = {}
         self._plan_size = 0
@@ -60,7 +79,7 @@ class Gateway:
         key = tuple(features)
         plan = self._plans.get(key)
         if plan is None:
-            plan = make_plan(self.registry, key, self.settings.max_features)
+            plan = make_plan(self.registry, key, self.limits.max_features)
             self._plans[key] = plan
             self._plan_size += len(plan.features)
             while len(self._plans) > _PLAN_CACHE_SIZE or self._plan_size > _PLAN_CACHE_FEATURES:
@@ -80,7 +99,7 @@ class Gateway:
         """Migrate every backend; one that is down is retried in the background, never fatal."""
         if self.metrics.directory is not None:
             self.spawn(self._dump_metrics(), name="metrics")
-        if not self.settings.migrate_on_start:
+        if not self.lifecycle.migrate_on_start:
             self.migrated = dict.fromkeys(self.backends, True)
             return
         await asyncio.gather(*(self._migrate(name, retry=False) for name in self.backends))
@@ -97,7 +116,7 @@ class Gateway:
                 log.warning("could not write the metrics snapshot: %s", exc)
 
     async def _migrate(self, name: str, *, retry: bool) -> None:
-        timeout = max(self.settings.ready_timeout_ms / 1000, 1.0)
+        timeout = max(self.lifecycle.ready_timeout_s, 1.0)
         while True:
             try:
                 # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that lands as the
@@ -116,11 +135,11 @@ class Gateway:
                         exc,
                     )
                     return
-            await asyncio.sleep(self.settings.migrate_retry_s)
+            await asyncio.sleep(self.lifecycle.migrate_retry_s)
 
     async def readiness(self) -> dict[str, str | None]:
         """Per backend: None when it answers, else why not."""
-        timeout = self.settings.ready_timeout_ms / 1000
+        timeout = self.lifecycle.ready_timeout_s
 
         async def check(name: str) -> str | None:
             if not self.migrated[name]:

@@ -31,7 +31,7 @@ from typing import Any
 
 import msgspec
 
-from app.codec import CodecError, DType
+from app.storage.codec import CodecError, DType
 
 TS_BIAS = 1 << 63
 _MIN_EVENT_US = -62_135_596_800_000_000  # 0001-01-01, the range a served RFC 3339 time can take

@@ -30,6 +30,7 @@ from app.telemetry import make_tracer_provider, tracer_for
 from backends import open_backend
 from routers import feast, features, health, observability, status
 from routers import registry as registry_routes
+from routers.admission import ADMISSION, AdmissionControl
 from routers.errors import install_error_handlers
 from routers.models import add_request_schemas
 from routers.observability import RequestMetrics
@@ -53,7 +54,7 @@ def create_app(
     provider = make_tracer_provider(settings, span_exporter)
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         backends = {name: open_backend(spec, registry) for name, spec in registry.backends.items()}
         gateway = Gateway(
             registry,
@@ -63,6 +64,7 @@ def create_app(
             lifecycle=settings.lifecycle(),
             metrics=Metrics(settings.metrics_dir),
             tracer=tracer_for(provider),
+            admission=settings.admission_policy(),
         )
         if keyring.enabled:
             log.info("API keys: %d configured (%s)", len(keyring.keys), keyring.source)
@@ -78,7 +80,8 @@ def create_app(
 
                 await seed_demo(gateway)
             app.state.gateway = gateway
-            yield
+            # Lifespan state reaches every request's scope, and uvicorn's protocol (routers/admission.py).
+            yield {ADMISSION: gateway.admission}
         finally:
             await gateway.aclose()
             log.info("closed backends %s", ", ".join(reversed(gateway.backends)))
@@ -100,6 +103,7 @@ def create_app(
     app.include_router(observability.router)
     app.include_router(feast.router)
     app.include_router(status.router)
+    app.add_middleware(AdmissionControl)  # inside RequestMetrics, so refusals are counted by route
     app.add_middleware(RequestMetrics)
     if settings.cors_origins:
         # Outermost, so a preflight is answered before authentication (browsers send no credentials with it).

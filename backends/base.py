@@ -29,6 +29,9 @@ class WriteResult(NamedTuple):
 class FeatureBackend(Protocol):
     name: str
     type: str
+    # Runs inside the gateway's process (a thread): a read cut off by the deadline is then the CPU's doing,
+    # never an outage, and opens no circuit (see Gateway.blames).
+    in_process: bool
 
     async def migrate(self) -> None:
         """Create what the backend needs (tables, indexes); idempotent, safe to run at every start."""

@@ -128,6 +128,7 @@ def cluster_client(spec: BackendSpec) -> RedisCluster:
 
 class RedisClusterBackend:
     type = "redis"
+    in_process = False
 
     def __init__(self, spec: BackendSpec, groups: Sequence[Group]):
         options = spec.options

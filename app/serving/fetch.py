@@ -18,7 +18,7 @@ from opentelemetry.trace import Status as SpanStatus
 from opentelemetry.trace import StatusCode
 
 from app.auth import check_feature_groups
-from app.errors import StrictDegraded, ValidationFailed, describe_error
+from app.errors import Overloaded, StrictDegraded, ValidationFailed, describe_error
 from app.serving.plan import GroupPlan, Plan
 from app.serving.request import FetchRequest, check_entities
 from app.serving.statuses import BackendOutcome, Cell, Outcome
@@ -57,6 +57,7 @@ async def _read_backend(
                     blobs = await backend.read(reads)
             outcome.ms = (time.perf_counter() - started) * 1000
             breaker.success()
+            gw.answered(backend_name, "read")
             outcome.cells = [
                 [p.cell(b, now_us, nulls) for b in group_blobs] for p, group_blobs in zip(plans, blobs, strict=True)
             ]
@@ -80,6 +81,8 @@ async def _read_backend(
         except Exception as exc:  # any backend failure degrades the answer, never the service
             if backend.server_answered(exc):
                 breaker.abandoned()  # it answered, so it is up: an error of this request, not an outage
+            elif isinstance(exc, TimeoutError) and not gw.blames(backend_name, "read", started):
+                breaker.abandoned()  # its own timeout ran out, but the wait was ours (see Gateway.blames)
             else:
                 breaker.failure()
             outcome.ms = (time.perf_counter() - started) * 1000
@@ -93,11 +96,13 @@ async def _read_backend(
             span.set_status(SpanStatus(StatusCode.ERROR, type(exc).__name__))
 
 
-def _missed(gw: Gateway, name: str, outcome: BackendOutcome, deadline_ms: float) -> None:
-    """A read the deadline cut off. A tight deadline is not the backend's fault; one that kept a request
-    waiting past `breaker_slow_ms` is failing (a frozen or black-holed server never answers with an error)."""
-    outcome.status, outcome.error, outcome.ms = Outcome.TIMEOUT, "missed the deadline", deadline_ms
-    if deadline_ms >= gw.breaker_policy.slow_ms:
+def _missed(gw: Gateway, name: str, outcome: BackendOutcome, started: float) -> None:
+    """A read the deadline cut off. A tight deadline is not the backend's fault, nor is an event loop too busy
+    to read the reply; a backend that itself kept the request waiting past `breaker_slow_ms` is failing (a
+    frozen or black-holed server never answers with an error). See Gateway.blames."""
+    outcome.status, outcome.error = Outcome.TIMEOUT, "missed the deadline"
+    outcome.ms = (time.perf_counter() - started) * 1000
+    if gw.blames(name, "read", started):
         gw.breakers[name].read.failure()
     else:
         gw.breakers[name].read.abandoned()
@@ -124,10 +129,17 @@ class Served:
     degraded: bool
 
 
-async def serve(gw: Gateway, request: FetchRequest, groups: Collection[str] | None = None) -> Served:
+# A request with less than this left of its deadline when it could start is refused, not served all defaults.
+MIN_READ_S = 0.001
+
+
+async def serve(
+    gw: Gateway, request: FetchRequest, groups: Collection[str] | None = None, received: float | None = None
+) -> Served:
     """Validate against the registry, read every backend under the deadline, count usage.
 
-    `groups`: the feature groups the caller's API key may use (None: all).
+    `groups`: the feature groups the caller's API key may use (None: all). `received`: when the server received
+    the request (time.perf_counter()); the deadline counts from then, so time spent queued counts against it.
     """
     limits = gw.limits
     if groups is not None:
@@ -138,10 +150,20 @@ async def serve(gw: Gateway, request: FetchRequest, groups: Collection[str] | No
     if not 0 < deadline_ms <= limits.max_deadline_ms:
         raise ValidationFailed(f"deadline_ms is between 0 and {limits.max_deadline_ms:g}", field="deadline_ms")
 
+    deadline_s = deadline_ms / 1000
+    started = time.perf_counter()
+    if received is not None:
+        deadline_s -= started - received
+        if deadline_s < MIN_READ_S:
+            raise Overloaded(
+                f"the request waited {(started - received) * 1000:.0f} ms before it could start, past its deadline "
+                f"of {deadline_ms:g} ms; nothing was read, retry shortly",
+                field="deadline_ms",
+            )
+
     unique = {jk: _unique(keys) for jk, keys in keys_by_join.items()}
     now_us = time.time_ns() // 1000
     outcomes = {name: BackendOutcome() for name, _ in plan.by_backend}
-    deadline_s = deadline_ms / 1000
     reads = []
     for name, indexes in plan.by_backend:
         if not gw.breakers[name].read.allow():
@@ -163,7 +185,7 @@ async def serve(gw: Gateway, request: FetchRequest, groups: Collection[str] | No
             async with asyncio.timeout(deadline_s):
                 await read
         except TimeoutError:
-            _missed(gw, name, outcomes[name], deadline_ms)
+            _missed(gw, name, outcomes[name], started)
     elif reads:
         tasks = {name: gw.spawn(read) for name, read in reads}
         try:
@@ -177,7 +199,7 @@ async def serve(gw: Gateway, request: FetchRequest, groups: Collection[str] | No
         for name, task in tasks.items():
             if task in pending:
                 task.cancel()
-                _missed(gw, name, outcomes[name], deadline_ms)
+                _missed(gw, name, outcomes[name], started)
 
     for name, outcome in outcomes.items():  # before any strict 503, so failures are always counted
         gw.metrics.backend_read(name, outcome.status, outcome.ms)

@@ -1,0 +1,109 @@
+"""Admission at the door: the ASGI middleware that takes or refuses a slot of the worker's limiter
+(app/resilience/admission.py), and the uvicorn protocol that stamps when a request arrived and refuses one
+before the application sees it.
+
+The protocol runs as bytes are parsed, so its stamp is when the server received the request, not when the
+event loop got round to running the handler; the fetch deadline counts from it (app/serving/fetch.py). When
+the limiter is full it answers 503 at once, without a task for the app, routing or decoding the body (the
+body is still read off the socket by uvicorn's parser, so the connection stays usable). Under any other server
+(or an in-process ASGI client) the middleware does the same job one step later.
+
+Only the serving endpoints are shed; health, metrics, the status page and the registry never are.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import msgspec
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from app.errors import Overloaded
+from app.resilience.admission import Limiter, Work
+from routers.errors import PROBLEM
+
+RECEIVED = "feature_gateway.received"  # scope key: time.perf_counter() when the request arrived
+ADMISSION = "feature_gateway.admission"  # lifespan state key: the worker's Limiter
+
+SHED: dict[str, Work] = {
+    "/v1/features/fetch": Work.READ,
+    "/get-online-features": Work.READ,
+    "/v1/features/write": Work.WRITE,
+    "/write-to-online-store": Work.WRITE,
+}
+
+
+async def refuse(send: Send, work: Work, limiter: Limiter) -> None:
+    """The 503 answer: problem+json with Retry-After, built without the app (no routing, no body read)."""
+    error = Overloaded(
+        f"this worker is serving as many requests as it can ({int(limiter.limit)} at once) without missing "
+        "deadlines; nothing was read or written, retry shortly",
+        extra={"work": str(work)},
+    )
+    body = msgspec.json.encode(error.problem())
+    headers = [
+        (b"content-type", PROBLEM.encode()),
+        (b"content-length", str(len(body)).encode()),
+        *((k.lower().encode(), v.encode()) for k, v in error.headers().items()),
+    ]
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class AdmissionControl:
+    """Takes a slot for each serving request, answers 503 when there is none, gives it back (timed) after."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or (work := SHED.get(scope["path"])) is None:
+            await self.app(scope, receive, send)
+            return
+        gateway = getattr(scope["app"].state, "gateway", None)  # set by the lifespan once backends are open
+        limiter: Limiter | None = None if gateway is None else gateway.admission
+        started = time.perf_counter()
+        scope.setdefault(RECEIVED, started)
+        if limiter is None:
+            await self.app(scope, receive, send)
+            return
+        if not limiter.acquire(work):
+            await refuse(send, work, limiter)
+            return
+        status = 500
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            # Only answers the backends were read for are samples: a refusal or a bad request is not latency.
+            limiter.release(work, time.perf_counter() - started if status == 200 else None)
+
+
+class ReceivedAtProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, plus the arrival stamp and refusal at the door (see the module's text)."""
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self.scope[RECEIVED] = time.perf_counter()  # type: ignore[literal-required]
+
+    def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+        scope = cycle.scope
+        work = SHED.get(scope.get("path", ""))
+        limiter: Limiter | None = self.app_state.get(ADMISSION) if work is not None else None
+        if limiter is not None and work is not None and not limiter.admits(work):
+            limiter.refused(work)
+            refused_work, refusing = work, limiter
+
+            async def refused(scope: Scope, receive: Receive, send: Send) -> None:
+                await refuse(send, refused_work, refusing)
+
+            app = refused
+        super()._start_asgi_task(cycle, app)

@@ -152,7 +152,7 @@ async def serve(
 
     deadline_s = deadline_ms / 1000
     started = time.perf_counter()
-    if received is not None:
+    if received is not None and deadline_s >= MIN_READ_S:  # (a deadline too short for any read is served as asked)
         deadline_s -= started - received
         if deadline_s < MIN_READ_S:
             raise Overloaded(

@@ -115,7 +115,7 @@ class Gateway:
 
         Only when the backend itself was slow. Not when it is in-process (then the lateness is the CPU's), not
         when it completed another call of the same direction meanwhile (it is up; the queue was ours), and not
-        when what is left of the wait after the event loop's recent lag is under `slow_ms`: a reply the loop was
+        when what is left of the wait after the event loop's lag meanwhile is under `slow_ms`: a reply the loop was
         too busy to read is not the backend's delay. A reply can sit for two turns of a late loop: one that
         arrives while a long turn runs is read only after the next turn's timers, which include the deadline.
         """
@@ -123,7 +123,8 @@ class Gateway:
             return False
         if self._answered.get((backend, direction), 0.0) > started:
             return False
-        waited_s = time.perf_counter() - started - LOOP_TURNS_PER_REPLY * self.loop_lag.recent_s()
+        lag_s = self.loop_lag.worst_since(started)
+        waited_s = time.perf_counter() - started - LOOP_TURNS_PER_REPLY * lag_s
         return waited_s * 1000 >= self.breaker_policy.slow_ms
 
     def load(self) -> dict[str, float]:

@@ -43,6 +43,7 @@ def test_a_short_soak_samples_the_gateway_and_draws_the_curves(tmp_path: Path) -
     verdict = document["verdict"]
     assert verdict["ok"] is True
     assert verdict["summary"] == "no unbounded growth"
+    assert verdict["phases"] == {"warm_up": 1, "middle": 2, "last": 1}  # by each interval's middle: 1.5, 4.5, ...
     assert [c["name"] for c in verdict["checks"]] == ["RSS", "fds", "tcp conns", "threads", "p50", "p99", "failures"]
     assert (tmp_path / "soak.png").read_bytes().startswith(b"\x89PNG")
     assert "verdict: no unbounded growth" in done.stdout

@@ -148,9 +148,13 @@ def gateway_command() -> list[str]:
 
 
 class GatewayProcess:
-    """`feature-gateway serve --registry ... --port ... --workers N` as a subprocess in its own process group."""
+    """`feature-gateway serve --registry ... --port ... --workers N` as a subprocess in its own process group.
 
-    def __init__(self, registry: Path, workers: int, env: Mapping[str, str], log_path: Path):
+    With `registry=None` it serves the demo registry on embedded SQLite, as `scripts/serve` does (set
+    GATEWAY_DEMO_DIR in `env` to keep its files apart).
+    """
+
+    def __init__(self, registry: Path | None, workers: int, env: Mapping[str, str], log_path: Path):
         self.registry = registry
         self.workers = workers
         self.env = dict(env)
@@ -187,8 +191,7 @@ class GatewayProcess:
         command: Sequence[str] = [
             *gateway_command(),
             "serve",
-            "--registry",
-            str(self.registry),
+            *(("--registry", str(self.registry)) if self.registry is not None else ()),
             "--port",
             str(self.port),
             "--workers",

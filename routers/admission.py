@@ -22,10 +22,12 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from app.errors import Overloaded
 from app.resilience.admission import Limiter, Work
+from app.serving.gateway import Gateway
 from routers.errors import PROBLEM
 
 RECEIVED = "feature_gateway.received"  # scope key: time.perf_counter() when the request arrived
 ADMISSION = "feature_gateway.admission"  # lifespan state key: the worker's Limiter
+DEADLINE = "feature_gateway.deadline_s"  # scope key: the deadline a fetch asked for (unset: the default)
 
 SHED: dict[str, Work] = {
     "/v1/features/fetch": Work.READ,
@@ -62,16 +64,17 @@ class AdmissionControl:
         if scope["type"] != "http" or (work := SHED.get(scope["path"])) is None:
             await self.app(scope, receive, send)
             return
-        gateway = getattr(scope["app"].state, "gateway", None)  # set by the lifespan once backends are open
-        limiter: Limiter | None = None if gateway is None else gateway.admission
+        gateway: Gateway | None = getattr(scope["app"].state, "gateway", None)  # set once backends are open
+        limiter = None if gateway is None else gateway.admission
         started = time.perf_counter()
         scope.setdefault(RECEIVED, started)
-        if limiter is None:
+        if gateway is None or limiter is None:
             await self.app(scope, receive, send)
             return
         if not limiter.acquire(work):
             await refuse(send, work, limiter)
             return
+        default_deadline_s = gateway.limits.default_deadline_ms / 1000
         status = 500
 
         async def send_status(message: Message) -> None:
@@ -84,7 +87,8 @@ class AdmissionControl:
             await self.app(scope, receive, send_status)
         finally:
             # Only answers the backends were read for are samples: a refusal or a bad request is not latency.
-            limiter.release(work, time.perf_counter() - started if status == 200 else None)
+            latency = time.perf_counter() - started if status == 200 else None
+            limiter.release(work, latency, scope.get(DEADLINE, default_deadline_s))
 
 
 class ReceivedAtProtocol(HttpToolsProtocol):

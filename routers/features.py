@@ -12,7 +12,7 @@ from app.serving.fetch import serve
 from app.serving.request import FetchRequest as Fetch
 from app.serving.request import WriteRequest as Write
 from app.serving.write import write
-from routers.admission import RECEIVED
+from routers.admission import DEADLINE, RECEIVED
 from routers.answers import encode_fetch, server_timing
 from routers.decode import decode_body, read_body
 from routers.deps import authorize, gateway_of, security
@@ -48,6 +48,8 @@ async def fetch_features(request: Request) -> Response:
     limit = request.app.state.max_body_bytes
     with gateway.span("POST /v1/features/fetch", SpanKind.SERVER) as span:
         body = decode_body(await read_body(request, limit), Fetch)
+        if body.deadline_ms is not None:  # what the admission limit aims under (routers/admission.py)
+            request.scope[DEADLINE] = body.deadline_ms / 1000
         served = await serve(gateway, body, None if key is None else key.groups, request.scope.get(RECEIVED))
         span.set_attribute("degraded", served.degraded)
         content = encode_fetch(served)

@@ -22,14 +22,16 @@ from tests.support.registries import Names
 POLICY = AdmissionPolicy(initial_limit=10, min_limit=2, max_limit=40, tolerance=1.5, queue=2.0, window_samples=4)
 
 
-def run_window(limiter: Limiter, clock: ManualClock, concurrent: int, latency_s: float) -> None:
+def run_window(
+    limiter: Limiter, clock: ManualClock, concurrent: int, latency_s: float, deadline_s: float | None = None
+) -> None:
     """One window: `concurrent` fetches in flight at once, each taking `latency_s`; the last to end closes it."""
     for _ in range(concurrent):
         assert limiter.acquire(Work.READ)
     for _ in range(concurrent - 1):
-        limiter.release(Work.READ, latency_s)
+        limiter.release(Work.READ, latency_s, deadline_s)
     clock.advance(POLICY.window_s)
-    limiter.release(Work.READ, latency_s)
+    limiter.release(Work.READ, latency_s, deadline_s)
 
 
 def test_admits_up_to_the_limit_and_counts_what_it_refuses() -> None:
@@ -159,3 +161,15 @@ async def test_only_a_backend_that_was_itself_slow_is_blamed(gateway: GatewayFac
         assert gw.blames("hot", "read", since_then)
         gw.answered("hot", "read")
         assert not gw.blames("hot", "read", since_then)  # it answered another read meanwhile: it is up
+
+
+def test_latency_well_within_the_deadlines_asked_is_not_congestion() -> None:
+    clock = ManualClock()
+    limiter = Limiter(POLICY, clock=clock)
+    run_window(limiter, clock, 10, 0.002)
+    for _ in range(3):  # 10x the floor, but a fifth of the 100 ms the clients asked for: keep growing
+        before = limiter.limit
+        run_window(limiter, clock, int(limiter.limit), 0.020, deadline_s=0.1)
+        assert limiter.limit == before + POLICY.queue
+    run_window(limiter, clock, int(limiter.limit), 0.050, deadline_s=0.1)  # past a quarter of it: shrink
+    assert limiter.limit == pytest.approx((before + POLICY.queue) * 0.5 + POLICY.queue)

@@ -10,10 +10,14 @@ filter. Per window of completed reads (at least `window_s` and `window_samples` 
 
     short  = the window's median latency
     floor  = the lowest window median of the last `floor_s` (re-learnt as old windows age out)
-    limit' = limit * clamp(tolerance * floor / short, 0.5, 1) + queue
+    target = max(tolerance * floor, deadline_share * the tightest deadline asked in the window)
+    limit' = limit * clamp(target / short, 0.5, 1) + queue
 
-so while latency stays within `tolerance` of the floor the limit creeps up by `queue` per window, and when the
-queue inside the worker makes latency grow the limit shrinks in proportion. A worker that is not using half of
+so while latency stays within target the limit creeps up by `queue` per window, and when the queue inside the
+worker makes latency grow past it the limit shrinks in proportion. The deadline term is what the clients say
+they can wait: a CPU-bound worker's latency grows with every request it holds, so latency near the floor would
+admit only a handful and refuse the rest of a load it could serve in time (refusals are cheap, not free); a
+median at a quarter of the deadline leaves room for the tail to stay within it. A worker that is not using half of
 its limit learns nothing about it (the latency it sees is not the limit's doing), and the limit holds still.
 
 Only fetches are timed: a write's latency is its batch size, not congestion. Writes are admitted against the
@@ -23,6 +27,7 @@ share of 1, writes compete equally).
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -44,6 +49,7 @@ class AdmissionPolicy:
     min_limit: int = 4
     max_limit: int = 512
     tolerance: float = 1.5  # latency up to this multiple of the floor is not congestion
+    deadline_share: float = 0.25  # nor is a median latency up to this share of the tightest deadline asked
     queue: float = 2.0  # how far the limit may grow per window when latency is within tolerance
     write_share: float = 0.5  # the share of the limit writes may hold
     window_s: float = 0.1
@@ -64,6 +70,7 @@ class Limiter:
         self._samples: list[float] = []
         self._window_start = clock()
         self._peak = 0  # most in flight during the window
+        self._deadline = math.inf  # the tightest deadline of the window's samples
         self._medians: deque[tuple[float, float]] = deque()  # (window end, its median), the last floor_s
 
     def admits(self, work: Work) -> bool:
@@ -88,13 +95,16 @@ class Limiter:
         """Count a refusal decided elsewhere (`admits` said no before the request reached `acquire`)."""
         self.shed[work] += 1
 
-    def release(self, work: Work, latency_s: float | None) -> None:
-        """Give the slot back; `latency_s` is the time the request held it (None: not a sample)."""
+    def release(self, work: Work, latency_s: float | None, deadline_s: float | None = None) -> None:
+        """Give the slot back; `latency_s` is the time the request held it (None: not a sample), `deadline_s`
+        the deadline it asked for."""
         self.inflight -= 1
         if work is Work.WRITE:
             self.writes -= 1
         elif latency_s is not None:
             self._samples.append(latency_s)
+            if deadline_s is not None and deadline_s < self._deadline:
+                self._deadline = deadline_s
         now = self.clock()
         if now - self._window_start >= self.policy.window_s and len(self._samples) >= self.policy.window_samples:
             self._update(now)
@@ -108,10 +118,14 @@ class Limiter:
         while medians[0][0] < now - policy.floor_s:
             medians.popleft()
         floor = min(m for _, m in medians)
+        target = policy.tolerance * floor
+        if self._deadline < math.inf:
+            target = max(target, policy.deadline_share * self._deadline)
         if self._peak * 2 >= self.limit:  # else the limit was not what held latency where it is
-            gradient = min(1.0, max(0.5, policy.tolerance * floor / short)) if short > 0 else 1.0
+            gradient = min(1.0, max(0.5, target / short)) if short > 0 else 1.0
             limit = self.limit * gradient + policy.queue
             self.limit = min(float(policy.max_limit), max(float(policy.min_limit), limit))
         self._samples.clear()
+        self._deadline = math.inf
         self._window_start = now
         self._peak = self.inflight

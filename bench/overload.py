@@ -41,6 +41,7 @@ from bench.procs import GatewayProcess, RedisServer, log
 
 PATH = "/v1/features/fetch"
 MAX_CONNECTIONS = 2048  # open-loop: a request due with every connection busy opens another, up to this
+KEEP_ALIVE_S = 4.0  # reuse a connection idle for less than this (uvicorn closes one idle for 5 s)
 
 
 @dataclass
@@ -146,27 +147,39 @@ async def closed_loop(port: int, requests: list[bytes], phase: Phase, connection
 async def open_loop(port: int, requests: list[bytes], phase: Phase, seed: int) -> None:
     assert phase.offered_rps
     rng = random.Random(seed)
-    idle: list[Client] = []
+    idle: list[tuple[Client, float]] = []  # and when each was last used
     opened = 0
     tasks: set[asyncio.Task[None]] = set()
 
     async def one(request: bytes, due: float) -> None:
         nonlocal opened
-        client = idle.pop() if idle else None
+        client = None
+        while idle and client is None:
+            client, used = idle.pop()
+            if time.perf_counter() - used > KEEP_ALIVE_S:  # the server may have closed it meanwhile
+                client.close()
+                opened -= 1
+                client = None
         if client is None:
             if opened >= MAX_CONNECTIONS:
                 phase.kinds["client_saturated"] += 1
                 return
             opened += 1
-            client = await Client.open(port)
+            try:
+                client = await Client.open(port)
+            except OSError:
+                phase.kinds["error"] += 1
+                opened -= 1
+                return
         try:
             status, body = await client.post(request)
         except (OSError, asyncio.IncompleteReadError):
             phase.kinds["error"] += 1
             client.close()
+            opened -= 1
             return
         classify(phase, status, body, (time.perf_counter() - due) * 1000)
-        idle.append(client)
+        idle.append((client, time.perf_counter()))
 
     start = time.perf_counter()
     interval = 1 / phase.offered_rps
@@ -181,7 +194,7 @@ async def open_loop(port: int, requests: list[bytes], phase: Phase, seed: int) -
         task.add_done_callback(tasks.discard)
     if tasks:
         await asyncio.wait(tasks, timeout=30)
-    for client in idle:
+    for client, _ in idle:
         client.close()
 
 

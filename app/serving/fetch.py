@@ -22,6 +22,7 @@ from app.errors import Overloaded, StrictDegraded, ValidationFailed, describe_er
 from app.serving.plan import GroupPlan, Plan
 from app.serving.request import FetchRequest, check_entities
 from app.serving.statuses import BackendOutcome, Cell, Outcome
+from backends.base import PartialRead
 
 if TYPE_CHECKING:
     from app.serving.gateway import Gateway
@@ -78,6 +79,17 @@ async def _read_backend(
             span.set_attribute("outcome", str(Outcome.TIMEOUT))
             span.set_status(SpanStatus(StatusCode.ERROR, "deadline"))
             raise
+        except PartialRead as exc:  # some keys failed (a cluster master down): those are UNAVAILABLE, the rest served
+            breaker.success()  # the backend answered for the rest: skipping all of it would serve less
+            outcome.ms = (time.perf_counter() - started) * 1000
+            outcome.status, outcome.error = Outcome.ERROR, describe_error(exc)
+            outcome.cells = [
+                [p.unavailable if i in failed else p.cell(b, now_us, nulls) for i, b in enumerate(group_blobs)]
+                for p, group_blobs, failed in zip(plans, exc.blobs, exc.failed, strict=True)
+            ]
+            span.set_attribute("outcome", str(outcome.status))
+            span.record_exception(exc)
+            span.set_status(SpanStatus(StatusCode.ERROR, type(exc).__name__))
         except Exception as exc:  # any backend failure degrades the answer, never the service
             if backend.server_answered(exc):
                 breaker.abandoned()  # it answered, so it is up: an error of this request, not an outage
@@ -229,11 +241,14 @@ def _count(plan: Plan, columns: list[list[Cell]], n: int) -> None:
     for gp, column in zip(plan.groups, columns, strict=True):
         usage = gp.usage
         usage.requests += 1
-        if column[0] is gp.unavailable:
+        # Identity counts, in C. UNAVAILABLE may be some cells only (a backend's PartialRead), so it is counted too.
+        unavailable = sum(map(is_, column, repeat(gp.unavailable)))
+        if unavailable == n:
             usage.unavailable += n
             continue
-        missing = sum(map(is_, column, repeat(gp.missing)))  # identity counts, in C
+        missing = sum(map(is_, column, repeat(gp.missing)))
         expired = sum(map(is_, column, repeat(gp.expired)))
-        usage.present += n - missing - expired
+        usage.present += n - missing - expired - unavailable
         usage.missing += missing
         usage.expired += expired
+        usage.unavailable += unavailable

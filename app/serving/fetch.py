@@ -81,6 +81,7 @@ async def _read_backend(
             raise
         except PartialRead as exc:  # some keys failed (a cluster master down): those are UNAVAILABLE, the rest served
             breaker.success()  # the backend answered for the rest: skipping all of it would serve less
+            gw.answered(backend_name, "read")
             outcome.ms = (time.perf_counter() - started) * 1000
             outcome.status, outcome.error = Outcome.ERROR, describe_error(exc)
             outcome.cells = [

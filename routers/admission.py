@@ -37,8 +37,8 @@ SHED: dict[str, Work] = {
 }
 
 
-async def refuse(send: Send, work: Work, limiter: Limiter) -> None:
-    """The 503 answer: problem+json with Retry-After, built without the app (no routing, no body read)."""
+def refusal(work: Work, limiter: Limiter) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    """The 503 answer's headers and body: problem+json with Retry-After."""
     error = Overloaded(
         f"this worker is serving as many requests as it can ({int(limiter.limit)} at once) without missing "
         "deadlines; nothing was read or written, retry shortly",
@@ -50,7 +50,12 @@ async def refuse(send: Send, work: Work, limiter: Limiter) -> None:
         (b"content-length", str(len(body)).encode()),
         *((k.lower().encode(), v.encode()) for k, v in error.headers().items()),
     ]
-    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    return headers, body
+
+
+async def refuse(send: Send, work: Work, limiter: Limiter) -> None:
+    headers, body = refusal(work, limiter)
+    await send({"type": "http.response.start", "status": Overloaded.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -94,6 +99,8 @@ class AdmissionControl:
 class ReceivedAtProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol, plus the arrival stamp and refusal at the door (see the module's text)."""
 
+    _refused: Any = None  # the cycle of a request refused at the door, until its body has been read
+
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self.scope[RECEIVED] = time.perf_counter()  # type: ignore[literal-required]
@@ -102,12 +109,27 @@ class ReceivedAtProtocol(HttpToolsProtocol):
         scope = cycle.scope
         work = SHED.get(scope.get("path", ""))
         limiter: Limiter | None = self.app_state.get(ADMISSION) if work is not None else None
-        if limiter is not None and work is not None and not limiter.admits(work):
-            limiter.refused(work)
-            refused_work, refusing = work, limiter
+        if limiter is None or work is None or limiter.admits(work):
+            super()._start_asgi_task(cycle, app)
+            return
+        # Refused here, as the head is parsed: the answer is written straight to the socket, with no task, no
+        # app and no body read (the parser drops the body as it arrives, since the response is complete). At
+        # twice the load a worker serves, every other request is one of these: what each costs comes out of
+        # the goodput.
+        limiter.refused(work)
+        headers, body = refusal(work, limiter)
+        head = b"".join(b"%s: %s\r\n" % header for header in headers)
+        self.transport.write(b"HTTP/1.1 503 Service Unavailable\r\n%s\r\n%s" % (head, body))
+        cycle.response_started = cycle.response_complete = True
+        if not cycle.keep_alive:
+            self.transport.close()
+        self._refused = cycle  # its end is the request's end: see on_message_complete
 
-            async def refused(scope: Scope, receive: Receive, send: Send) -> None:
-                await refuse(send, refused_work, refusing)
-
-            app = refused
-        super()._start_asgi_task(cycle, app)
+    def on_message_complete(self) -> None:
+        if self.cycle is not None and self.cycle is self._refused:
+            # The refused request's body has all been read off the socket: now the connection is idle (its
+            # keep-alive timer runs) or the next pipelined request may start.
+            self._refused = None
+            self.on_response_complete()
+            return
+        super().on_message_complete()

@@ -12,12 +12,14 @@ import asyncio
 import contextlib
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import httpx
 
@@ -25,6 +27,8 @@ from bench.overload import Client
 from tests.support.clients import metric_value, parse_metrics
 from tests.support.gateways import GatewayProcess
 from tests.support.registries import Names
+from tests.support.servers import RedisProcess
+from tests.support.waiting import wait_until
 
 FEATURES = ["live:orders_7d", "live:avg_basket", "history:lifetime_orders", "local:score"]
 ENTITIES = list(range(1, 51))
@@ -216,3 +220,70 @@ async def test_a_starved_cpu_opens_no_circuit_on_healthy_backends(tmp_path: Path
     assert set(states.values()) == {"closed"}, f"{states}; {report}"
     assert skipped == 0, report
     assert set(after) == {"served"}, report
+
+
+def read_answer(reader: BinaryIO) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 response off a socket's buffered reader (pipelined answers may come in one read)."""
+    status = int(reader.readline().split()[1])
+    headers = {}
+    while (line := reader.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode().partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return status, headers, reader.read(int(headers["content-length"]))
+
+
+def test_a_request_refused_at_the_door_is_answered_before_its_body_and_its_connection_stays_usable(
+    tmp_path: Path, names: Names
+) -> None:
+    """uvicorn's protocol refuses as the head is parsed (routers/admission.py): the 503 comes back while the
+    body is still withheld, the body sent after it is skipped, pipelined requests are each answered in order,
+    and both connections serve the next request once the worker has room."""
+    store = RedisProcess()
+    path = tmp_path / "registry.yaml"
+    path.write_text(names.registry(names.backend("redis", url=store.url)))
+    one_at_a_time = {f"GATEWAY_ADMISSION_{k}_LIMIT": "1" for k in ("INITIAL", "MIN", "MAX")}
+    server = GatewayProcess(path, tmp_path / "gateway.log", env={**os.environ, **one_at_a_time})
+    body = json.dumps({"entities": {"consumer_id": [1]}, "features": ["live:orders_7d"], "deadline_ms": 10_000})
+    head = (
+        b"POST /v1/features/fetch HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(body)
+    )
+    whole = head + body.encode()
+    try:
+        store.start()
+        server.start()
+        row = {"consumer_id": 1, "orders_7d": 7, "avg_basket": 1.0, "active": True, "name": None, "raw": None}
+        row |= {"embedding": None, "ids": None}
+        assert httpx.post(f"{server.url}/v1/features/write", json={"group": "live", "rows": [row]}).status_code == 200
+        store.freeze()
+        with (
+            socket.create_connection(("127.0.0.1", server.port), timeout=10) as held,
+            socket.create_connection(("127.0.0.1", server.port), timeout=10) as withheld,
+            socket.create_connection(("127.0.0.1", server.port), timeout=10) as pipelined,
+        ):
+            held_answers, withheld_answers, pipelined_answers = (s.makefile("rb") for s in (held, withheld, pipelined))
+            held.sendall(whole)  # waits on the frozen Redis, holding the worker's one slot
+            wait_until(lambda: metric_value(scrape(server), "admission_inflight") == 1, what="the fetch in flight")
+            withheld.sendall(head)  # and not the body: only a refusal at the door can answer now
+            refused = read_answer(withheld_answers)
+            withheld.sendall(body.encode())
+            pipelined.sendall(whole + whole)
+            refused_twice = [read_answer(pipelined_answers), read_answer(pipelined_answers)]
+            store.thaw()
+            served = read_answer(held_answers)
+            withheld.sendall(whole)
+            after_withheld = read_answer(withheld_answers)
+            pipelined.sendall(whole)
+            after_pipelined = read_answer(pipelined_answers)
+    finally:
+        store.thaw()
+        server.stop()
+        store.stop()
+    for status, headers, answer in (refused, *refused_twice):
+        assert status == 503
+        assert headers["retry-after"] == "1"
+        assert headers["content-type"] == "application/problem+json"
+        assert json.loads(answer)["type"].endswith("/overload")
+    for status, _, answer in (served, after_withheld, after_pipelined):
+        assert status == 200
+        assert json.loads(answer)["rows"][0]["values"] == [7]

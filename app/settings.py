@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     admission_tolerance: float = Field(
         1.5, ge=1.0, description="Latency up to this multiple of the measured floor is not taken for congestion"
     )
+    admission_deadline_share: float = Field(
+        0.5, gt=0, le=1, description="Nor is a 90th percentile latency up to this share of the deadlines asked"
+    )
     admission_write_share: float = Field(
         0.5, gt=0, le=1, description="Share of the in-flight limit writes may hold (the rest is for fetches)"
     )
@@ -93,6 +96,7 @@ class Settings(BaseSettings):
             min_limit=self.admission_min_limit,
             max_limit=max(self.admission_max_limit, self.admission_min_limit),
             tolerance=self.admission_tolerance,
+            deadline_share=self.admission_deadline_share,
             write_share=self.admission_write_share,
         )
 

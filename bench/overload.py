@@ -59,7 +59,7 @@ class Phase:
     means_ms: dict[str, float] = field(default_factory=dict)  # backend read, loop lag: mean over the phase
 
     def summary(self, saturation: float | None) -> dict[str, Any]:
-        sent = sum(self.kinds.values())
+        sent = sum(n for k, n in self.kinds.items() if k != "connections_opened")
         good = self.kinds["good"]
         out: dict[str, Any] = {
             "phase": self.name,
@@ -165,6 +165,7 @@ async def open_loop(port: int, requests: list[bytes], phase: Phase, seed: int) -
                 phase.kinds["client_saturated"] += 1
                 return
             opened += 1
+            phase.kinds["connections_opened"] += 1
             try:
                 client = await Client.open(port)
             except OSError:

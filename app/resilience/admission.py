@@ -8,16 +8,17 @@ to rise and answers the rest at once with 503 and Retry-After, which costs far l
 The limit follows the gradient rule of Netflix's concurrency-limits (Gradient2) and Envoy's adaptive-concurrency
 filter. Per window of completed reads (at least `window_s` and `window_samples` of them):
 
-    short  = the window's median latency
-    floor  = the lowest window median of the last `floor_s` (re-learnt as old windows age out)
-    target = max(tolerance * floor, deadline_share * the tightest deadline asked in the window)
-    limit' = limit * clamp(target / short, 0.5, 1) + queue
+    short    = the window's median latency, tail its 90th percentile
+    floor    = the lowest window median of the last `floor_s` (re-learnt as old windows age out)
+    gradient = clamp(max(tolerance * floor / short, deadline_share * deadline / tail), 0.5, 1)
+    limit'   = limit * gradient + queue
 
-so while latency stays within target the limit creeps up by `queue` per window, and when the queue inside the
-worker makes latency grow past it the limit shrinks in proportion. The deadline term is what the clients say
-they can wait: a CPU-bound worker's latency grows with every request it holds, so latency near the floor would
-admit only a handful and refuse the rest of a load it could serve in time (refusals are cheap, not free); a
-median at a quarter of the deadline leaves room for the tail to stay within it. A worker that is not using half of
+where `deadline` is the tightest deadline asked in the window. While latency stays within either bound the
+limit creeps up by `queue` per window; when the queue inside the worker pushes it past both, the limit shrinks
+in proportion. The deadline term is what the clients say they can wait: a CPU-bound worker's latency grows with
+every request it holds, so latency near the floor alone would admit a handful and refuse the rest of a load it
+could serve in time (refusals are cheap, not free); a 90th percentile at half the deadline keeps the tail
+within it. A worker that is not using half of
 its limit learns nothing about it (the latency it sees is not the limit's doing), and the limit holds still.
 
 Only fetches are timed: a write's latency is its batch size, not congestion. Writes are admitted against the
@@ -49,7 +50,7 @@ class AdmissionPolicy:
     min_limit: int = 4
     max_limit: int = 512
     tolerance: float = 1.5  # latency up to this multiple of the floor is not congestion
-    deadline_share: float = 0.25  # nor is a median latency up to this share of the tightest deadline asked
+    deadline_share: float = 0.5  # nor is a 90th percentile up to this share of the tightest deadline asked
     queue: float = 2.0  # how far the limit may grow per window when latency is within tolerance
     write_share: float = 0.5  # the share of the limit writes may hold
     window_s: float = 0.1
@@ -71,6 +72,7 @@ class Limiter:
         self._window_start = clock()
         self._peak = 0  # most in flight during the window
         self._deadline = math.inf  # the tightest deadline of the window's samples
+        self.typical_s = 0.0  # the last window's median: what a fetch takes now, once admitted
         self._medians: deque[tuple[float, float]] = deque()  # (window end, its median), the last floor_s
 
     def admits(self, work: Work) -> bool:
@@ -112,17 +114,18 @@ class Limiter:
     def _update(self, now: float) -> None:
         policy = self.policy
         samples = sorted(self._samples)
-        short = samples[len(samples) // 2]
+        self.typical_s = short = samples[len(samples) // 2]
+        tail = samples[len(samples) * 9 // 10]
         medians = self._medians
         medians.append((now, short))
         while medians[0][0] < now - policy.floor_s:
             medians.popleft()
         floor = min(m for _, m in medians)
-        target = policy.tolerance * floor
-        if self._deadline < math.inf:
-            target = max(target, policy.deadline_share * self._deadline)
-        if self._peak * 2 >= self.limit:  # else the limit was not what held latency where it is
-            gradient = min(1.0, max(0.5, target / short)) if short > 0 else 1.0
+        if self._peak * 2 >= self.limit and short > 0:  # else the limit was not what held latency where it is
+            gradient = policy.tolerance * floor / short
+            if self._deadline < math.inf:
+                gradient = max(gradient, policy.deadline_share * self._deadline / tail)
+            gradient = min(1.0, max(0.5, gradient))
             limit = self.limit * gradient + policy.queue
             self.limit = min(float(policy.max_limit), max(float(policy.min_limit), limit))
         self._samples.clear()

@@ -142,7 +142,8 @@ class Served:
     degraded: bool
 
 
-# A request with less than this left of its deadline when it could start is refused, not served all defaults.
+# A request with less than this (or than a fetch takes now) left of its deadline when it could start is
+# refused, not served all defaults.
 MIN_READ_S = 0.001
 
 
@@ -167,10 +168,13 @@ async def serve(
     started = time.perf_counter()
     if received is not None and deadline_s >= MIN_READ_S:  # (a deadline too short for any read is served as asked)
         deadline_s -= started - received
-        if deadline_s < MIN_READ_S:
+        # What a fetch takes now, once admitted: with less left than that, the answer would be all defaults.
+        needed_s = MIN_READ_S if gw.admission is None else max(MIN_READ_S, gw.admission.typical_s)
+        if deadline_s < needed_s and started - received > 0:
             raise Overloaded(
-                f"the request waited {(started - received) * 1000:.0f} ms before it could start, past its deadline "
-                f"of {deadline_ms:g} ms; nothing was read, retry shortly",
+                f"the request waited {(started - received) * 1000:.0f} ms before it could start, leaving less of "
+                f"its {deadline_ms:g} ms deadline than a fetch takes now ({needed_s * 1000:.0f} ms); nothing was "
+                "read, retry shortly",
                 field="deadline_ms",
             )
 

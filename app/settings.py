@@ -55,6 +55,9 @@ class Settings(BaseSettings):
     admission_write_share: float = Field(
         0.5, gt=0, le=1, description="Share of the in-flight limit writes may hold (the rest is for fetches)"
     )
+    freeze_heap: bool = Field(
+        True, description="gc.freeze() after start-up, so full collections skip what lives as long as the process"
+    )
     metrics_dir: str | None = Field(
         None, description="Directory where workers share metric snapshots (set by `serve`; unset: one process)"
     )

@@ -174,3 +174,22 @@ def test_latency_well_within_the_deadlines_asked_is_not_congestion() -> None:
     run_window(limiter, clock, int(limiter.limit), 0.080, deadline_s=0.1)  # past half of it: shrink
     assert limiter.limit == pytest.approx((before + POLICY.queue) * 50 / 80 + POLICY.queue)
     assert limiter.typical_s == 0.080
+
+
+async def test_a_request_left_less_than_a_fetch_takes_is_refused_but_a_short_deadline_is_served_as_asked(
+    gateway: GatewayFactory, names: Names
+) -> None:
+    async with gateway(names.registry(names.backend("redis")), admission=True) as client:
+        gw = client.app.state.gateway  # type: ignore[attr-defined]
+        await write(client, "live", [live_row(1, 3)])
+        request = FetchRequest(entities={"consumer_id": [1]}, features=["live:orders_7d"], deadline_ms=30)
+        gw.admission.typical_s = 0.010  # a fetch takes 10 ms now
+        with pytest.raises(Overloaded):  # waited 25 ms of its 30: 5 ms left is not enough
+            await serve(gw, request, received=time.perf_counter() - 0.025)
+        served = await serve(gw, request, received=time.perf_counter() - 0.005)
+        # A fetch takes 40 ms now, more than the whole 30 ms deadline: served as asked, never refused for it
+        # (refusing would refuse every such request, and nothing would measure the fetch time again).
+        gw.admission.typical_s = 0.040
+        short = await serve(gw, request, received=time.perf_counter() - 0.005)
+    assert served.columns[0][0].values == (3,)
+    assert short.columns[0][0].values == (3,)

@@ -167,10 +167,13 @@ async def serve(
     deadline_s = deadline_ms / 1000
     started = time.perf_counter()
     if received is not None and deadline_s >= MIN_READ_S:  # (a deadline too short for any read is served as asked)
+        # What a fetch takes now, once admitted: one left less than that by its wait would be all defaults. (One
+        # whose whole deadline is shorter is served as asked: refusing it would refuse every such request, and
+        # with no answer served, what a fetch takes would never be measured again.)
+        typical_s = 0.0 if gw.admission is None else gw.admission.typical_s
+        needed_s = typical_s if MIN_READ_S < typical_s < deadline_s else MIN_READ_S
         deadline_s -= started - received
-        # What a fetch takes now, once admitted: with less left than that, the answer would be all defaults.
-        needed_s = MIN_READ_S if gw.admission is None else max(MIN_READ_S, gw.admission.typical_s)
-        if deadline_s < needed_s and started - received > 0:
+        if deadline_s < needed_s:
             raise Overloaded(
                 f"the request waited {(started - received) * 1000:.0f} ms before it could start, leaving less of "
                 f"its {deadline_ms:g} ms deadline than a fetch takes now ({needed_s * 1000:.0f} ms); nothing was "

@@ -96,30 +96,85 @@ class AdmissionControl:
             limiter.release(work, latency, scope.get(DEADLINE, default_deadline_s))
 
 
-class ReceivedAtProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, plus the arrival stamp and refusal at the door (see the module's text)."""
+class _NoEvent:
+    def set(self) -> None:
+        pass
 
-    _refused: Any = None  # the cycle of a request refused at the door, until its body has been read
+
+class _Refused:
+    """Stands in for uvicorn's RequestResponseCycle while the body of a request refused at the door arrives:
+    its response is complete from the start, so the parser's callbacks skip the body."""
+
+    response_started = response_complete = True
+    disconnected = keep_alive = False
+    message_event = _NoEvent()
+
+
+REFUSED = _Refused()
+SHED_RAW = {path.encode(): work for path, work in SHED.items()}
+_answers: dict[tuple[Work, int, bool], bytes] = {}  # (work, limit, keep-alive) -> the whole 503, made once
+
+
+def refusal_bytes(work: Work, limiter: Limiter, keep_alive: bool) -> bytes:
+    key = (work, int(limiter.limit), keep_alive)
+    answer = _answers.get(key)
+    if answer is None:
+        headers, body = refusal(work, limiter)
+        if not keep_alive:
+            headers.append((b"connection", b"close"))
+        head = b"".join(b"%s: %s\r\n" % header for header in headers)
+        answer = _answers[key] = b"HTTP/1.1 503 Service Unavailable\r\n%s\r\n%s" % (head, body)
+    return answer
+
+
+class ReceivedAtProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, plus the arrival stamp and refusal at the door (see the module's text).
+
+    A refusal is decided as soon as the head is parsed and written straight to the socket: no ASGI task, no
+    app, no scope or cycle, and the body is skipped as it arrives. At twice the load a worker serves, every
+    other request is one of these, and what each costs comes out of the goodput: 20 us of CPU each here (wrk
+    against a worker held full, 144,000 refusals in 5 s), against 31 us when uvicorn's scope and cycle were
+    built first, and about 400 us for a served 1 x 100 fetch."""
+
+    _refused: Any = None  # the stand-in cycle of a request refused at the door, until its body has been read
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self.scope[RECEIVED] = time.perf_counter()  # type: ignore[literal-required]
 
+    def on_headers_complete(self) -> None:
+        limiter: Limiter | None = self.app_state.get(ADMISSION)
+        work = None if limiter is None else SHED_RAW.get(self.url.partition(b"?")[0])
+        if (
+            limiter is None
+            or work is None
+            or limiter.admits(work)
+            or (self.cycle is not None and not self.cycle.response_complete)  # pipelined: see _start_asgi_task
+            or self.parser.should_upgrade()
+        ):
+            super().on_headers_complete()
+            return
+        limiter.refused(work)
+        # Without keep-alive, or when the client waits for a 100 Continue before sending its body, the
+        # connection ends with the answer (the body would otherwise be mistaken for the next request).
+        keep_alive = (
+            self.parser.get_http_version() != "1.0" and self.parser.should_keep_alive() and not self.expect_100_continue
+        )
+        self.transport.write(refusal_bytes(work, limiter, keep_alive))
+        self.cycle = self._refused = REFUSED  # type: ignore[assignment]
+        if not keep_alive:
+            self.transport.close()
+
     def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+        """A pipelined request, started once the one before it is answered: refused the same way."""
         scope = cycle.scope
         work = SHED.get(scope.get("path", ""))
         limiter: Limiter | None = self.app_state.get(ADMISSION) if work is not None else None
         if limiter is None or work is None or limiter.admits(work):
             super()._start_asgi_task(cycle, app)
             return
-        # Refused here, as the head is parsed: the answer is written straight to the socket, with no task, no
-        # app and no body read (the parser drops the body as it arrives, since the response is complete). At
-        # twice the load a worker serves, every other request is one of these: what each costs comes out of
-        # the goodput.
         limiter.refused(work)
-        headers, body = refusal(work, limiter)
-        head = b"".join(b"%s: %s\r\n" % header for header in headers)
-        self.transport.write(b"HTTP/1.1 503 Service Unavailable\r\n%s\r\n%s" % (head, body))
+        self.transport.write(refusal_bytes(work, limiter, cycle.keep_alive))
         cycle.response_started = cycle.response_complete = True
         if not cycle.keep_alive:
             self.transport.close()

@@ -269,6 +269,12 @@ def test_a_request_refused_at_the_door_is_answered_before_its_body_and_its_conne
             withheld.sendall(body.encode())
             pipelined.sendall(whole + whole)
             refused_twice = [read_answer(pipelined_answers), read_answer(pipelined_answers)]
+            with socket.create_connection(("127.0.0.1", server.port), timeout=10) as closing:
+                closing.sendall(head.replace(b"Host: gateway", b"Host: gateway\r\nExpect: 100-continue"))
+                closing_answers = closing.makefile("rb")
+                refused_closing = read_answer(closing_answers)
+                # it would not send its body before a 100 Continue: the connection ends with the answer
+                assert closing_answers.read() == b""
             store.thaw()
             served = read_answer(held_answers)
             withheld.sendall(whole)
@@ -279,7 +285,8 @@ def test_a_request_refused_at_the_door_is_answered_before_its_body_and_its_conne
         store.thaw()
         server.stop()
         store.stop()
-    for status, headers, answer in (refused, *refused_twice):
+    assert refused_closing[1]["connection"] == "close"
+    for status, headers, answer in (refused, *refused_twice, refused_closing):
         assert status == 503
         assert headers["retry-after"] == "1"
         assert headers["content-type"] == "application/problem+json"

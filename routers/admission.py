@@ -28,6 +28,9 @@ from routers.errors import PROBLEM
 RECEIVED = "feature_gateway.received"  # scope key: time.perf_counter() when the request arrived
 ADMISSION = "feature_gateway.admission"  # lifespan state key: the worker's Limiter
 DEADLINE = "feature_gateway.deadline_s"  # scope key: the deadline a fetch asked for (unset: the default)
+# Scope key, set on a degraded answer: its time is a backend's deadline or failure, not the worker's queue, and
+# timing it would shrink the limit (and refuse requests) for what the circuit breaker is there to handle.
+NOT_A_SAMPLE = "feature_gateway.not_a_sample"
 
 SHED: dict[str, Work] = {
     "/v1/features/fetch": Work.READ,
@@ -92,7 +95,8 @@ class AdmissionControl:
             await self.app(scope, receive, send_status)
         finally:
             # Only answers the backends were read for are samples: a refusal or a bad request is not latency.
-            latency = time.perf_counter() - started if status == 200 else None
+            timed = status == 200 and not scope.get(NOT_A_SAMPLE)
+            latency = time.perf_counter() - started if timed else None
             limiter.release(work, latency, scope.get(DEADLINE, default_deadline_s))
 
 

@@ -12,7 +12,7 @@ from app.serving.fetch import serve
 from app.serving.request import FetchRequest as Fetch
 from app.serving.request import WriteRequest as Write
 from app.serving.write import write
-from routers.admission import DEADLINE, RECEIVED
+from routers.admission import DEADLINE, NOT_A_SAMPLE, RECEIVED
 from routers.answers import encode_fetch, server_timing
 from routers.decode import decode_body, read_body
 from routers.deps import authorize, gateway_of, security
@@ -52,6 +52,8 @@ async def fetch_features(request: Request) -> Response:
             request.scope[DEADLINE] = body.deadline_ms / 1000
         served = await serve(gateway, body, None if key is None else key.groups, request.scope.get(RECEIVED))
         span.set_attribute("degraded", served.degraded)
+        if served.degraded:
+            request.scope[NOT_A_SAMPLE] = True
         content = encode_fetch(served)
     total_ms = (time.perf_counter() - started) * 1000
     timing = server_timing(((n, o.ms) for n, o in served.outcomes.items()), total_ms)

@@ -172,8 +172,9 @@ async def serve(
         # with no answer served, what a fetch takes would never be measured again.)
         typical_s = 0.0 if gw.admission is None else gw.admission.typical_s
         needed_s = typical_s if MIN_READ_S < typical_s < deadline_s else MIN_READ_S
-        deadline_s -= started - received
-        if deadline_s < needed_s:
+        waited_s = started - received
+        deadline_s -= waited_s
+        if deadline_s < needed_s and waited_s >= MIN_READ_S:  # (under a millisecond is no queue)
             raise Overloaded(
                 f"the request waited {(started - received) * 1000:.0f} ms before it could start, leaving less of "
                 f"its {deadline_ms:g} ms deadline than a fetch takes now ({needed_s * 1000:.0f} ms); nothing was "

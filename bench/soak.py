@@ -55,14 +55,14 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import IO, Any
 
 from bench.main import machine
-from bench.procs import BenchError, GatewayProcess, tail
+from bench.procs import BenchError, GatewayProcess, group_processes, tail
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCUSTFILE = ROOT / "locustfile.py"
@@ -151,20 +151,6 @@ class ProcessSample:
     sockets: int
     tcp: int
     threads: int
-
-
-def group_processes(pgid: int) -> Iterator[tuple[int, list[str]]]:
-    """(pid, stat fields from field 3 on) of every live process in a process group."""
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = Path(entry.path, "stat").read_text()
-        except OSError:
-            continue  # gone meanwhile
-        fields = stat[stat.rindex(")") + 2 :].split()  # the name may hold spaces
-        if int(fields[2]) == pgid:  # field 5: process group
-            yield int(entry.name), fields
 
 
 def sample_group(pgid: int) -> list[ProcessSample]:

@@ -11,6 +11,7 @@ OTEL_TRACES_SAMPLER / OTEL_TRACES_SAMPLER_ARG, when set, replace that setting (t
 
 from __future__ import annotations
 
+import logging
 import os
 
 from opentelemetry import trace
@@ -56,3 +57,13 @@ def traceresponse(span: trace.Span) -> str | None:
     if not context.is_valid:
         return None
     return f"00-{context.trace_id:032x}-{context.span_id:016x}-{context.trace_flags:02x}"
+
+
+class TraceIds(logging.Filter):
+    """Gives each log record `trace`: ` trace_id=... span_id=...` of the span current where it was logged (empty
+    outside one), so a line logged while serving a request (a failed write, say) leads to its trace."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        context = trace.get_current_span().get_span_context()
+        record.trace = f" trace_id={context.trace_id:032x} span_id={context.span_id:016x}" if context.is_valid else ""
+        return True

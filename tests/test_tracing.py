@@ -3,6 +3,7 @@ trace joined (W3C traceparent) and named back (traceresponse); parent-based rati
 
 from __future__ import annotations
 
+import logging
 import re
 
 import pytest
@@ -139,3 +140,22 @@ async def test_otel_traces_sampler_replaces_the_ratio(
         exporter.clear()
         await client.post("/v1/features/fetch", json=FETCH)
     assert exporter.get_finished_spans() == ()
+
+
+def test_a_line_logged_inside_a_request_span_carries_its_ids() -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from app.cli import _log_config
+    from app.telemetry import TraceIds
+
+    record = logging.LogRecord("app", logging.WARNING, __file__, 1, "write failed", None, None)
+    with TracerProvider().get_tracer("t").start_as_current_span("POST /v1/features/write") as span:
+        TraceIds().filter(record)
+    context = span.get_span_context()
+    assert record.trace == f" trace_id={context.trace_id:032x} span_id={context.span_id:016x}"
+    outside = logging.LogRecord("app", logging.INFO, __file__, 1, "backend hot ready", None, None)
+    TraceIds().filter(outside)
+    assert outside.trace == ""
+    config = _log_config("info")  # what `serve` gives uvicorn: the filter on the handler, the ids in the format
+    assert config["handlers"]["default"]["filters"] == ["trace_ids"]
+    assert config["formatters"]["default"]["fmt"].endswith("%(trace)s")

@@ -18,6 +18,11 @@ is counted as a failure, although its HTTP status is 200: the model got defaults
 that is what a load test is there to find (typically the deadline is too tight for the load). Set
 FG_LOAD_DEGRADED_OK=1 to count them as successes, when testing how the gateway sheds a slow backend.
 
+A `503 overload` answer (the gateway is serving all it can without missing deadlines and refused this one at
+once, before reading it) is a failure of its own name, `503 overload: refused at once, retried after
+Retry-After`, and the user waits the Retry-After it was given before its next request, as a well-behaved
+client does: it says the load is more than the box serves, not that anything is broken.
+
 Configuration (environment; the defaults fit the demo registry of `scripts/serve`):
   FG_LOAD_FEATURES     features to fetch, comma-separated   [consumer_live:*,consumer_history:*]
   FG_LOAD_IDS          entity ids: a range 1-5000 or a list a,b,c   [101-200; the demo has data for 101-105]
@@ -38,7 +43,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from locust import FastHttpUser, constant, task
+from locust import FastHttpUser, task
 from locust.contrib.fasthttp import ResponseContextManager
 
 STATUSES = frozenset({"PRESENT", "MISSING", "EXPIRED", "UNAVAILABLE"})
@@ -140,10 +145,35 @@ def make_plan(registry: dict[str, Any]) -> Plan:
 
 
 _plan: Plan | None = None
+OVERLOAD = "503 overload: refused at once, retried after Retry-After"
+
+
+def retry_after(response: ResponseContextManager) -> float | None:
+    """The pause a 503 overload answer asks for (None: not one)."""
+    if response.status_code != 503 or "/overload" not in (response.text or ""):
+        return None
+    value = response.headers.get("retry-after") if response.headers else None
+    try:
+        return float(str(value or 1))
+    except ValueError:
+        return 1.0
 
 
 class FeatureClient(FastHttpUser):
-    wait_time = constant(WAIT_S)
+    backoff_s = 0.0  # set by a 503 overload: the next wait is at least this
+
+    def wait_time(self) -> float:
+        wait, self.backoff_s = max(WAIT_S, self.backoff_s), 0.0
+        return wait
+
+    def refused(self, response: ResponseContextManager) -> bool:
+        pause = retry_after(response)
+        if pause is None:
+            return False
+        self.backoff_s = pause
+        response.failure(OVERLOAD)  # type: ignore[no-untyped-call]
+        return True
+
     default_headers = {"authorization": f"Bearer {TOKEN}"} if TOKEN else None
 
     def on_start(self) -> None:
@@ -164,6 +194,8 @@ class FeatureClient(FastHttpUser):
         if DEADLINE_MS is not None:
             body["deadline_ms"] = DEADLINE_MS
         with self.client.post("/v1/features/fetch", json=body, name=f"fetch {n}", catch_response=True) as response:
+            if self.refused(response):
+                return
             problem = check_fetch(response, n)
             if problem:
                 response.failure(problem)
@@ -196,6 +228,8 @@ class FeatureClient(FastHttpUser):
         ]
         body = {"group": plan.write_group, "rows": rows}
         with self.client.post("/v1/features/write", json=body, name="write", catch_response=True) as response:
+            if self.refused(response):
+                return
             problem = check_write(response, len(rows))
             if problem:
                 response.failure(problem)

@@ -251,7 +251,7 @@ def _run_uvicorn(args: argparse.Namespace) -> None:
         port=args.port,
         workers=args.workers,
         loop="uvloop",
-        http="httptools",
+        http="routers.admission:ReceivedAtProtocol",  # httptools, stamping arrival and refusing at the door
         log_level=args.log_level,
         log_config=_log_config(args.log_level),
         access_log=args.access_log,

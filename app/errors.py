@@ -12,7 +12,9 @@ GatewayError
 │   └── Forbidden          403: the key lacks the scope or a feature group; names that, never the key
 └── ServiceError (5xx)
     ├── StrictDegraded     503: `strict` was asked and a backend failed
-    └── BackendFailed      503: a write could not reach its backend
+    ├── BackendFailed      503: a write could not reach its backend
+    └── Overloaded         503: the worker is at its admission limit, or the request waited past its deadline
+                           (sends Retry-After)
 
 Only `routers/` turns these into HTTP responses; `app/` raises them without knowing HTTP.
 """
@@ -148,6 +150,17 @@ class StrictDegraded(ServiceError):
 class BackendFailed(ServiceError):
     title = "Backend unavailable"
     type_slug = "backend-unavailable"
+
+
+class Overloaded(ServiceError):
+    """Refused before any backend was asked: nothing was read or written, and trying again shortly is safe."""
+
+    title = "Overloaded"
+    type_slug = "overload"
+    retry_after_s = 1  # RFC 9110 counts in whole seconds; the limiter adapts within a fraction of one
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
 
 
 def describe_error(exc: BaseException) -> str:

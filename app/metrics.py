@@ -30,6 +30,7 @@ from app.serving.usage import UsageCounts
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 WINDOW_S = 5  # status-page series: one point per 5 s
 WINDOW_POINTS = 72  # six minutes
+STALE_S = 10  # a snapshot not rewritten for this long (workers rewrite theirs every second) is a dead worker's
 
 
 class _Group(Protocol):
@@ -59,6 +60,10 @@ class Histogram:
         self.counts[bisect_left(LATENCY_BUCKETS_S, seconds)] += 1
         self.sum += seconds
 
+    def add(self, counts: list[int], total: float) -> None:
+        self.counts = [a + b for a, b in zip(self.counts, counts, strict=True)]
+        self.sum += total
+
 
 class Metrics:
     def __init__(self, directory: str | None = None) -> None:
@@ -74,6 +79,9 @@ class Metrics:
         self.null_values: dict[tuple[str, int], int] = defaultdict(int)  # PRESENT rows holding a null value
         # backend -> {window start: [count, sum_ms, max_ms]}, for the status page's chart
         self.series: dict[str, dict[int, list[float]]] = defaultdict(dict)
+        self.loop_lag = Histogram()  # how late the event loop woke a timer (app/resilience/loop_lag.py)
+        # This worker's load now: admission limit, in flight, shed counts, recent lag (Gateway.load)
+        self.load: Callable[[], dict[str, float]] = dict
         self.directory = Path(directory) if directory else None
 
     # -- hot path ------------------------------------------------------------------------------------
@@ -125,6 +133,8 @@ class Metrics:
             "usage": [[g, p, counts.to_list()] for (g, p), counts in self.feature_totals().items()],
             "null_values": [[g, p, v] for (g, p), v in self.null_values.items()],
             "series": {b: [[w, *point] for w, point in points.items()] for b, points in self.series.items()},
+            "loop_lag": [self.loop_lag.counts, self.loop_lag.sum],
+            "load": self.load(),
         }
 
     def dump(self) -> None:
@@ -142,7 +152,10 @@ class Metrics:
             for path in self.directory.glob("*.json"):
                 if path.name != own:
                     with contextlib.suppress(OSError, msgspec.DecodeError):
-                        snapshots.append(msgspec.json.decode(path.read_bytes()))
+                        snapshot = msgspec.json.decode(path.read_bytes())
+                        if time.time() - path.stat().st_mtime > STALE_S:
+                            snapshot.pop("load", None)  # a worker gone: its counts stay, its gauges do not
+                        snapshots.append(snapshot)
         return Merged(snapshots)
 
 
@@ -157,6 +170,8 @@ class Merged:
         self.usage: dict[tuple[str, int], UsageCounts] = defaultdict(UsageCounts)
         self.null_values: dict[tuple[str, int], int] = defaultdict(int)
         self.series: dict[str, dict[int, list[float]]] = defaultdict(dict)
+        self.loop_lag = Histogram()
+        self.loads: list[dict[str, float]] = []  # one per worker
         for snap in snapshots:
             for route, method, status, count in snap["requests"]:
                 self.requests[(route, method, status)] += count
@@ -165,9 +180,11 @@ class Merged:
                 (self.backend_latency, snap["backend_latency"]),
             ):
                 for name, (counts, total) in source.items():
-                    histogram = target[name]
-                    histogram.counts = [a + b for a, b in zip(histogram.counts, counts, strict=True)]
-                    histogram.sum += total
+                    target[name].add(counts, total)
+            if "loop_lag" in snap:  # a snapshot written by an older version has neither
+                self.loop_lag.add(*snap["loop_lag"])
+            if "load" in snap:
+                self.loads.append(snap["load"])
             for backend, outcome, count in snap["backend_outcomes"]:
                 self.backend_outcomes[(backend, outcome)] += count
             for group, position, counts in snap["usage"]:

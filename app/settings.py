@@ -11,6 +11,7 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.resilience.admission import AdmissionPolicy
 from app.resilience.breaker import BreakerPolicy
 from app.serving.gateway import Lifecycle
 from app.serving.limits import Limits
@@ -39,6 +40,24 @@ class Settings(BaseSettings):
         50.0, gt=0, description="A read cancelled by the deadline after this long counts as a backend failure"
     )
     breaker_reset_ms: float = Field(1_000.0, gt=0, description="How long an open circuit waits before one probe")
+    admission: bool = Field(
+        True, description="Adaptive admission control: refuse (503, Retry-After) what the worker cannot serve in time"
+    )
+    admission_initial_limit: int = Field(16, gt=0, description="Requests in flight per worker at start")
+    admission_min_limit: int = Field(4, gt=0, description="The adaptive in-flight limit never goes below this")
+    admission_max_limit: int = Field(512, gt=0, description="The adaptive in-flight limit never goes above this")
+    admission_tolerance: float = Field(
+        1.5, ge=1.0, description="Latency up to this multiple of the measured floor is not taken for congestion"
+    )
+    admission_deadline_share: float = Field(
+        0.5, gt=0, le=1, description="Nor is a 90th percentile latency up to this share of the deadlines asked"
+    )
+    admission_write_share: float = Field(
+        0.5, gt=0, le=1, description="Share of the in-flight limit writes may hold (the rest is for fetches)"
+    )
+    freeze_heap: bool = Field(
+        True, description="gc.freeze() after start-up, so full collections skip what lives as long as the process"
+    )
     metrics_dir: str | None = Field(
         None, description="Directory where workers share metric snapshots (set by `serve`; unset: one process)"
     )
@@ -72,6 +91,17 @@ class Settings(BaseSettings):
 
     def breaker_policy(self) -> BreakerPolicy:
         return BreakerPolicy(self.breaker_failures, self.breaker_reset_ms / 1000, self.breaker_slow_ms)
+
+    def admission_policy(self) -> AdmissionPolicy:
+        return AdmissionPolicy(
+            enabled=self.admission,
+            initial_limit=self.admission_initial_limit,
+            min_limit=self.admission_min_limit,
+            max_limit=max(self.admission_max_limit, self.admission_min_limit),
+            tolerance=self.admission_tolerance,
+            deadline_share=self.admission_deadline_share,
+            write_share=self.admission_write_share,
+        )
 
     def lifecycle(self) -> Lifecycle:
         return Lifecycle(self.migrate_on_start, self.migrate_retry_s, self.ready_timeout_ms / 1000)

@@ -26,15 +26,35 @@ class WriteResult(NamedTuple):
     skipped_stale: int  # rows whose stored event time was newer; nothing was changed for them
 
 
+class PartialRead(Exception):
+    """A read that failed for some keys only (a Redis Cluster master that is down while the others answer).
+
+    `blobs` is what `read` would have returned, with None for the keys that failed; `failed` holds, per group
+    of the read, the positions of those keys. The serving core serves every other key as read and the failed
+    ones UNAVAILABLE; the cause is chained (`raise PartialRead(...) from exc`). A read that got nothing raises
+    its error instead, so that it counts as the backend's failure.
+    """
+
+    def __init__(self, message: str, blobs: list[list[bytes | None]], failed: list[set[int]]):
+        super().__init__(message)
+        self.blobs = blobs
+        self.failed = failed
+
+
 class FeatureBackend(Protocol):
     name: str
     type: str
+    # Runs inside the gateway's process (a thread): a read cut off by the deadline is then the CPU's doing,
+    # never an outage, and opens no circuit (see Gateway.blames).
+    in_process: bool
 
     async def migrate(self) -> None:
         """Create what the backend needs (tables, indexes); idempotent, safe to run at every start."""
 
     async def read(self, reads: Sequence[tuple[Group, Sequence[str]]]) -> list[list[bytes | None]]:
-        """For each (group, keys): the stored blob per key, None where absent. One round trip where possible."""
+        """For each (group, keys): the stored blob per key, None where absent. One round trip where possible.
+
+        Raises on failure; `PartialRead` when only some keys could not be read (the rest are served)."""
 
     async def write(self, group: Group, rows: Sequence[WriteRow]) -> WriteResult:
         """Store rows (distinct keys) atomically; never replace a blob whose event time is newer.

@@ -74,6 +74,7 @@ def _timestamp(us: int) -> datetime:
 
 class CockroachBackend:
     type = "cockroach"
+    in_process = False
 
     def __init__(self, spec: BackendSpec, groups: Sequence[Group]):
         options = spec.options

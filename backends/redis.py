@@ -26,6 +26,7 @@ from backends.resp import PipelinedReader
 
 class RedisBackend:
     type = "redis"
+    in_process = False
 
     def __init__(self, spec: BackendSpec, groups: Sequence[Group]):
         options = spec.options

@@ -10,6 +10,18 @@ slot; the per-node pipelines go out concurrently, so a read costs one round trip
 or per slot. A write runs the compare-event-time script of `backends.redis_common.py` once per bucket, in one
 pipeline the same way.
 
+A master that fails costs only its own keys. Each master's commands go out as a pipeline of their own, so a
+read whose batch touches a dead master answers every other master's keys and raises `PartialRead` naming the
+dead master's (served UNAVAILABLE); nothing waits for a retry or closes the other masters' connections. A
+connection that breaks is retried once on a new one (a restarted node, a connection dropped on the way); a
+node that still fails is suspect, and while any node is, the backend asks a live node for the slot map every
+`FOLLOW_S` and takes redis-py's full refresh when its masters changed: a replica promoted in a failover
+serves its slots about `FOLLOW_S` after the cluster promoted it, with no gateway restart. A write that meets
+a node that does not answer refreshes the slot map at once and sends that node's buckets again if their slot
+has a new master. A dead process's port refuses at once; a node that hangs, or a host gone without a reset,
+is waited for up to `timeout_ms` / `connect_timeout_ms`, and a request deadline shorter than that cuts the
+whole read off (every key UNAVAILABLE), as on any backend.
+
 Atomicity is per slot, not per batch: a script sees only keys of its own slot, and Redis Cluster has no
 transaction across slots. Each bucket's rows are compared and written by one script that nothing interleaves
 with, and never replace newer data; but a batch that fails half way (a master dies) may leave some buckets
@@ -24,40 +36,57 @@ reader for latency, 16 at once for throughput, which shows the gateway's CPU per
     reads/s          4924   2921   2035   1681   1202    921    678   17467
     fullest master   100%    50%    38%    38%    34%    34%    34%   (even: 33%)
 
-Every bucket costs an MGET, and redis-py's cluster pipeline spends ~15 us of gateway CPU on each (the
-single-node backend reads through its own pipelined connection, backends/resp.py, which has no cluster
-routing; a cluster-aware version of it would close much of the gap). Past 16, a group's
-spread gains little (with the labels of `bucket_labels`, 16 buckets keep every group within 1.12x of an even
-share on 3 or 6 masters and 1.5x on 12; plain bucket numbers: up to 1.9x and 3.75x) while reads/s keep
-falling. A group uses at most 16 masters; different groups land on different ones.
+Every bucket costs an MGET, and redis-py spends ~15 us of gateway CPU on each (measured with its cluster
+pipeline; the per-master pipelines that replaced it measure the same. The single-node backend reads through
+its own pipelined connection, backends/resp.py, which has no cluster routing; a cluster-aware version of it
+would close much of the gap). Past 16, a group's spread gains little (with the labels of `bucket_labels`,
+16 buckets keep every group within 1.12x of an even share on 3 or 6 masters and 1.5x on 12; plain bucket
+numbers: up to 1.9x and 3.75x) while reads/s keep falling. A group uses at most 16 masters; different groups
+land on different ones.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
+import logging
 import zlib
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.cluster import ClusterNode, PipelineCommand, RedisCluster
 from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.cluster import PRIMARY, get_node_name
 from redis.crc import key_slot
+from redis.exceptions import AskError, MaxConnectionsError, NoScriptError, RedisError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from app.registry.model import BackendSpec, Group
-from backends.base import WriteResult, WriteRow
+from backends.base import PartialRead, WriteResult, WriteRow
 from backends.options import url_hosts
 from backends.redis_common import WRITE_IF_NEWER, script_args, server_answered
 
+log = logging.getLogger(__name__)
+
 # Changing this moves every key (existing data reads as MISSING until rewritten): it is part of the layout.
 BUCKETS = 16
+
+# While a node fails to answer, how often the slot map is checked (one CLUSTER SLOTS to a live node): how long
+# after a replica's promotion its slots may still go to the dead master.
+FOLLOW_S = 0.2
+
+# A node that does not answer: it may be dead, and its replica promoted. (MaxConnectionsError, a ConnectionError
+# too, is this process's pool running out, not the node failing; `_turn` keeps it from happening.)
+UNREACHABLE = (RedisConnectionError, RedisTimeoutError)
+# Answers that name another node for the slot (MOVED is an AskError); redis-py's own routing follows them.
+REDIRECTS = (AskError, TryAgainError)
 
 
 def bucket_of(entity_key: str, buckets: int = BUCKETS) -> int:
@@ -112,11 +141,13 @@ def cluster_client(spec: BackendSpec) -> RedisCluster:
         "max_connections": options["pool_size"] + 2,
         "socket_timeout": options["timeout_ms"] / 1000,
         "socket_connect_timeout": options["connect_timeout_ms"] / 1000,
-        # The cluster client uses only the retry's count (no backoff) and its own list of retryable errors
+        # Reads and writes send their pipelines to the nodes themselves (RedisClusterBackend._execute) and
+        # handle failures per node; the client's retry serves only what redis-py routes itself (a redirected
+        # command). It uses only the retry's count (no backoff) and its own list of retryable errors
         # (ConnectionError, TimeoutError, ClusterDownError, SlotNotCoveredError): one retry, after it has
-        # refreshed the slot map, rides out a failover or a node restart; redis-py's default (3 retries)
-        # would multiply every timeout. `cluster_error_retry_attempts` is deprecated and ignored when
-        # `retry` is given, so it is not set. The per-node connections never retry (redis-py sets 0).
+        # refreshed the slot map; redis-py's default (3 retries) would multiply every timeout.
+        # `cluster_error_retry_attempts` is deprecated and ignored when `retry` is given, so it is not set.
+        # The per-node connections never retry (redis-py sets 0).
         "retry": Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         "client_name": f"feature-gateway:{spec.name}",
     }
@@ -128,6 +159,7 @@ def cluster_client(spec: BackendSpec) -> RedisCluster:
 
 class RedisClusterBackend:
     type = "redis"
+    in_process = False
 
     def __init__(self, spec: BackendSpec, groups: Sequence[Group]):
         options = spec.options
@@ -142,6 +174,9 @@ class RedisClusterBackend:
         self._script = WRITE_IF_NEWER
         self._sha = hashlib.sha1(self._script.encode(), usedforsecurity=False).hexdigest()  # what EVALSHA names
         self._tags: dict[str, tuple[str, ...]] = {}
+        # Nodes that failed to answer, by name; while there are any, `_follow` checks the slot map.
+        self._suspects: dict[str, ClusterNode] = {}
+        self._follower: asyncio.Task[None] | None = None
 
     def tags(self, group: Group) -> tuple[str, ...]:
         """Per bucket, the start of its keys: `fg:{live:0063}:` (bucket 0)."""
@@ -179,54 +214,212 @@ class RedisClusterBackend:
 
     async def read(self, reads: Sequence[tuple[Group, Sequence[str]]]) -> list[list[bytes | None]]:
         out: list[list[bytes | None]] = [[None] * len(keys) for _, keys in reads]
-        places: list[tuple[list[bytes | None], list[int]]] = []
+        places: list[tuple[int, list[int]]] = []  # per MGET: which group of the read, which positions
+        batches: dict[str, tuple[ClusterNode, list[PipelineCommand]]] = {}
         async with self._turn():
             client = self.client
             await client.initialize()  # a no-op unless the slot map is unknown (first use, after a failure)
-            pipe = client.pipeline(transaction=False)
-            for (group, keys), found in zip(reads, out, strict=True):
+            for g, (group, keys) in enumerate(reads):
                 tags = self.tags(group)
                 for bucket, positions in self._by_bucket(group, keys).items():
                     tag = tags[bucket]
-                    # Naming the node spares redis-py hashing every key to check they share a slot (a third
-                    # of the read's time at 64 buckets); a stale slot map still ends in a MOVED redirect.
-                    node = client.get_node_from_key(tag)
-                    pipe.execute_command("MGET", *[tag + keys[i] for i in positions], target_nodes=node)
-                    places.append((found, positions))
-            replies = await pipe.execute() if places else []
-        for (found, positions), blobs in zip(places, replies, strict=True):
-            for i, blob in zip(positions, blobs, strict=True):
-                found[i] = blob
+                    # The tag's slot names the master (every key of the bucket shares it: none is hashed); a
+                    # stale slot map ends in a MOVED redirect, which _on_node follows.
+                    command = PipelineCommand(len(places), "MGET", *[tag + keys[i] for i in positions])
+                    self._add(batches, self._owner(tag), command)
+                    places.append((g, positions))
+            if places:
+                await self._execute(batches)
+        failed: list[set[int]] = [set() for _ in reads]
+        errors: dict[str, BaseException] = {}
+        for node, commands in batches.values():
+            for command in commands:
+                g, positions = places[command.position]
+                blobs = command.result
+                if isinstance(blobs, BaseException):
+                    failed[g].update(positions)
+                    errors.setdefault(node.name, blobs)
+                    continue
+                found = out[g]
+                for i, blob in zip(positions, blobs, strict=True):
+                    found[i] = blob
+        if errors:
+            cause = next(iter(errors.values()))
+            lost, asked = sum(map(len, failed)), sum(len(keys) for _, keys in reads)
+            if lost == asked:  # nothing answered: the backend's failure, not a partial read
+                raise cause
+            nodes = ", ".join(f"{name}: {type(e).__name__}: {e}" for name, e in errors.items())
+            raise PartialRead(f"{lost} of {asked} keys unread ({nodes})", out, failed) from cause
         return out
 
     async def write(self, group: Group, rows: Sequence[WriteRow]) -> WriteResult:
         if not rows:
             return WriteResult(0, 0)
-        calls: list[tuple[list[str], list[bytes | str]]] = []
+        commands: list[PipelineCommand] = []
         tags = self.tags(group)
         for bucket, positions in self._by_bucket(group, [r.key for r in rows]).items():
             tag = tags[bucket]
             bucket_rows = [rows[i] for i in positions]
-            calls.append(([tag + row.key for row in bucket_rows], script_args(group, bucket_rows)))
+            keys = [tag + row.key for row in bucket_rows]
+            args = script_args(group, bucket_rows)
+            commands.append(PipelineCommand(len(commands), "EVALSHA", self._sha, len(keys), *keys, *args))
         async with self._turn():
-            written = await self._run_script(calls)
+            await self.client.initialize()
+            await self._run_script(commands)
+        written = 0
+        for command in commands:
+            reply = command.result
+            if isinstance(reply, BaseException):
+                raise reply
+            written += int(reply)
         return WriteResult(written, len(rows) - written)
 
-    async def _run_script(self, calls: list[tuple[list[str], list[bytes | str]]]) -> int:
-        """The write script once per bucket, in one pipeline (one round trip per master)."""
-        try:
-            return await self._pipeline_script(("EVALSHA", self._sha), calls)
-        except NoScriptError:
-            # A master lacks the script (first write, a restarted node, a promoted replica): EVAL runs it and
-            # caches it there. Buckets the first pass wrote are written again with the same rows, which
-            # changes neither the data nor the counts (an equal event time is written, not skipped).
-            return await self._pipeline_script(("EVAL", self._script), calls)
+    async def _run_script(self, commands: list[PipelineCommand]) -> None:
+        """The write script once per bucket, in one pipeline per master (one round trip per master), until each
+        command has its answer: a master lacking the script (first write, a restarted node, a promoted replica)
+        gets EVAL, which runs it and caches it there; a bucket whose master did not answer goes again to the
+        slot's new master if the slot map, asked again at once, names one (a failover)."""
+        pending = commands
+        for _ in range(3):  # at most: EVALSHA, then a new master after a failover, then EVAL there
+            batches: dict[str, tuple[ClusterNode, list[PipelineCommand]]] = {}
+            for command in pending:
+                self._add(batches, self._owner(command.args[3]), command)
+            await self._execute(batches)
+            again = []
+            for command in pending:
+                if isinstance(command.result, NoScriptError):
+                    # Rows of this bucket were not touched: the script did not run. Its other buckets stand.
+                    command.args = ("EVAL", self._script, *command.args[2:])
+                    again.append(command)
+            lost = [(c, node) for node, cs in batches.values() for c in cs if isinstance(c.result, UNREACHABLE)]
+            if lost:
+                await self._refresh()
+                again += [c for c, node in lost if self._owner(c.args[3]) is not node]
+            if not again:
+                return
+            pending = again
 
-    async def _pipeline_script(self, command: tuple[str, str], calls: list[tuple[list[str], list[bytes | str]]]) -> int:
-        pipe = self.client.pipeline(transaction=False)
-        for keys, args in calls:
-            pipe.execute_command(*command, len(keys), *keys, *args)
-        return sum(int(reply) for reply in await pipe.execute())
+    def _owner(self, key: str) -> ClusterNode:
+        """The master serving the key's slot, as the slot map says."""
+        client = self.client
+        return client.nodes_manager.get_node_from_slot(client.keyslot(key))
+
+    @staticmethod
+    def _add(
+        batches: dict[str, tuple[ClusterNode, list[PipelineCommand]]], node: ClusterNode, command: PipelineCommand
+    ) -> None:
+        batch = batches.get(node.name)
+        if batch is None:
+            batches[node.name] = (node, [command])
+        else:
+            batch[1].append(command)
+
+    async def _execute(self, batches: dict[str, tuple[ClusterNode, list[PipelineCommand]]]) -> None:
+        """Every node's commands as one pipeline on one of its connections, all nodes at once; each command's
+        `result` is its reply or its error. A node that fails fails only its own commands: redis-py's cluster
+        pipeline would instead raise for all of them, close every node's connections and sleep 0.25 s before
+        trying the whole batch again, so one dead master stalled the keys of every other."""
+        if len(batches) == 1:
+            await self._on_node(*next(iter(batches.values())))
+        else:
+            await asyncio.gather(*(self._on_node(node, commands) for node, commands in batches.values()))
+
+    async def _on_node(self, node: ClusterNode, commands: list[PipelineCommand]) -> None:
+        retried = node.name in self._suspects  # a node known to fail gets one try, not two
+        sent = commands
+        while True:
+            try:
+                await node.execute_pipeline(sent)  # replies, and errors read from the server, per command
+            except Exception as exc:  # it could not send: every command of it failed
+                for command in sent:
+                    command.result = exc
+            broken = [c for c in sent if isinstance(c.result, UNREACHABLE)]
+            if not broken:
+                self._suspects.pop(node.name, None)
+                break
+            failure = broken[0].result
+            if isinstance(failure, MaxConnectionsError):
+                break
+            # As redis-py does: connections opened before the failure may be just as broken (a restarted node).
+            node.update_active_connections_for_reconnect()
+            await node.disconnect_free_connections()
+            if retried or isinstance(failure, RedisTimeoutError):  # a timeout again would double the wait
+                self._suspect(node)
+                break
+            retried = True
+            sent = broken  # once more, on a new connection
+        for command in commands:
+            if isinstance(command.result, REDIRECTS):  # MOVED, ASK, TRYAGAIN: redis-py follows them
+                try:
+                    command.result = await self.client.execute_command(*command.args)
+                except Exception as exc:
+                    command.result = exc
+            if isinstance(command.result, BaseException):
+                # Its traceback holds the frames that hold the commands that hold it: a cycle only the garbage
+                # collector frees. While a master is down every read would leave some 50 objects to it, and
+                # its full passes (50 to 200 ms on a 2-core box) stall every request. Only the error's type
+                # and message are reported.
+                command.result.__traceback__ = None
+
+    def _suspect(self, node: ClusterNode) -> None:
+        if node.name not in self._suspects:
+            log.warning(
+                "%s: node %s does not answer; following the slot map until it does or loses its slots",
+                self.name,
+                node.name,
+            )
+        self._suspects[node.name] = node
+        if self._follower is None or self._follower.done():
+            self._follower = asyncio.get_running_loop().create_task(self._follow(), name=f"{self.name} slot map")
+
+    async def _follow(self) -> None:
+        """While some node fails to answer: check the slot map every FOLLOW_S, and stop once every suspect
+        answers again (a restarted node) or serves no slot any more (its replica was promoted)."""
+        while self._suspects:
+            try:
+                await self._refresh()
+            except Exception as exc:  # no node answered, or they disagree: ask again next time
+                log.debug("%s: slot map refresh failed: %r", self.name, exc)
+            nodes = self.client.nodes_manager.nodes_cache
+            for name, node in list(self._suspects.items()):
+                known = nodes.get(name)
+                if known is None or known.server_type != PRIMARY:
+                    log.warning("%s: node %s serves no slots any more (a replica took its place)", self.name, name)
+                    self._suspects.pop(name, None)
+                    continue
+                try:
+                    async with asyncio.timeout(FOLLOW_S):
+                        await node.execute_command("PING")
+                except (RedisError, OSError, TimeoutError):
+                    continue
+                self._suspects.pop(name, None)
+            if self._suspects:
+                await asyncio.sleep(FOLLOW_S)
+
+    async def _refresh(self) -> None:
+        """Ask a node that answers (suspects last) for the slot map, and take redis-py's full refresh when its
+        masters differ from ours. Comparing first spares the refresh (which sends every connection of every
+        node to reconnect) while the map has not changed, e.g. while a dead master waits for its replica."""
+        manager = self.client.nodes_manager
+        asked = sorted(manager.nodes_cache.values(), key=lambda node: node.name in self._suspects)
+        for node in asked:
+            try:
+                ranges = await node.execute_command("CLUSTER SLOTS")
+            except (RedisError, OSError):
+                continue
+            break
+        else:
+            return
+        slots = manager.slots_cache
+        for start, end, master, *_ in ranges:
+            host = master[0].decode() if isinstance(master[0], bytes) else master[0]
+            name = get_node_name(*manager.remap_host_port(host or node.host, int(master[1])))
+            for slot in (int(start), int(end)):
+                owners = slots.get(slot)
+                if not owners or owners[0].name != name:
+                    log.info("%s: slot %d is served by %s now: refreshing the slot map", self.name, slot, name)
+                    await manager.initialize()
+                    return
 
     async def ping(self) -> None:
         """Every master answers (redis-py's own ping asks one node: a dead master would go unnoticed)."""
@@ -238,4 +431,8 @@ class RedisClusterBackend:
         return server_answered(exc)
 
     async def aclose(self) -> None:
+        if self._follower is not None:
+            self._follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._follower
         await self.client.aclose()

@@ -82,6 +82,7 @@ class _Worker:
 
 class SqliteBackend:
     type = "sqlite"
+    in_process = True
 
     def __init__(self, spec: BackendSpec, groups: Sequence[Group]):
         self.name = spec.name

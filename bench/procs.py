@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -126,9 +126,8 @@ class RedisServer:
             self.proc = None
 
 
-def group_cpu_seconds(pgid: int) -> float:
-    """User + system CPU time of every live process in a process group (the gateway and its workers)."""
-    total = 0
+def group_processes(pgid: int) -> Iterator[tuple[int, list[str]]]:
+    """(pid, stat fields from field 3 on) of every live process in a process group."""
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
@@ -136,10 +135,16 @@ def group_cpu_seconds(pgid: int) -> float:
             stat = Path(entry.path, "stat").read_text()
         except OSError:
             continue  # gone meanwhile
-        fields = stat[stat.rindex(")") + 2 :].split()  # from field 3 (state) on; the name may hold spaces
+        fields = stat[stat.rindex(")") + 2 :].split()  # the name may hold spaces
         if int(fields[2]) == pgid:  # field 5: process group
-            total += int(fields[11]) + int(fields[12])  # fields 14 and 15: utime, stime in clock ticks
-    return total / os.sysconf("SC_CLK_TCK")
+            yield int(entry.name), fields
+
+
+def group_cpu_seconds(pgid: int) -> float:
+    """User + system CPU time of every live process in a process group (the gateway and its workers)."""
+    # fields 14 and 15 (here 11 and 12): utime, stime in clock ticks
+    ticks = sum(int(fields[11]) + int(fields[12]) for _, fields in group_processes(pgid))
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def gateway_command() -> list[str]:
@@ -148,9 +153,13 @@ def gateway_command() -> list[str]:
 
 
 class GatewayProcess:
-    """`feature-gateway serve --registry ... --port ... --workers N` as a subprocess in its own process group."""
+    """`feature-gateway serve --registry ... --port ... --workers N` as a subprocess in its own process group.
 
-    def __init__(self, registry: Path, workers: int, env: Mapping[str, str], log_path: Path):
+    With `registry=None` it serves the demo registry on embedded SQLite, as `scripts/serve` does (set
+    GATEWAY_DEMO_DIR in `env` to keep its files apart).
+    """
+
+    def __init__(self, registry: Path | None, workers: int, env: Mapping[str, str], log_path: Path):
         self.registry = registry
         self.workers = workers
         self.env = dict(env)
@@ -187,8 +196,7 @@ class GatewayProcess:
         command: Sequence[str] = [
             *gateway_command(),
             "serve",
-            "--registry",
-            str(self.registry),
+            *(("--registry", str(self.registry)) if self.registry is not None else ()),
             "--port",
             str(self.port),
             "--workers",

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from app.serving.fetch import serve
 from app.serving.write import write
+from routers.admission import NOT_A_SAMPLE, RECEIVED
 from routers.answers import server_timing
 from routers.decode import decode_body, read_body
 from routers.deps import authorize, gateway_of, security
@@ -98,7 +99,14 @@ async def feast_get_online_features(request: Request) -> Response:
     with gateway.span("POST /get-online-features", SpanKind.SERVER):
         raw = await read_body(request, request.app.state.max_body_bytes, untyped_ok=True)
         feast = decode_body(raw, FeastBody)
-        served = await serve(gateway, fetch_request(feast, gateway.plan), None if key is None else key.groups)
+        served = await serve(
+            gateway,
+            fetch_request(feast, gateway.plan),
+            None if key is None else key.groups,
+            request.scope.get(RECEIVED),
+        )
+        if served.degraded:
+            request.scope[NOT_A_SAMPLE] = True
         body = encode_answer(feast, served)
     total_ms = (time.perf_counter() - started) * 1000
     headers = {

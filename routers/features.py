@@ -12,6 +12,7 @@ from app.serving.fetch import serve
 from app.serving.request import FetchRequest as Fetch
 from app.serving.request import WriteRequest as Write
 from app.serving.write import write
+from routers.admission import DEADLINE, NOT_A_SAMPLE, RECEIVED
 from routers.answers import encode_fetch, server_timing
 from routers.decode import decode_body, read_body
 from routers.deps import authorize, gateway_of, security
@@ -34,7 +35,10 @@ router = APIRouter(prefix="/v1/features", route_class=RawRoute)
     operation_id="fetch_features",
     tags=["features"],
     summary="Fetch features of entities",
-    responses=problems(status_503="strict was asked and a backend failed"),
+    responses=problems(
+        status_503="strict was asked and a backend failed, or the worker is overloaded (type overload, with "
+        "Retry-After; nothing was read)"
+    ),
     openapi_extra={**json_body(FetchRequest), **security("read")},
 )
 async def fetch_features(request: Request) -> Response:
@@ -44,8 +48,12 @@ async def fetch_features(request: Request) -> Response:
     limit = request.app.state.max_body_bytes
     with gateway.span("POST /v1/features/fetch", SpanKind.SERVER) as span:
         body = decode_body(await read_body(request, limit), Fetch)
-        served = await serve(gateway, body, None if key is None else key.groups)
+        if body.deadline_ms is not None:  # what the admission limit aims under (routers/admission.py)
+            request.scope[DEADLINE] = body.deadline_ms / 1000
+        served = await serve(gateway, body, None if key is None else key.groups, request.scope.get(RECEIVED))
         span.set_attribute("degraded", served.degraded)
+        if served.degraded:
+            request.scope[NOT_A_SAMPLE] = True
         content = encode_fetch(served)
     total_ms = (time.perf_counter() - started) * 1000
     timing = server_timing(((n, o.ms) for n, o in served.outcomes.items()), total_ms)
@@ -58,7 +66,10 @@ async def fetch_features(request: Request) -> Response:
     operation_id="write_features",
     tags=["features"],
     summary="Write feature values of one group",
-    responses=problems(status_503="the group's backend did not answer"),
+    responses=problems(
+        status_503="the group's backend did not answer, or the worker is overloaded (type overload, with "
+        "Retry-After; nothing was written)"
+    ),
     openapi_extra={**json_body(WriteRequest), **security("write")},
 )
 async def write_features(request: Request) -> Response:

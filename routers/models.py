@@ -317,6 +317,14 @@ class BackendStatus(BaseModel):
     series: list[list[float]] = Field(description="[window start (unix s), reads, mean ms, max ms] per 5 s")
 
 
+class LoadStatus(BaseModel):
+    workers: int = Field(description="Worker processes reporting")
+    limit: int = Field(description="Admission limit, summed over workers (0: admission control is off)")
+    inflight: int = Field(description="Requests being served now, summed over workers")
+    shed: dict[str, int] = Field(description="Requests refused with 503 overload since start, by work: read, write")
+    loop_lag_ms: float = Field(description="Worst recent event-loop lag of any worker")
+
+
 class GroupStatus(BaseModel):
     values: int
     statuses: dict[str, int]
@@ -341,6 +349,13 @@ class StatusReport(BaseModel):
                             "series": [[1795726810, 30, 0.41, 1.2]],
                         }
                     },
+                    "load": {
+                        "workers": 1,
+                        "limit": 24,
+                        "inflight": 3,
+                        "shed": {"read": 0, "write": 0},
+                        "loop_lag_ms": 0.4,
+                    },
                     "groups": {
                         "consumer_live": {
                             "values": 90,
@@ -357,4 +372,5 @@ class StatusReport(BaseModel):
     started: float
     registry: RegistryDocument
     backends: dict[str, BackendStatus]
+    load: LoadStatus
     groups: dict[str, GroupStatus]

@@ -99,6 +99,15 @@ def render_prometheus(gateway: Gateway, merged: Merged) -> str:
             for state in CircuitState:
                 labels = _labels(backend=backend, direction=direction, state=state)
                 lines.append(f"{name}{labels} {int(breaker.state == state)}")
+    name = family("event_loop_lag_seconds", "histogram", "How late the event loop woke a timer (CPU starvation).")
+    _histogram(lines, name, merged.loop_lag)
+    name = family("admission_limit", "gauge", "Adaptive in-flight limit, summed over workers (0: admission off).")
+    lines.append(f"{name} {int(sum(w['limit'] for w in merged.loads))}")
+    name = family("admission_inflight", "gauge", "Requests being served, summed over workers.")
+    lines.append(f"{name} {int(sum(w['inflight'] for w in merged.loads))}")
+    name = family("requests_shed_total", "counter", "Requests refused with 503 overload, by work (read, write).")
+    for work in ("read", "write"):
+        lines.append(f"{name}{_labels(work=work)} {int(sum(w[f'shed_{work}s'] for w in merged.loads))}")
     requested = family("feature_requests_total", "counter", "Fetch requests that asked for each feature.")
     served = family("feature_values_total", "counter", "Values served per feature by status (non-PRESENT = default).")
     usage = merged.feature_usage()

@@ -71,5 +71,17 @@ async def get_status(gateway: GatewayDep, key: ReadKey) -> dict[str, Any]:
         "started": gateway.metrics.started,
         "registry": gateway.registry.describe(),
         "backends": backends,
+        "load": load_report(merged.loads),
         "groups": groups,
+    }
+
+
+def load_report(loads: list[dict[str, float]]) -> dict[str, Any]:
+    """Every worker's load (Gateway.load) in one: limits and in-flight counts add up, lag is the worst."""
+    return {
+        "workers": len(loads),
+        "limit": int(sum(w["limit"] for w in loads)),
+        "inflight": int(sum(w["inflight"] for w in loads)),
+        "shed": {work: int(sum(w[f"shed_{work}s"] for w in loads)) for work in ("read", "write")},
+        "loop_lag_ms": round(max((w["lag_ms"] for w in loads), default=0.0), 3),
     }

@@ -1,6 +1,7 @@
 """Faults under a steady load, all real processes: the gateway server, its own redis-server and its own
 PostgreSQL. Redis is SIGKILLed and restarted; PostgreSQL is frozen (SIGSTOP), crashed and restarted, and
-has its connections terminated. Throughout: no 5xx, no answer later than its deadline + 250 ms (measured
+has its connections terminated. Throughout: no 5xx (but for at most 1% of 503 overload refusals of requests a
+loaded box stalled), no answer later than its deadline + 250 ms (measured
 by the client, whose own process a loaded box may keep waiting; on a quiet box the slowest is about
 110 ms), the failed backend's values UNAVAILABLE while the other's stay PRESENT, and every value PRESENT
 again within 2 s of the backend's recovery, without restarting the gateway.
@@ -70,6 +71,7 @@ class Sample:
     hot: set[str] = field(default_factory=set)  # the statuses of the Redis values
     bulk: set[str] = field(default_factory=set)  # the statuses of the PostgreSQL values
     values_ok: bool = False  # every PRESENT value is the one written
+    overload: str | None = None  # the detail of a 503 overload: refused because it waited (a stalled box)
     errors: dict[str, str] = field(default_factory=dict)  # backend -> its error, as the answer reports it
 
     @property
@@ -117,6 +119,8 @@ class Load:
             self.failures.append(f"{time.monotonic() - sent:.3f}s {type(exc).__name__}: {exc}")
             return
         sample = Sample(sent, time.monotonic() - sent, response.status_code)
+        if response.status_code == 503 and response.json().get("type", "").endswith("/overload"):
+            sample.overload = response.json()["detail"]
         if response.status_code == 200:
             ok = True
             answer = response.json()
@@ -313,8 +317,13 @@ async def test_faults_under_load(tmp_path: Path) -> None:
             after = [s for s in samples if fault.recovered <= s.sent and s.done < end and not s.whole]
             errors = Counter(e for s in after for e in s.errors.values())
             failed.append(f"{fault.name}: not whole within {RECOVERY_S} s of recovery; errors: {errors.most_common(5)}")
-    server_errors = [s for s in samples if s.status >= 500]
-    not_ok = [s for s in samples if s.status != 200]
+    # At 50 fetches a second nothing is overloaded, but a box loaded by others can stall the gateway for most of
+    # a deadline (the slack below is for the same stalls); a request that waited that long is refused at once
+    # (503 overload, naming its wait) instead of answered late. That is the admission rule, not a fault: a few
+    # are allowed, counted apart.
+    refused = [s for s in samples if s.overload is not None]
+    server_errors = [s for s in samples if s.status >= 500 and s.overload is None]
+    not_ok = [s for s in samples if s.status != 200 and s.overload is None]
     late = [s for s in samples if s.latency > DEADLINE_MS / 1000 + SLACK_S]
     slowest = max(samples, key=lambda s: s.latency)
     wrong_values = [s for s in samples if s.status == 200 and not s.values_ok]
@@ -323,6 +332,7 @@ async def test_faults_under_load(tmp_path: Path) -> None:
         f"no answer: {len(load.failures)}, wrong values: {len(wrong_values)}, "
         f"later than deadline + {SLACK_S * 1000:.0f} ms: {len(late)}, slowest: {slowest.latency * 1000:.1f} ms"
     )
+    lines.append(f"  503 overload (waited on a stalled box): {len(refused)} {[s.overload for s in refused[:2]]}")
     lines += [f"  {note}" for note in notes]
     warm_slowest = max(s.latency for s in warm_up)
     warm_late = sum(s.latency > DEADLINE_MS / 1000 + SLACK_S for s in warm_up)
@@ -342,6 +352,7 @@ async def test_faults_under_load(tmp_path: Path) -> None:
     assert all(s.status < 500 for s in warm_up), summary
     assert not problems, f"{summary}\n{log}"
     assert not not_ok, f"{summary}\n{not_ok[:5]}"
+    assert len(refused) <= len(samples) // 100, summary
     assert not wrong_values, summary
     assert not late, f"{summary}\n{sorted(late, key=lambda s: -s.latency)[:5]}"
     assert not failed, summary + "\n" + "\n".join(failed)

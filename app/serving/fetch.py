@@ -18,10 +18,11 @@ from opentelemetry.trace import Status as SpanStatus
 from opentelemetry.trace import StatusCode
 
 from app.auth import check_feature_groups
-from app.errors import StrictDegraded, ValidationFailed, describe_error
+from app.errors import Overloaded, StrictDegraded, ValidationFailed, describe_error
 from app.serving.plan import GroupPlan, Plan
 from app.serving.request import FetchRequest, check_entities
 from app.serving.statuses import BackendOutcome, Cell, Outcome
+from backends.base import PartialRead
 
 if TYPE_CHECKING:
     from app.serving.gateway import Gateway
@@ -57,6 +58,7 @@ async def _read_backend(
                     blobs = await backend.read(reads)
             outcome.ms = (time.perf_counter() - started) * 1000
             breaker.success()
+            gw.answered(backend_name, "read")
             outcome.cells = [
                 [p.cell(b, now_us, nulls) for b in group_blobs] for p, group_blobs in zip(plans, blobs, strict=True)
             ]
@@ -77,9 +79,23 @@ async def _read_backend(
             span.set_attribute("outcome", str(Outcome.TIMEOUT))
             span.set_status(SpanStatus(StatusCode.ERROR, "deadline"))
             raise
+        except PartialRead as exc:  # some keys failed (a cluster master down): those are UNAVAILABLE, the rest served
+            breaker.success()  # the backend answered for the rest: skipping all of it would serve less
+            gw.answered(backend_name, "read")
+            outcome.ms = (time.perf_counter() - started) * 1000
+            outcome.status, outcome.error = Outcome.ERROR, describe_error(exc)
+            outcome.cells = [
+                [p.unavailable if i in failed else p.cell(b, now_us, nulls) for i, b in enumerate(group_blobs)]
+                for p, group_blobs, failed in zip(plans, exc.blobs, exc.failed, strict=True)
+            ]
+            span.set_attribute("outcome", str(outcome.status))
+            span.record_exception(exc)
+            span.set_status(SpanStatus(StatusCode.ERROR, type(exc).__name__))
         except Exception as exc:  # any backend failure degrades the answer, never the service
             if backend.server_answered(exc):
                 breaker.abandoned()  # it answered, so it is up: an error of this request, not an outage
+            elif isinstance(exc, TimeoutError) and not gw.blames(backend_name, "read", started):
+                breaker.abandoned()  # its own timeout ran out, but the wait was ours (see Gateway.blames)
             else:
                 breaker.failure()
             outcome.ms = (time.perf_counter() - started) * 1000
@@ -93,11 +109,13 @@ async def _read_backend(
             span.set_status(SpanStatus(StatusCode.ERROR, type(exc).__name__))
 
 
-def _missed(gw: Gateway, name: str, outcome: BackendOutcome, deadline_ms: float) -> None:
-    """A read the deadline cut off. A tight deadline is not the backend's fault; one that kept a request
-    waiting past `breaker_slow_ms` is failing (a frozen or black-holed server never answers with an error)."""
-    outcome.status, outcome.error, outcome.ms = Outcome.TIMEOUT, "missed the deadline", deadline_ms
-    if deadline_ms >= gw.breaker_policy.slow_ms:
+def _missed(gw: Gateway, name: str, outcome: BackendOutcome, started: float) -> None:
+    """A read the deadline cut off. A tight deadline is not the backend's fault, nor is an event loop too busy
+    to read the reply; a backend that itself kept the request waiting past `breaker_slow_ms` is failing (a
+    frozen or black-holed server never answers with an error). See Gateway.blames."""
+    outcome.status, outcome.error = Outcome.TIMEOUT, "missed the deadline"
+    outcome.ms = (time.perf_counter() - started) * 1000
+    if gw.blames(name, "read", started):
         gw.breakers[name].read.failure()
     else:
         gw.breakers[name].read.abandoned()
@@ -124,10 +142,18 @@ class Served:
     degraded: bool
 
 
-async def serve(gw: Gateway, request: FetchRequest, groups: Collection[str] | None = None) -> Served:
+# A request with less than this (or than a fetch takes now) left of its deadline when it could start is
+# refused, not served all defaults.
+MIN_READ_S = 0.001
+
+
+async def serve(
+    gw: Gateway, request: FetchRequest, groups: Collection[str] | None = None, received: float | None = None
+) -> Served:
     """Validate against the registry, read every backend under the deadline, count usage.
 
-    `groups`: the feature groups the caller's API key may use (None: all).
+    `groups`: the feature groups the caller's API key may use (None: all). `received`: when the server received
+    the request (time.perf_counter()); the deadline counts from then, so time spent queued counts against it.
     """
     limits = gw.limits
     if groups is not None:
@@ -138,10 +164,29 @@ async def serve(gw: Gateway, request: FetchRequest, groups: Collection[str] | No
     if not 0 < deadline_ms <= limits.max_deadline_ms:
         raise ValidationFailed(f"deadline_ms is between 0 and {limits.max_deadline_ms:g}", field="deadline_ms")
 
+    deadline_s = deadline_ms / 1000
+    started = time.perf_counter()
+    if received is not None and deadline_s >= MIN_READ_S:  # (a deadline too short for any read is served as asked)
+        # What a fetch takes now, once admitted: one left less than that by its wait would be all defaults. (One
+        # whose whole deadline is shorter is served as asked: refusing it would refuse every such request, and
+        # with no answer served, what a fetch takes would never be measured again.)
+        # At most half the deadline: a worker whose fetches take nearly the whole deadline must go on serving
+        # some (and measuring them), not refuse every request that waited at all.
+        typical_s = 0.0 if gw.admission is None else min(gw.admission.typical_s, deadline_s / 2)
+        needed_s = max(MIN_READ_S, typical_s)
+        waited_s = started - received
+        deadline_s -= waited_s
+        if deadline_s < needed_s and waited_s >= MIN_READ_S:  # (under a millisecond is no queue)
+            raise Overloaded(
+                f"the request waited {(started - received) * 1000:.0f} ms before it could start, leaving less of "
+                f"its {deadline_ms:g} ms deadline than a fetch takes now ({needed_s * 1000:.0f} ms); nothing was "
+                "read, retry shortly",
+                field="deadline_ms",
+            )
+
     unique = {jk: _unique(keys) for jk, keys in keys_by_join.items()}
     now_us = time.time_ns() // 1000
     outcomes = {name: BackendOutcome() for name, _ in plan.by_backend}
-    deadline_s = deadline_ms / 1000
     reads = []
     for name, indexes in plan.by_backend:
         if not gw.breakers[name].read.allow():
@@ -163,7 +208,7 @@ async def serve(gw: Gateway, request: FetchRequest, groups: Collection[str] | No
             async with asyncio.timeout(deadline_s):
                 await read
         except TimeoutError:
-            _missed(gw, name, outcomes[name], deadline_ms)
+            _missed(gw, name, outcomes[name], started)
     elif reads:
         tasks = {name: gw.spawn(read) for name, read in reads}
         try:
@@ -177,7 +222,7 @@ async def serve(gw: Gateway, request: FetchRequest, groups: Collection[str] | No
         for name, task in tasks.items():
             if task in pending:
                 task.cancel()
-                _missed(gw, name, outcomes[name], deadline_ms)
+                _missed(gw, name, outcomes[name], started)
 
     for name, outcome in outcomes.items():  # before any strict 503, so failures are always counted
         gw.metrics.backend_read(name, outcome.status, outcome.ms)
@@ -207,11 +252,14 @@ def _count(plan: Plan, columns: list[list[Cell]], n: int) -> None:
     for gp, column in zip(plan.groups, columns, strict=True):
         usage = gp.usage
         usage.requests += 1
-        if column[0] is gp.unavailable:
+        # Identity counts, in C. UNAVAILABLE may be some cells only (a backend's PartialRead), so it is counted too.
+        unavailable = sum(map(is_, column, repeat(gp.unavailable)))
+        if unavailable == n:
             usage.unavailable += n
             continue
-        missing = sum(map(is_, column, repeat(gp.missing)))  # identity counts, in C
+        missing = sum(map(is_, column, repeat(gp.missing)))
         expired = sum(map(is_, column, repeat(gp.expired)))
-        usage.present += n - missing - expired
+        usage.present += n - missing - expired - unavailable
         usage.missing += missing
         usage.expired += expired
+        usage.unavailable += unavailable

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Coroutine, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -18,7 +19,9 @@ from opentelemetry import trace
 from app.errors import describe_error
 from app.metrics import Metrics
 from app.registry.model import Registry
+from app.resilience.admission import AdmissionPolicy, Limiter, Work
 from app.resilience.breaker import BreakerPolicy, Circuits
+from app.resilience.loop_lag import LoopLag
 from app.serving.limits import Limits
 from app.serving.plan import Plan, make_plan
 from backends.base import FeatureBackend
@@ -27,6 +30,7 @@ log = logging.getLogger(__name__)
 
 _PLAN_CACHE_SIZE = 4096
 _PLAN_CACHE_FEATURES = 200_000  # about 30 MB of plans at most
+LOOP_TURNS_PER_REPLY = 2  # see Gateway.blames
 _NO_SPAN: AbstractContextManager[trace.Span] = nullcontext(trace.INVALID_SPAN)
 
 
@@ -51,6 +55,7 @@ class Gateway:
         lifecycle: Lifecycle | None = None,
         metrics: Metrics | None = None,
         tracer: trace.Tracer | None = None,
+        admission: AdmissionPolicy | None = None,
     ):
         self.registry = registry
         self.backends = backends
@@ -66,6 +71,12 @@ class Gateway:
         self._plan_size = 0
         self.metrics.live_plans = lambda: (gp for plan in self._plans.values() for gp in plan.groups)
         self._tasks: set[asyncio.Task[Any]] = set()
+        # None: every request is admitted (in-process callers such as materialize, tests that want no shedding)
+        self.admission = Limiter(admission) if admission is not None and admission.enabled else None
+        self.loop_lag = LoopLag(observe=self.metrics.loop_lag.observe)
+        self.metrics.load = self.load
+        # (backend, "read" or "write") -> when it last completed one: proof it was up at that moment
+        self._answered: dict[tuple[str, str], float] = {}
 
     def span(self, name: str, kind: trace.SpanKind = trace.SpanKind.INTERNAL) -> AbstractContextManager[trace.Span]:
         """A span under the current one; with tracing off, a shared no-op (the no-op tracer still costs ~10 us)."""
@@ -95,8 +106,41 @@ class Gateway:
         task.add_done_callback(self._tasks.discard)
         return task
 
+    def answered(self, backend: str, direction: str) -> None:
+        """A read or write of `backend` just completed."""
+        self._answered[(backend, direction)] = time.perf_counter()
+
+    def blames(self, backend: str, direction: str, started: float) -> bool:
+        """Does a call sent at `started` and cut off now (deadline or timeout) count against the backend?
+
+        Only when the backend itself was slow. Not when it is in-process (then the lateness is the CPU's), not
+        when it completed another call of the same direction meanwhile (it is up; the queue was ours), and not
+        when what is left of the wait after the event loop's lag meanwhile is under `slow_ms`: a reply the loop was
+        too busy to read is not the backend's delay. A reply can sit for two turns of a late loop: one that
+        arrives while a long turn runs is read only after the next turn's timers, which include the deadline.
+        """
+        if self.backends[backend].in_process:
+            return False
+        if self._answered.get((backend, direction), 0.0) > started:
+            return False
+        lag_s = self.loop_lag.worst_since(started)
+        waited_s = time.perf_counter() - started - LOOP_TURNS_PER_REPLY * lag_s
+        return waited_s * 1000 >= self.breaker_policy.slow_ms
+
+    def load(self) -> dict[str, float]:
+        """This worker's load, for metrics and the status page."""
+        limiter = self.admission
+        return {
+            "lag_ms": self.loop_lag.recent_s() * 1000,
+            "limit": 0 if limiter is None else int(limiter.limit),
+            "inflight": 0 if limiter is None else limiter.inflight,
+            "shed_reads": 0 if limiter is None else limiter.shed[Work.READ],
+            "shed_writes": 0 if limiter is None else limiter.shed[Work.WRITE],
+        }
+
     async def start(self) -> None:
         """Migrate every backend; one that is down is retried in the background, never fatal."""
+        self.spawn(self.loop_lag.run(), name="loop-lag")
         if self.metrics.directory is not None:
             self.spawn(self._dump_metrics(), name="metrics")
         if not self.lifecycle.migrate_on_start:

@@ -139,12 +139,15 @@ async def store(gw: Gateway, group: Group, rows: Sequence[WriteRow]) -> WriteRes
         span.set_attribute("backend.type", backend.type)
         span.set_attribute("feature.groups", [group.name])
         span.set_attribute("feature.keys", len(rows))
+        started = time.perf_counter()
         try:
             async with asyncio.timeout(gw.limits.write_timeout_ms / 1000):
                 result: WriteResult = await backend.write(group, rows)
         except Exception as exc:
             if backend.server_answered(exc):
                 breaker.abandoned()  # e.g. Redis OOM or a read-only replica: writes fail, reads still work
+            elif isinstance(exc, TimeoutError) and not gw.blames(group.backend, "write", started):
+                breaker.abandoned()  # the wait was the worker's own (see Gateway.blames)
             else:
                 breaker.failure()
             span.record_exception(exc)
@@ -167,6 +170,7 @@ async def store(gw: Gateway, group: Group, rows: Sequence[WriteRow]) -> WriteRes
             breaker.abandoned()
             raise
         breaker.success()
+        gw.answered(group.backend, "write")
         span.set_attribute("outcome", "ok")
     return result
 

@@ -32,6 +32,9 @@ async def in_process_gateway(
     registry = parse_registry(registry_yaml, "test-registry", env={})
     # Tests about deadlines set them; the rest must not turn UNAVAILABLE because a loaded CI box was slow.
     settings.setdefault("default_deadline_ms", 2000)
+    # Tests about overload turn admission on; for the rest a refused request would be noise.
+    settings.setdefault("admission", False)
+    settings.setdefault("freeze_heap", False)  # the test process starts hundreds of apps; none lives long
     app = create_app(Settings(**settings), registry=registry, span_exporter=exporter)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)

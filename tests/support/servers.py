@@ -18,7 +18,7 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 from redis import Redis as SyncRedis
 from redis.exceptions import RedisError
@@ -167,15 +167,31 @@ def free_cluster_port() -> int:
 
 
 class RedisClusterProcesses:
-    """A Redis Cluster of `size` masters (no replicas), each a redis-server of the test's own on free ports.
+    """A Redis Cluster of `size` masters with `replicas` replicas each, every node a redis-server of the test's
+    own on free ports.
 
     Every node keeps its cluster state (`nodes.conf`) in its own folder under `workdir` and nothing else on
-    disk, so a node restarted on its port comes back with its id and slots but no keys.
+    disk, so a node restarted on its port comes back with its id and slots but no keys. `node_timeout_ms` is
+    `cluster-node-timeout`: how long a node may be unreachable before the others mark it failed (and, with
+    replicas, promote one of its replicas). With `full_coverage` False (`cluster-require-full-coverage no`) the
+    masters left keep serving their own slots while a master is down; with it True (Redis' default) every
+    node answers CLUSTERDOWN once a master is marked failed, until a replica takes its place.
     """
 
-    def __init__(self, workdir: Path, size: int = 3):
+    def __init__(
+        self,
+        workdir: Path,
+        size: int = 3,
+        *,
+        replicas: int = 0,
+        node_timeout_ms: int = 5000,
+        full_coverage: bool = True,
+    ):
         self.workdir = workdir
-        self.ports = [free_cluster_port() for _ in range(size)]
+        self.replicas = replicas
+        self.node_timeout_ms = node_timeout_ms
+        self.full_coverage = full_coverage
+        self.ports = [free_cluster_port() for _ in range(size * (1 + replicas))]
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
 
     @property
@@ -188,7 +204,13 @@ class RedisClusterProcesses:
         folder.mkdir(parents=True, exist_ok=True)
         binary = shutil.which("redis-server") or "/usr/bin/redis-server"
         plain = ["--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder), "--save", "", "--appendonly", "no"]
-        cluster = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "5000"]
+        cluster = [
+            *("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"),
+            *("--cluster-node-timeout", str(self.node_timeout_ms)),
+            *("--cluster-require-full-coverage", "yes" if self.full_coverage else "no"),
+            # A replica's first sync starts at once (Redis 7 waits 5 s for more replicas to share it).
+            *("--repl-diskless-sync-delay", "0"),
+        ]
         self.procs[port] = subprocess.Popen(
             [binary, *plain, *cluster],
             stdout=subprocess.DEVNULL,
@@ -210,12 +232,13 @@ class RedisClusterProcesses:
             cli = shutil.which("redis-cli") or "/usr/bin/redis-cli"
             nodes = [f"127.0.0.1:{port}" for port in self.ports]
             subprocess.run(
-                [cli, "--cluster", "create", *nodes, "--cluster-replicas", "0", "--cluster-yes"],
+                [cli, "--cluster", "create", *nodes, "--cluster-replicas", str(self.replicas), "--cluster-yes"],
                 check=True,
                 capture_output=True,
                 timeout=60,
             )
             self.wait_ok()
+            self.wait_replicated()
         except BaseException:
             self.stop()
             raise
@@ -249,9 +272,69 @@ class RedisClusterProcesses:
             time.sleep(0.1)
 
     def stop_node(self, port: int) -> None:
+        """SIGKILL the node, as a machine or container dying would: it closes no connection cleanly and tells no
+        other node; its sockets are gone once it is reaped (connections to its port are then refused)."""
         proc = self.procs.pop(port)
         proc.kill()
         proc.wait(10)
+
+    def nodes(self, port: int) -> list[ClusterNodeLine]:
+        """The cluster as the node on `port` sees it (CLUSTER NODES), one line per node."""
+        return ClusterNodeLine.parse(self.info(port, "CLUSTER", "NODES"))
+
+    def masters(self, port: int | None = None) -> dict[int, list[int]]:
+        """Per master that is not marked failed, the ports of its replicas, as the node on `port` (default: the
+        first node that answers) sees it."""
+        lines = self.nodes(port) if port is not None else self._first_answer(self.nodes)
+        ids = {line.node_id: line.port for line in lines}
+        found: dict[int, list[int]] = {}
+        for line in lines:
+            if "master" in line.flags and "fail" not in line.flags:
+                found.setdefault(line.port, [])
+        for line in lines:
+            if "slave" in line.flags and ids.get(line.master_id) in found:
+                found[ids[line.master_id]].append(line.port)
+        return found
+
+    def keys_on(self, port: int, pattern: str) -> list[str]:
+        """The keys matching `pattern` that the node on `port` holds."""
+        client = SyncRedis(host="127.0.0.1", port=port, socket_timeout=5, decode_responses=True)
+        try:
+            return list(client.scan_iter(match=pattern, count=1000))
+        finally:
+            client.close()
+
+    def is_master(self, port: int) -> bool:
+        """Does the node on `port` say it is a master (its own line of CLUSTER NODES: `myself,master`)?"""
+        return ClusterNodeLine.says_master(self.info(port, "CLUSTER", "NODES"))
+
+    def _first_answer(self, ask: Callable[[int], Any]) -> Any:
+        for port in self.ports:
+            if port in self.procs:
+                with contextlib.suppress(OSError, RedisError):
+                    return ask(port)
+        raise RuntimeError("no node of the cluster answers")
+
+    def wait_replicated(self, within: float = 30.0) -> None:
+        """Until every replica is linked to its master and has everything the master was sent (its replication
+        offset has reached the master's): a replica promoted after this has every key written before it."""
+        deadline = time.monotonic() + within
+        while True:
+            masters = self.masters()
+            behind: list[int | str] = [] if len(masters) * (1 + self.replicas) == len(self.ports) else ["masters"]
+            for master, replicas in masters.items():
+                if len(replicas) < self.replicas:
+                    behind.append(master)
+                offset = int(self.command(master, "INFO", "REPLICATION")["master_repl_offset"])
+                for replica in replicas:
+                    info = self.command(replica, "INFO", "REPLICATION")
+                    if info.get("master_link_status") != "up" or int(info.get("slave_repl_offset", -1)) < offset:
+                        behind.append(replica)
+            if not behind:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"replicas {behind} did not catch up with their masters")
+            time.sleep(0.05)
 
     def owner(self, slot: int) -> int:
         """The port of the master serving `slot`, as the first node sees it."""
@@ -282,6 +365,30 @@ class RedisClusterProcesses:
         for proc in self.procs.values():
             proc.wait(10)
         self.procs.clear()
+
+
+class ClusterNodeLine(NamedTuple):
+    """One line of CLUSTER NODES: a node's id, port, flags (`myself`, `master`, `slave`, `fail?`, `fail`) and
+    the id of its master (`-` for a master)."""
+
+    node_id: str
+    port: int
+    flags: frozenset[str]
+    master_id: str
+
+    @classmethod
+    def parse(cls, text: str) -> list[ClusterNodeLine]:
+        lines = []
+        for line in text.splitlines():
+            node_id, address, flags, master_id, *_ = line.split()
+            port = int(address.split("@")[0].rsplit(":", 1)[1])
+            lines.append(cls(node_id, port, frozenset(flags.split(",")), master_id))
+        return lines
+
+    @classmethod
+    def says_master(cls, text: str) -> bool:
+        """Does this CLUSTER NODES answer come from a master (its own line says `myself,master`)?"""
+        return any("myself" in line.flags and "master" in line.flags for line in cls.parse(text))
 
 
 def listening(port: int) -> bool:

@@ -117,7 +117,9 @@ def create_app(
     app.include_router(observability.router)
     app.include_router(feast.router)
     app.include_router(status.router)
-    app.add_middleware(AdmissionControl)  # inside RequestMetrics, so refusals are counted by route
+    # Inside RequestMetrics, so its refusals are counted by route (those at the door, under `serve`, are counted
+    # in feature_gateway_requests_shed_total only: they never reach the app).
+    app.add_middleware(AdmissionControl)
     app.add_middleware(RequestMetrics)
     if settings.cors_origins:
         # Outermost, so a preflight is answered before authentication (browsers send no credentials with it).

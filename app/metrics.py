@@ -30,6 +30,7 @@ from app.serving.usage import UsageCounts
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 WINDOW_S = 5  # status-page series: one point per 5 s
 WINDOW_POINTS = 72  # six minutes
+STALE_S = 10  # a snapshot not rewritten for this long (workers rewrite theirs every second) is a dead worker's
 
 
 class _Group(Protocol):
@@ -151,7 +152,10 @@ class Metrics:
             for path in self.directory.glob("*.json"):
                 if path.name != own:
                     with contextlib.suppress(OSError, msgspec.DecodeError):
-                        snapshots.append(msgspec.json.decode(path.read_bytes()))
+                        snapshot = msgspec.json.decode(path.read_bytes())
+                        if time.time() - path.stat().st_mtime > STALE_S:
+                            snapshot.pop("load", None)  # a worker gone: its counts stay, its gauges do not
+                        snapshots.append(snapshot)
         return Merged(snapshots)
 
 
@@ -179,6 +183,7 @@ class Merged:
                     target[name].add(counts, total)
             if "loop_lag" in snap:  # a snapshot written by an older version has neither
                 self.loop_lag.add(*snap["loop_lag"])
+            if "load" in snap:
                 self.loads.append(snap["load"])
             for backend, outcome, count in snap["backend_outcomes"]:
                 self.backend_outcomes[(backend, outcome)] += count

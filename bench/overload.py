@@ -59,7 +59,7 @@ class Phase:
     means_ms: dict[str, float] = field(default_factory=dict)  # backend read, loop lag: mean over the phase
 
     def summary(self, saturation: float | None) -> dict[str, Any]:
-        sent = sum(n for k, n in self.kinds.items() if k != "connections_opened")
+        sent = sum(n for k, n in self.kinds.items() if k not in ("connections_opened", "503_by_limiter"))
         good = self.kinds["good"]
         out: dict[str, Any] = {
             "phase": self.name,
@@ -220,6 +220,8 @@ async def scrape(url: str) -> dict[str, float]:
             open_reads += float(line.rsplit(" ", 1)[1])
         elif line.startswith("feature_gateway_admission_limit "):
             limit = float(line.rsplit(" ", 1)[1])
+        elif line.startswith("feature_gateway_requests_shed_total"):
+            found["shed"] = found.get("shed", 0.0) + float(line.rsplit(" ", 1)[1])
     return {"open_reads": open_reads, "limit": limit, **found}
 
 
@@ -235,6 +237,9 @@ async def measured(gateway: GatewayProcess, phase: Phase, load: Any) -> None:
     after = await scrape(gateway.url)
     phase.circuits_opened = int(after["open_reads"] - before["open_reads"])
     phase.limit_after = int(after["limit"])
+    # 503s refused by the limiter (most at the door, before the body is read); the rest waited past what their
+    # deadline allowed and were refused after decoding
+    phase.kinds["503_by_limiter"] = int(after.get("shed", 0) - before.get("shed", 0))
     for key in after:
         if key.endswith("_sum") or "_sum{" in key:
             count_key = key.replace("_sum", "_count")

@@ -154,6 +154,7 @@ class ReceivedAtProtocol(HttpToolsProtocol):
             or work is None
             or limiter.admits(work)
             or (self.cycle is not None and not self.cycle.response_complete)  # pipelined: see _start_asgi_task
+            or self.flow.write_paused  # a client not reading its answers: uvicorn's own path waits for it
             or self.parser.should_upgrade()
         ):
             super().on_headers_complete()
@@ -174,15 +175,19 @@ class ReceivedAtProtocol(HttpToolsProtocol):
         scope = cycle.scope
         work = SHED.get(scope.get("path", ""))
         limiter: Limiter | None = self.app_state.get(ADMISSION) if work is not None else None
-        if limiter is None or work is None or limiter.admits(work):
+        if limiter is None or work is None or limiter.admits(work) or self.flow.write_paused:
             super()._start_asgi_task(cycle, app)
             return
         limiter.refused(work)
-        self.transport.write(refusal_bytes(work, limiter, cycle.keep_alive))
+        keep_alive = cycle.keep_alive and not self.expect_100_continue
+        self.transport.write(refusal_bytes(work, limiter, keep_alive))
         cycle.response_started = cycle.response_complete = True
-        if not cycle.keep_alive:
+        if not keep_alive:
             self.transport.close()
-        self._refused = cycle  # its end is the request's end: see on_message_complete
+        if cycle.more_body:
+            self._refused = cycle  # its end is the request's end: see on_message_complete
+        else:  # its body was read while it waited its turn: the next one may start (not from inside this call)
+            self.loop.call_soon(self.on_response_complete)
 
     def on_message_complete(self) -> None:
         if self.cycle is not None and self.cycle is self._refused:

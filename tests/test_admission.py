@@ -6,12 +6,14 @@ The overload itself, on a real server: test_overload.py."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import pytest
 
 from app.errors import Overloaded
 from app.resilience.admission import AdmissionPolicy, Limiter, Work
+from app.resilience.loop_lag import LoopLag
 from app.serving.fetch import serve
 from app.serving.request import FetchRequest
 from tests.support.clients import live_row, write
@@ -124,7 +126,7 @@ async def test_a_full_worker_answers_503_overload_at_once_and_never_sheds_health
     assert refused_write.status_code == 503
     assert refused_write.json()["work"] == "write"
     assert (health.status_code, ready.status_code, metrics.status_code) == (200, 200, 200)
-    assert 'feature_gateway_requests_shed_total{work="read"} 1' in metrics.text
+    assert 'feature_gateway_requests_shed_total{work="read"} 1' in metrics.text.splitlines()
     assert served.status_code == 200
     assert served.json()["rows"][0]["values"] == [3]
 
@@ -193,3 +195,20 @@ async def test_a_request_left_less_than_a_fetch_takes_is_refused_but_a_short_dea
         short = await serve(gw, request, received=time.perf_counter() - 0.005)
     assert served.columns[0][0].values == (3,)
     assert short.columns[0][0].values == (3,)
+
+
+async def test_loop_lag_counts_an_overdue_probe_only_while_it_runs() -> None:
+    clock = ManualClock()
+    lag = LoopLag(interval_s=0.02, clock=clock)
+    clock.advance(5.0)  # never started (a gateway used for a bulk load): no lag, not five seconds of it
+    assert lag.worst_since(clock() - 10) == 0.0
+    probe = asyncio.get_running_loop().create_task(lag.run())
+    await asyncio.sleep(0)  # it starts, and sleeps its interval
+    clock.advance(0.5)  # the loop has not woken it for half a second: overdue now
+    assert lag.worst_since(clock() - 1) == pytest.approx(0.48)
+    lag.note(0.1)
+    assert lag.worst_since(clock() - 1) == pytest.approx(0.48)
+    probe.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await probe
+    assert lag.worst_since(clock() - 1) == pytest.approx(0.1)  # stopped: only what it measured

@@ -262,7 +262,8 @@ def test_a_request_refused_at_the_door_is_answered_before_its_body_and_its_conne
             socket.create_connection(("127.0.0.1", server.port), timeout=10) as pipelined,
         ):
             held_answers, withheld_answers, pipelined_answers = (s.makefile("rb") for s in (held, withheld, pipelined))
-            held.sendall(whole)  # waits on the frozen Redis, holding the worker's one slot
+            # The first waits on the frozen Redis, holding the worker's one slot; two more are pipelined behind it.
+            held.sendall(whole * 3)
             wait_until(lambda: metric_value(scrape(server), "admission_inflight") == 1, what="the fetch in flight")
             withheld.sendall(head)  # and not the body: only a refusal at the door can answer now
             refused = read_answer(withheld_answers)
@@ -277,6 +278,11 @@ def test_a_request_refused_at_the_door_is_answered_before_its_body_and_its_conne
                 assert closing_answers.read() == b""
             store.thaw()
             served = read_answer(held_answers)
+            # The second starts as the first is answered, while its slot is still held: refused. The third
+            # starts after it (it must: its body was read long ago), served or refused as the slot allows.
+            behind = [read_answer(held_answers), read_answer(held_answers)]
+            held.sendall(whole)
+            after_held = read_answer(held_answers)
             withheld.sendall(whole)
             after_withheld = read_answer(withheld_answers)
             pipelined.sendall(whole)
@@ -291,6 +297,8 @@ def test_a_request_refused_at_the_door_is_answered_before_its_body_and_its_conne
         assert headers["retry-after"] == "1"
         assert headers["content-type"] == "application/problem+json"
         assert json.loads(answer)["type"].endswith("/overload")
-    for status, _, answer in (served, after_withheld, after_pipelined):
+    assert behind[0][0] == 503
+    assert behind[1][0] in (200, 503)
+    for status, _, answer in (served, after_withheld, after_pipelined, after_held):
         assert status == 200
         assert json.loads(answer)["rows"][0]["values"] == [7]

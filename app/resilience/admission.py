@@ -13,13 +13,13 @@ filter. Per window of completed reads (at least `window_s` and `window_samples` 
     gradient = clamp(max(tolerance * floor / short, deadline_share * deadline / tail), 0.5, 1)
     limit'   = limit * gradient + queue
 
-where `deadline` is the tightest deadline asked in the window. While latency stays within either bound the
-limit creeps up by `queue` per window; when the queue inside the worker pushes it past both, the limit shrinks
-in proportion. The deadline term is what the clients say they can wait: a CPU-bound worker's latency grows with
-every request it holds, so latency near the floor alone would admit a handful and refuse the rest of a load it
-could serve in time (refusals are cheap, not free); a 90th percentile at half the deadline keeps the tail
-within it. A worker that is not using half of
-its limit learns nothing about it (the latency it sees is not the limit's doing), and the limit holds still.
+where `deadline` is the 10th percentile of the deadlines asked in the window. While latency stays within
+either bound the limit creeps up by `queue` per window; when the queue inside the worker pushes it past both,
+the limit shrinks in proportion. The deadline term is what the clients say they can wait: a CPU-bound worker's
+latency grows with every request it holds, so latency near the floor alone would admit a handful and refuse
+the rest of a load it could serve in time (refusals are cheap, not free); a 90th percentile at half the
+deadline keeps the tail within it. A worker that is not using half of its limit learns nothing about it (the
+latency it sees is not the limit's doing), and the limit holds still.
 
 Only fetches are timed: a write's latency is its batch size, not congestion. Writes are admitted against the
 same limit but may hold at most `write_share` of it, so a bulk load cannot starve the models' reads (or, with a
@@ -28,7 +28,6 @@ share of 1, writes compete equally).
 
 from __future__ import annotations
 
-import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -50,7 +49,7 @@ class AdmissionPolicy:
     min_limit: int = 4
     max_limit: int = 512
     tolerance: float = 1.5  # latency up to this multiple of the floor is not congestion
-    deadline_share: float = 0.5  # nor is a 90th percentile up to this share of the tightest deadline asked
+    deadline_share: float = 0.5  # nor is a 90th percentile up to this share of the deadlines asked (p10)
     queue: float = 2.0  # how far the limit may grow per window when latency is within tolerance
     write_share: float = 0.5  # the share of the limit writes may hold
     window_s: float = 0.1
@@ -71,7 +70,7 @@ class Limiter:
         self._samples: list[float] = []
         self._window_start = clock()
         self._peak = 0  # most in flight during the window
-        self._deadline = math.inf  # the tightest deadline of the window's samples
+        self._deadlines: list[float] = []  # the deadlines the window's samples asked for
         self.typical_s = 0.0  # the last window's median: what a fetch takes now, once admitted
         self._medians: deque[tuple[float, float]] = deque()  # (window end, its median), the last floor_s
 
@@ -105,8 +104,8 @@ class Limiter:
             self.writes -= 1
         elif latency_s is not None:
             self._samples.append(latency_s)
-            if deadline_s is not None and deadline_s < self._deadline:
-                self._deadline = deadline_s
+            if deadline_s is not None:
+                self._deadlines.append(deadline_s)
         now = self.clock()
         if now - self._window_start >= self.policy.window_s and len(self._samples) >= self.policy.window_samples:
             self._update(now)
@@ -123,12 +122,13 @@ class Limiter:
         floor = min(m for _, m in medians)
         if self._peak * 2 >= self.limit and short > 0:  # else the limit was not what held latency where it is
             gradient = policy.tolerance * floor / short
-            if self._deadline < math.inf:
-                gradient = max(gradient, policy.deadline_share * self._deadline / tail)
+            if self._deadlines:  # the 10th percentile: one client asking 1 ms does not set everyone's target
+                deadline = sorted(self._deadlines)[len(self._deadlines) // 10]
+                gradient = max(gradient, policy.deadline_share * deadline / tail)
             gradient = min(1.0, max(0.5, gradient))
             limit = self.limit * gradient + policy.queue
             self.limit = min(float(policy.max_limit), max(float(policy.min_limit), limit))
         self._samples.clear()
-        self._deadline = math.inf
+        self._deadlines.clear()
         self._window_start = now
         self._peak = self.inflight

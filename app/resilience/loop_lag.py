@@ -26,11 +26,13 @@ class LoopLag:
         self._lags: deque[tuple[float, float]] = deque(maxlen=keep)  # (woke at, lag): about the last 2 s
         self._observe = observe
         self._last = clock()  # when the probe last woke
+        self._running = False
 
     def worst_since(self, since: float) -> float:
         """The worst lag of the probes that woke after `since`, counting one that is overdue right now (the
         loop may be stuck in a long turn, or the process not scheduled at all)."""
-        worst = self.clock() - self._last - self.interval_s
+        # Overdue counts only while the probe runs (a gateway used for a bulk load never starts it).
+        worst = self.clock() - self._last - self.interval_s if self._running else 0.0
         for woke, lag in reversed(self._lags):
             if woke < since:
                 break
@@ -49,8 +51,12 @@ class LoopLag:
 
     async def run(self) -> None:
         self._last = self.clock()
-        while True:
-            asked = self.clock()
-            await asyncio.sleep(self.interval_s)
-            self._last = now = self.clock()
-            self.note(now - asked - self.interval_s)
+        self._running = True
+        try:
+            while True:
+                asked = self.clock()
+                await asyncio.sleep(self.interval_s)
+                self._last = now = self.clock()
+                self.note(now - asked - self.interval_s)
+        finally:
+            self._running = False

@@ -170,8 +170,10 @@ async def serve(
         # What a fetch takes now, once admitted: one left less than that by its wait would be all defaults. (One
         # whose whole deadline is shorter is served as asked: refusing it would refuse every such request, and
         # with no answer served, what a fetch takes would never be measured again.)
-        typical_s = 0.0 if gw.admission is None else gw.admission.typical_s
-        needed_s = typical_s if MIN_READ_S < typical_s < deadline_s else MIN_READ_S
+        # At most half the deadline: a worker whose fetches take nearly the whole deadline must go on serving
+        # some (and measuring them), not refuse every request that waited at all.
+        typical_s = 0.0 if gw.admission is None else min(gw.admission.typical_s, deadline_s / 2)
+        needed_s = max(MIN_READ_S, typical_s)
         waited_s = started - received
         deadline_s -= waited_s
         if deadline_s < needed_s and waited_s >= MIN_READ_S:  # (under a millisecond is no queue)

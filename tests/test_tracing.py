@@ -159,3 +159,27 @@ def test_a_line_logged_inside_a_request_span_carries_its_ids() -> None:
     config = _log_config("info")  # what `serve` gives uvicorn: the filter on the handler, the ids in the format
     assert config["handlers"]["default"]["filters"] == ["trace_ids"]
     assert config["formatters"]["default"]["fmt"].endswith("%(trace)s")
+
+
+async def test_latency_buckets_carry_trace_exemplars_in_openmetrics(gateway: GatewayFactory, names: Names) -> None:
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families
+
+    exporter = InMemorySpanExporter()
+    async with gateway(names.registry(names.backend("redis")), exporter=exporter) as client:
+        sampled = {"traceparent": f"00-{CALLER_TRACE}-{CALLER_SPAN}-01"}
+        await client.post("/v1/features/fetch", json=FETCH, headers=sampled)
+        openmetrics = await client.get("/metrics", headers={"accept": "application/openmetrics-text; version=1.0.0"})
+        prometheus = await client.get("/metrics")
+    assert openmetrics.headers["content-type"].startswith("application/openmetrics-text; version=1.0.0")
+    families = {f.name: f for f in text_string_to_metric_families(openmetrics.text)}  # the strict parser
+    buckets = [
+        s
+        for s in families["feature_gateway_http_request_duration_seconds"].samples
+        if s.name.endswith("_bucket") and s.labels["route"] == "/v1/features/fetch" and s.exemplar is not None
+    ]
+    assert len(buckets) == 1  # the one bucket the traced fetch fell in
+    assert buckets[0].exemplar.labels == {"trace_id": CALLER_TRACE}
+    assert float(buckets[0].labels["le"]) >= buckets[0].exemplar.value
+    assert "feature_gateway_http_requests" in families  # a counter's family is named without _total
+    assert prometheus.headers["content-type"].startswith("text/plain; version=0.0.4")
+    assert "trace_id" not in prometheus.text  # the Prometheus text format has no exemplars

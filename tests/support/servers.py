@@ -191,7 +191,14 @@ class RedisClusterProcesses:
         self.replicas = replicas
         self.node_timeout_ms = node_timeout_ms
         self.full_coverage = full_coverage
-        self.ports = [free_cluster_port() for _ in range(size * (1 + replicas))]
+        self.ports: list[int] = []
+        while len(self.ports) < size * (1 + replicas):
+            # Each free when picked, but not yet bound: a later pick may repeat one, or land on another node's
+            # bus port (port + 10000), and the cluster then comes up a node short.
+            port = free_cluster_port()
+            taken = {*self.ports, *(p + 10000 for p in self.ports)}
+            if port not in taken and port + 10000 not in taken:
+                self.ports.append(port)
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
 
     @property

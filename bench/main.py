@@ -160,6 +160,10 @@ def gateway_env(args: argparse.Namespace, redis_url: str) -> dict[str, str]:
     """The caller's environment without GATEWAY_* and OTEL_* (runs stay comparable), plus the bench's."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY_", "OTEL_"))}
     env |= {"BENCH_REDIS_URL": redis_url, "BENCH_PG_DSN": args.pg_dsn, "BENCH_PG_SCHEMA": args.pg_schema}
+    # These rows measure what the gateway serves at a given concurrency, comparable across commits: admission
+    # control would answer the 32-connection rows' excess 503 (bench/overload measures it; --gateway-env
+    # GATEWAY_ADMISSION=true puts it back).
+    env["GATEWAY_ADMISSION"] = "false"
     env |= dict(item.split("=", 1) for item in args.gateway_env)
     return env
 

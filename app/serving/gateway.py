@@ -79,8 +79,9 @@ class Gateway:
         self._answered: dict[tuple[str, str], float] = {}
 
     def span(self, name: str, kind: trace.SpanKind = trace.SpanKind.INTERNAL) -> AbstractContextManager[trace.Span]:
-        """A span under the current one; with tracing off, a shared no-op (the no-op tracer still costs ~10 us)."""
-        if self.tracer is None:
+        """A span under the current one; with tracing off, or under a request the sampler did not record, a
+        shared no-op (the SDK would still build a span object, ids and a context for each, to throw away)."""
+        if self.tracer is None or not trace.get_current_span().is_recording():
             return _NO_SPAN
         return self.tracer.start_as_current_span(name, kind=kind)
 

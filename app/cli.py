@@ -229,6 +229,10 @@ def _log_config(level: str) -> dict[str, Any]:
     config = copy.deepcopy(LOGGING_CONFIG)
     for name in ("app", "backends"):
         config["loggers"][name] = {"handlers": ["default"], "level": level.upper(), "propagate": False}
+    # Lines logged while a request is served carry its trace and span ids (app.telemetry.TraceIds).
+    config.setdefault("filters", {})["trace_ids"] = {"()": "app.telemetry.TraceIds"}
+    config["handlers"]["default"]["filters"] = ["trace_ids"]
+    config["formatters"]["default"]["fmt"] += "%(trace)s"
     return config
 
 

@@ -49,20 +49,37 @@ class UsageCounter(Protocol):
     def usage(self) -> UsageCounts: ...
 
 
+Exemplar = tuple[str, float, float]  # (trace id, the observed seconds, when: unix seconds)
+
+
 class Histogram:
-    __slots__ = ("counts", "sum")
+    """Latency buckets; each bucket keeps the last traced observation that fell in it (an OpenMetrics exemplar),
+    so a slow bucket on a dashboard leads to a trace of a request that was that slow."""
+
+    __slots__ = ("counts", "exemplars", "sum")
 
     def __init__(self) -> None:
         self.counts = [0] * (len(LATENCY_BUCKETS_S) + 1)
         self.sum = 0.0
+        self.exemplars: dict[int, Exemplar] = {}  # bucket index -> the latest traced observation in it
 
-    def observe(self, seconds: float) -> None:
-        self.counts[bisect_left(LATENCY_BUCKETS_S, seconds)] += 1
+    def observe(self, seconds: float, trace_id: str | None = None) -> None:
+        bucket = bisect_left(LATENCY_BUCKETS_S, seconds)
+        self.counts[bucket] += 1
         self.sum += seconds
+        if trace_id is not None:
+            self.exemplars[bucket] = (trace_id, seconds, time.time())
 
-    def add(self, counts: list[int], total: float) -> None:
+    def add(self, counts: list[int], total: float, exemplars: Mapping[int | str, list[Any]] | None = None) -> None:
         self.counts = [a + b for a, b in zip(self.counts, counts, strict=True)]
         self.sum += total
+        for bucket, (trace_id, seconds, at) in (exemplars or {}).items():
+            mine = self.exemplars.get(int(bucket))
+            if mine is None or mine[2] < at:  # the newest of every worker's
+                self.exemplars[int(bucket)] = (trace_id, seconds, at)
+
+    def dump(self) -> list[Any]:
+        return [self.counts, self.sum, self.exemplars]
 
 
 class Metrics:
@@ -118,16 +135,16 @@ class Metrics:
         if ms > point[2]:
             point[2] = ms
 
-    def request(self, route: str, method: str, status: int, seconds: float) -> None:
+    def request(self, route: str, method: str, status: int, seconds: float, trace_id: str | None = None) -> None:
         self.requests[(route, method, status)] += 1
-        self.request_latency[route].observe(seconds)
+        self.request_latency[route].observe(seconds, trace_id)
 
     # -- snapshots shared between workers --------------------------------------------------------------
 
     def snapshot(self) -> dict[str, Any]:
         return {
             "requests": [[*k, v] for k, v in self.requests.items()],
-            "request_latency": {k: [h.counts, h.sum] for k, h in self.request_latency.items()},
+            "request_latency": {k: h.dump() for k, h in self.request_latency.items()},
             "backend_latency": {k: [h.counts, h.sum] for k, h in self.backend_latency.items()},
             "backend_outcomes": [[*k, v] for k, v in self.backend_outcomes.items()],
             "usage": [[g, p, counts.to_list()] for (g, p), counts in self.feature_totals().items()],
@@ -179,8 +196,8 @@ class Merged:
                 (self.request_latency, snap["request_latency"]),
                 (self.backend_latency, snap["backend_latency"]),
             ):
-                for name, (counts, total) in source.items():
-                    target[name].add(counts, total)
+                for name, dumped in source.items():
+                    target[name].add(*dumped)
             if "loop_lag" in snap:  # a snapshot written by an older version has neither
                 self.loop_lag.add(*snap["loop_lag"])
             if "load" in snap:

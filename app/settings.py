@@ -73,6 +73,13 @@ class Settings(BaseSettings):
         '["https://console.example.com"]; empty: none, browsers refuse cross-origin calls',
     )
     service_name: str = Field("feature-gateway", description="OpenTelemetry service.name")
+    trace_sample_ratio: float = Field(
+        1.0,
+        ge=0,
+        le=1,
+        description="Share of new traces recorded (a caller's traceparent decides for its own); "
+        "OTEL_TRACES_SAMPLER, when set, replaces it",
+    )
     otlp_endpoint: str | None = Field(
         None, description="OTLP/HTTP endpoint; OTEL_EXPORTER_OTLP_ENDPOINT is honoured too"
     )

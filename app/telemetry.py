@@ -3,16 +3,22 @@
 Spans are exported over OTLP/HTTP when `OTEL_EXPORTER_OTLP_ENDPOINT` (or GATEWAY_OTLP_ENDPOINT) is set, or to
 an exporter the caller passes (tests use the in-memory one). With neither, the tracer is a no-op and costs
 next to nothing on the hot path.
+
+Sampling is parent-based: a request that joins a caller's trace is recorded when the caller's was (the
+`traceparent` flags), and a new trace is recorded with probability `GATEWAY_TRACE_SAMPLE_RATIO`. The standard
+OTEL_TRACES_SAMPLER / OTEL_TRACES_SAMPLER_ARG, when set, replace that setting (the SDK reads them).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
 from app.settings import Settings
 
@@ -21,7 +27,11 @@ def make_tracer_provider(settings: Settings, exporter: SpanExporter | None = Non
     endpoint = settings.otlp_endpoint or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
     if exporter is None and not endpoint:
         return None
-    provider = TracerProvider(resource=Resource.create({"service.name": settings.service_name}))
+    # None: the SDK takes OTEL_TRACES_SAMPLER (and its argument) from the environment.
+    sampler = (
+        None if os.environ.get("OTEL_TRACES_SAMPLER") else ParentBased(TraceIdRatioBased(settings.trace_sample_ratio))
+    )
+    provider = TracerProvider(resource=Resource.create({"service.name": settings.service_name}), sampler=sampler)
     if exporter is not None:
         provider.add_span_processor(SimpleSpanProcessor(exporter))
     else:
@@ -38,3 +48,22 @@ def tracer_for(provider: TracerProvider | None) -> trace.Tracer | None:
     if provider is None:
         return None
     return provider.get_tracer("feature-gateway")
+
+
+def traceresponse(span: trace.Span) -> str | None:
+    """The W3C Trace Context level 2 `traceresponse` header of a request's span: version, trace id, the span's
+    id, flags (01: sampled, so the trace can be looked up). None when there is no trace (tracing off)."""
+    context = span.get_span_context()
+    if not context.is_valid:
+        return None
+    return f"00-{context.trace_id:032x}-{context.span_id:016x}-{context.trace_flags:02x}"
+
+
+class TraceIds(logging.Filter):
+    """Gives each log record `trace`: ` trace_id=... span_id=...` of the span current where it was logged (empty
+    outside one), so a line logged while serving a request (a failed write, say) leads to its trace."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        context = trace.get_current_span().get_span_context()
+        record.trace = f" trace_id={context.trace_id:032x} span_id={context.span_id:016x}" if context.is_valid else ""
+        return True

@@ -10,10 +10,12 @@ from collections.abc import Iterable
 from typing import Any
 
 import msgspec
+from opentelemetry.trace import Span
 
 from app.serving.fetch import Served
 from app.serving.request import format_event_time
 from app.serving.statuses import PRESENT
+from app.telemetry import traceresponse
 
 
 def merge_rows(served: Served, *, timestamps: bool | None = None) -> list[dict[str, Any]]:
@@ -75,3 +77,11 @@ def server_timing(backend_ms: Iterable[tuple[str, float]], total_ms: float) -> s
     parts = [f"{name};dur={ms:.2f}" for name, ms in backend_ms]
     parts.append(f"total;dur={total_ms:.2f}")
     return ", ".join(parts)
+
+
+def with_trace(headers: dict[str, str], span: Span) -> dict[str, str]:
+    """`headers` plus `traceresponse`, which tells the caller the trace its request is in (tracing on)."""
+    value = traceresponse(span)
+    if value is not None:
+        headers["traceresponse"] = value
+    return headers

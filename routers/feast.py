@@ -7,13 +7,12 @@ from typing import Any
 
 import msgspec
 from fastapi import APIRouter, Request, Response
-from opentelemetry.trace import SpanKind
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.serving.fetch import serve
 from app.serving.write import write
 from routers.admission import NOT_A_SAMPLE, RECEIVED
-from routers.answers import server_timing
+from routers.answers import server_timing, with_trace
 from routers.decode import decode_body, read_body
 from routers.deps import authorize, gateway_of, security
 from routers.feast_protocol import FeastBody, FeastWriteBody, encode_answer, fetch_request, write_request
@@ -96,7 +95,7 @@ async def feast_get_online_features(request: Request) -> Response:
     started = time.perf_counter()
     key = authorize(request, "read")
     gateway = gateway_of(request)
-    with gateway.span("POST /get-online-features", SpanKind.SERVER):
+    with gateway.server_span("POST /get-online-features", request.headers) as span:
         raw = await read_body(request, request.app.state.max_body_bytes, untyped_ok=True)
         feast = decode_body(raw, FeastBody)
         served = await serve(
@@ -114,7 +113,7 @@ async def feast_get_online_features(request: Request) -> Response:
         # Feast's shape has no place for it; a client that cares can read it here.
         "X-Feature-Gateway-Degraded": "true" if served.degraded else "false",
     }
-    return Response(content=body, media_type="application/json", headers=headers)
+    return Response(content=body, media_type="application/json", headers=with_trace(headers, span))
 
 
 class FeastWriteRequest(BaseModel):
@@ -153,8 +152,8 @@ class FeastWriteRequest(BaseModel):
 async def feast_write_to_online_store(request: Request) -> Response:
     key = authorize(request, "write")
     gateway = gateway_of(request)
-    with gateway.span("POST /write-to-online-store", SpanKind.SERVER):
+    with gateway.server_span("POST /write-to-online-store", request.headers) as span:
         raw = await read_body(request, request.app.state.max_body_bytes, untyped_ok=True)
         rows = write_request(decode_body(raw, FeastWriteBody))
         written = await write(gateway, rows, None if key is None else key.groups)
-    return Response(content=msgspec.json.encode(written), media_type="application/json")
+    return Response(content=msgspec.json.encode(written), media_type="application/json", headers=with_trace({}, span))

@@ -6,14 +6,13 @@ import time
 
 import msgspec
 from fastapi import APIRouter, Request, Response
-from opentelemetry.trace import SpanKind
 
 from app.serving.fetch import serve
 from app.serving.request import FetchRequest as Fetch
 from app.serving.request import WriteRequest as Write
 from app.serving.write import write
 from routers.admission import DEADLINE, NOT_A_SAMPLE, RECEIVED
-from routers.answers import encode_fetch, server_timing
+from routers.answers import encode_fetch, server_timing, with_trace
 from routers.decode import decode_body, read_body
 from routers.deps import authorize, gateway_of, security
 from routers.models import (
@@ -46,7 +45,7 @@ async def fetch_features(request: Request) -> Response:
     key = authorize(request, "read")
     gateway = gateway_of(request)
     limit = request.app.state.max_body_bytes
-    with gateway.span("POST /v1/features/fetch", SpanKind.SERVER) as span:
+    with gateway.server_span("POST /v1/features/fetch", request.headers) as span:
         body = decode_body(await read_body(request, limit), Fetch)
         if body.deadline_ms is not None:  # what the admission limit aims under (routers/admission.py)
             request.scope[DEADLINE] = body.deadline_ms / 1000
@@ -56,8 +55,8 @@ async def fetch_features(request: Request) -> Response:
             request.scope[NOT_A_SAMPLE] = True
         content = encode_fetch(served)
     total_ms = (time.perf_counter() - started) * 1000
-    timing = server_timing(((n, o.ms) for n, o in served.outcomes.items()), total_ms)
-    return Response(content=content, media_type="application/json", headers={"Server-Timing": timing})
+    headers = {"Server-Timing": server_timing(((n, o.ms) for n, o in served.outcomes.items()), total_ms)}
+    return Response(content=content, media_type="application/json", headers=with_trace(headers, span))
 
 
 @router.post(
@@ -76,7 +75,7 @@ async def write_features(request: Request) -> Response:
     key = authorize(request, "write")
     gateway = gateway_of(request)
     limit = request.app.state.max_body_bytes
-    with gateway.span("POST /v1/features/write", SpanKind.SERVER):
+    with gateway.server_span("POST /v1/features/write", request.headers) as span:
         body = decode_body(await read_body(request, limit), Write)
         written = await write(gateway, body, None if key is None else key.groups)
-    return Response(content=msgspec.json.encode(written), media_type="application/json")
+    return Response(content=msgspec.json.encode(written), media_type="application/json", headers=with_trace({}, span))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -35,11 +35,16 @@ class RequestMetrics:
             return
         started = time.perf_counter()
         status = 500
+        trace_id = None
 
         async def send_status(message: Message) -> None:
-            nonlocal status
+            nonlocal status, trace_id
             if message["type"] == "http.response.start":
                 status = message["status"]
+                for name, value in message.get("headers", ()):
+                    # A recorded trace (flags 01) is the latency's exemplar: `00-<trace id>-<span id>-01`
+                    if name == b"traceresponse" and value.endswith(b"-01"):
+                        trace_id = value[3:35].decode()
             await send(message)
 
         try:
@@ -51,7 +56,11 @@ class RequestMetrics:
                     self.routes = {*scope["app"].openapi()["paths"], "/", "/docs", "/openapi.json"}
                 path = scope["path"]
                 gateway.metrics.request(
-                    path if path in self.routes else "other", scope["method"], status, time.perf_counter() - started
+                    path if path in self.routes else "other",
+                    scope["method"],
+                    status,
+                    time.perf_counter() - started,
+                    trace_id,
                 )
 
 
@@ -62,23 +71,33 @@ def _labels(**labels: Any) -> str:
     return "{" + text + "}"
 
 
-def _histogram(lines: list[str], name: str, histogram: Histogram, **labels: Any) -> None:
+def _histogram(lines: list[str], name: str, histogram: Histogram, openmetrics: bool = False, **labels: Any) -> None:
+    """Its bucket, sum and count lines; in OpenMetrics, a bucket holding a traced observation carries it as an
+    exemplar (`# {trace_id="..."} seconds timestamp`), and bounds are written as canonical floats."""
     cumulative = 0
-    for bound, count in zip((*LATENCY_BUCKETS_S, float("inf")), histogram.counts, strict=True):
+    for i, (bound, count) in enumerate(zip((*LATENCY_BUCKETS_S, float("inf")), histogram.counts, strict=True)):
         cumulative += count
-        le = "+Inf" if bound == float("inf") else f"{bound:g}"
-        lines.append(f"{name}_bucket{_labels(**labels, le=le)} {cumulative}")
+        le = "+Inf" if bound == float("inf") else (repr(bound) if openmetrics else f"{bound:g}")
+        line = f"{name}_bucket{_labels(**labels, le=le)} {cumulative}"
+        exemplar = histogram.exemplars.get(i) if openmetrics else None
+        if exemplar is not None:
+            trace_id, seconds, at = exemplar
+            line += f' # {{trace_id="{trace_id}"}} {seconds:.6f} {at:.3f}'
+        lines.append(line)
     lines.append(f"{name}_sum{_labels(**labels)} {histogram.sum:.6f}")
     lines.append(f"{name}_count{_labels(**labels)} {cumulative}")
 
 
-def render_prometheus(gateway: Gateway, merged: Merged) -> str:
+def render_prometheus(gateway: Gateway, merged: Merged, openmetrics: bool = False) -> str:
+    """The Prometheus text format, or OpenMetrics 1.0 (with exemplars) when the scraper asked for it."""
     lines: list[str] = []
 
     def family(name: str, kind: str, text: str) -> str:
         full = f"{PREFIX}_{name}"
-        lines.append(f"# HELP {full} {text}")
-        lines.append(f"# TYPE {full} {kind}")
+        # OpenMetrics names a counter's family without the `_total` its samples carry.
+        named = full.removesuffix("_total") if openmetrics and kind == "counter" else full
+        lines.append(f"# HELP {named} {text}")
+        lines.append(f"# TYPE {named} {kind}")
         return full
 
     name = family("http_requests_total", "counter", "HTTP requests by route, method and status code.")
@@ -86,7 +105,7 @@ def render_prometheus(gateway: Gateway, merged: Merged) -> str:
         lines.append(f"{name}{_labels(route=route, method=method, status=status)} {count}")
     name = family("http_request_duration_seconds", "histogram", "HTTP request latency by route.")
     for route, histogram in sorted(merged.request_latency.items()):
-        _histogram(lines, name, histogram, route=route)
+        _histogram(lines, name, histogram, openmetrics, route=route)
     name = family("backend_read_duration_seconds", "histogram", "Backend read latency (fetch path).")
     for backend, histogram in sorted(merged.backend_latency.items()):
         _histogram(lines, name, histogram, backend=backend)
@@ -108,16 +127,22 @@ def render_prometheus(gateway: Gateway, merged: Merged) -> str:
     name = family("requests_shed_total", "counter", "Requests refused with 503 overload, by work (read, write).")
     for work in ("read", "write"):
         lines.append(f"{name}{_labels(work=work)} {int(sum(w[f'shed_{work}s'] for w in merged.loads))}")
-    requested = family("feature_requests_total", "counter", "Fetch requests that asked for each feature.")
-    served = family("feature_values_total", "counter", "Values served per feature by status (non-PRESENT = default).")
+    # Each family's samples together, as OpenMetrics requires (its parser takes a family seen twice for a clash).
     usage = merged.feature_usage()
     groups = gateway.registry.groups
+    features = []
     for (group, position), counts in sorted(usage.items()):
         known = groups[group].by_index.get(position) if group in groups else None
-        feature = known.name if known is not None else f"#{position}"  # counted under an older registry
+        features.append((group, known.name if known is not None else f"#{position}", counts))  # #n: older registry
+    requested = family("feature_requests_total", "counter", "Fetch requests that asked for each feature.")
+    for group, feature, counts in features:
         lines.append(f"{requested}{_labels(group=group, feature=feature)} {counts.requests}")
+    served = family("feature_values_total", "counter", "Values served per feature by status (non-PRESENT = default).")
+    for group, feature, counts in features:
         for value_status, count in counts.by_status().items():
             lines.append(f"{served}{_labels(group=group, feature=feature, status=value_status)} {count}")
+    if openmetrics:
+        lines.append("# EOF")
     return "\n".join(lines) + "\n"
 
 
@@ -153,13 +178,17 @@ def merged_since(gateway: Gateway) -> str:
     response_class=PlainTextResponse,
     responses=AUTH_RESPONSES,
 )
-async def metrics(gateway: GatewayDep, key: ReadKey) -> PlainTextResponse:
-    """Needs the read scope on a key that is not limited to some feature groups (it reports on all of them)."""
+async def metrics(request: Request, gateway: GatewayDep, key: ReadKey) -> PlainTextResponse:
+    """Needs the read scope on a key that is not limited to some feature groups (it reports on all of them).
+    A scraper that accepts `application/openmetrics-text` gets OpenMetrics, whose latency buckets carry trace-id
+    exemplars."""
     if key is not None:
         check_every_group(key.groups, "/metrics")
-    return PlainTextResponse(
-        render_prometheus(gateway, gateway.metrics.merged()), media_type="text/plain; version=0.0.4; charset=utf-8"
-    )
+    openmetrics = "application/openmetrics-text" in request.headers.get("accept", "")
+    text = render_prometheus(gateway, gateway.metrics.merged(), openmetrics)
+    if openmetrics:
+        return PlainTextResponse(text, media_type="application/openmetrics-text; version=1.0.0; charset=utf-8")
+    return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
 @router.get(

@@ -204,7 +204,8 @@ def test_the_entry_command_runs_here_and_passes_its_healthcheck(tmp_path: Path) 
 
 def test_compose_wires_the_gateway_to_redis_and_a_single_insecure_cockroach_node() -> None:
     services = compose()["services"]
-    assert set(services) == {"redis", "cockroach", "gateway"}
+    default = {name for name, service in services.items() if "profiles" not in service}
+    assert default == {"redis", "cockroach", "gateway"}  # what `docker compose up` starts
     command = services["cockroach"]["command"]
     assert command[:2] == ["start-single-node", "--insecure"]
     for name in ("redis", "cockroach"):
@@ -325,3 +326,20 @@ def test_the_lock_is_closed_over_dependencies_and_extras() -> None:
 
 def test_the_lock_script_is_executable() -> None:
     assert os.access(ROOT / "scripts/lock", os.X_OK)
+
+
+def test_the_tracing_profile_sends_the_gateways_spans_to_jaeger() -> None:
+    services = compose()["services"]
+    assert compose_env("gateway")["OTEL_EXPORTER_OTLP_ENDPOINT"] == "${FG_OTLP_ENDPOINT:-}"  # off by default
+    for name in ("otel-collector", "jaeger"):
+        assert services[name]["profiles"] == ["tracing"]  # only with --profile tracing
+        assert re.fullmatch(r"[a-z/-]+:v?\d+\.\d+[.\w-]*", services[name]["image"]), "a pinned version"
+    assert "./docker/otel-collector.yaml:/etc/otelcol/config.yaml:ro" in services["otel-collector"]["volumes"]
+    collector = yaml.safe_load((ROOT / "docker/otel-collector.yaml").read_text())
+    assert collector["receivers"]["otlp"]["protocols"]["http"]["endpoint"].endswith(":4318")
+    pipeline = collector["service"]["pipelines"]["traces"]
+    assert pipeline["receivers"] == ["otlp"]
+    (exporter,) = pipeline["exporters"]
+    assert collector["exporters"][exporter]["endpoint"] == "jaeger:4317"
+    readme = (ROOT / "README.md").read_text()
+    assert "FG_OTLP_ENDPOINT=http://otel-collector:4318 docker compose --profile tracing up" in readme

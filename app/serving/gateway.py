@@ -9,12 +9,12 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
-from opentelemetry import trace
+from opentelemetry import propagate, trace
 
 from app.errors import describe_error
 from app.metrics import Metrics
@@ -79,10 +79,19 @@ class Gateway:
         self._answered: dict[tuple[str, str], float] = {}
 
     def span(self, name: str, kind: trace.SpanKind = trace.SpanKind.INTERNAL) -> AbstractContextManager[trace.Span]:
-        """A span under the current one; with tracing off, a shared no-op (the no-op tracer still costs ~10 us)."""
-        if self.tracer is None:
+        """A span under the current one; with tracing off, or under a request the sampler did not record, a
+        shared no-op (the SDK would still build a span object, ids and a context for each, to throw away)."""
+        if self.tracer is None or not trace.get_current_span().is_recording():
             return _NO_SPAN
         return self.tracer.start_as_current_span(name, kind=kind)
+
+    def server_span(self, name: str, headers: Mapping[str, str]) -> AbstractContextManager[trace.Span]:
+        """The span of a request, a child of the caller's span when its headers carry one (W3C `traceparent` and
+        `tracestate`, baggage; whatever OTEL_PROPAGATORS names). Whether it is recorded is the sampler's call:
+        parent-based, so a caller's decision holds (see app/telemetry.py)."""
+        if self.tracer is None:
+            return _NO_SPAN
+        return self.tracer.start_as_current_span(name, context=propagate.extract(headers), kind=trace.SpanKind.SERVER)
 
     def plan(self, features: Sequence[str]) -> Plan:
         """The cached plan of a feature list. The cache is bounded by plans and by their total size, since

@@ -167,11 +167,9 @@ async def serve(
     deadline_s = deadline_ms / 1000
     started = time.perf_counter()
     if received is not None and deadline_s >= MIN_READ_S:  # (a deadline too short for any read is served as asked)
-        # What a fetch takes now, once admitted: one left less than that by its wait would be all defaults. (One
-        # whose whole deadline is shorter is served as asked: refusing it would refuse every such request, and
-        # with no answer served, what a fetch takes would never be measured again.)
-        # At most half the deadline: a worker whose fetches take nearly the whole deadline must go on serving
-        # some (and measuring them), not refuse every request that waited at all.
+        # What a fetch takes now, once admitted: a request its wait left less than that would be all defaults.
+        # At most half the deadline: a worker whose fetches take nearly the whole deadline (or longer) must go on
+        # serving some, and so measuring them, not refuse every request that waited at all.
         typical_s = 0.0 if gw.admission is None else min(gw.admission.typical_s, deadline_s / 2)
         needed_s = max(MIN_READ_S, typical_s)
         waited_s = started - received

@@ -159,14 +159,16 @@ class ReceivedAtProtocol(HttpToolsProtocol):
         ):
             super().on_headers_complete()
             return
-        limiter.refused(work)
-        # Without keep-alive, or when the client waits for a 100 Continue before sending its body, the
-        # connection ends with the answer (the body would otherwise be mistaken for the next request).
-        keep_alive = (
-            self.parser.get_http_version() != "1.0" and self.parser.should_keep_alive() and not self.expect_100_continue
-        )
-        self.transport.write(refusal_bytes(work, limiter, keep_alive))
+        keep_alive = self.parser.get_http_version() != "1.0" and self.parser.should_keep_alive()
+        self._refuse(work, limiter, keep_alive, self.expect_100_continue)
         self.cycle = self._refused = REFUSED  # type: ignore[assignment]
+
+    def _refuse(self, work: Work, limiter: Limiter, keep_alive: bool, expect_100_continue: bool) -> None:
+        """Count the refusal and write it. Without keep-alive, or when the client waits for a 100 Continue before
+        sending its body, the connection ends with the answer (that body would be taken for the next request)."""
+        limiter.refused(work)
+        keep_alive = keep_alive and not expect_100_continue
+        self.transport.write(refusal_bytes(work, limiter, keep_alive))
         if not keep_alive:
             self.transport.close()
 
@@ -178,12 +180,9 @@ class ReceivedAtProtocol(HttpToolsProtocol):
         if limiter is None or work is None or limiter.admits(work) or self.flow.write_paused:
             super()._start_asgi_task(cycle, app)
             return
-        limiter.refused(work)
-        keep_alive = cycle.keep_alive and not self.expect_100_continue
-        self.transport.write(refusal_bytes(work, limiter, keep_alive))
+        # Its own 100-continue flag: the protocol's is the latest parsed request's, maybe one behind it.
+        self._refuse(work, limiter, cycle.keep_alive, cycle.waiting_for_100_continue)
         cycle.response_started = cycle.response_complete = True
-        if not keep_alive:
-            self.transport.close()
         if cycle.more_body:
             self._refused = cycle  # its end is the request's end: see on_message_complete
         else:  # its body was read while it waited its turn: the next one may start (not from inside this call)

@@ -28,7 +28,7 @@ from app.registry.load import load_registry
 from app.registry.model import Registry
 from app.serving.gateway import Gateway
 from app.settings import Settings
-from app.telemetry import make_tracer_provider, tracer_for
+from app.telemetry import make_tracing
 from backends import open_backend
 from routers import feast, features, health, observability, status
 from routers import registry as registry_routes
@@ -54,7 +54,7 @@ def create_app(
         registry = load_registry(settings.registry or DEMO_REGISTRY, os.environ)
     keyring = load_keys(settings.api_keys, settings.api_keys_file, registry)
     demo = settings.registry is None and registry.source == str(DEMO_REGISTRY)
-    provider = make_tracer_provider(settings, span_exporter)
+    tracing = make_tracing(settings, span_exporter)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
@@ -66,7 +66,7 @@ def create_app(
             breaker_policy=settings.breaker_policy(),
             lifecycle=settings.lifecycle(),
             metrics=Metrics(settings.metrics_dir),
-            tracer=tracer_for(provider),
+            tracing=tracing,
             admission=settings.admission_policy(),
         )
         if keyring.enabled:
@@ -99,8 +99,8 @@ def create_app(
         finally:
             await gateway.aclose()
             log.info("closed backends %s", ", ".join(reversed(gateway.backends)))
-            if provider is not None:
-                provider.shutdown()
+            if tracing is not None:
+                tracing.shutdown()
 
     app = FastAPI(
         title="feature-gateway",

@@ -1,8 +1,8 @@
 """OpenTelemetry: a tracer per app (never the global provider, so apps and tests stay independent).
 
 Spans are exported over OTLP/HTTP when `OTEL_EXPORTER_OTLP_ENDPOINT` (or GATEWAY_OTLP_ENDPOINT) is set, or to
-an exporter the caller passes (tests use the in-memory one). With neither, the tracer is a no-op and costs
-next to nothing on the hot path.
+an exporter the caller passes (tests use the in-memory one). With neither, there is no tracer and nothing is
+built on the hot path. What a traced request costs, and why, is in app/tracing/ (spans.py, export.py).
 
 Sampling is parent-based: a request that joins a caller's trace is recorded when the caller's was (the
 `traceparent` flags), and a new trace is recorded with probability `GATEWAY_TRACE_SAMPLE_RATIO`. The standard
@@ -21,33 +21,29 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcess
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
 from app.settings import Settings
+from app.tracing.export import QueuedExport
+from app.tracing.spans import Tracing
 
 
-def make_tracer_provider(settings: Settings, exporter: SpanExporter | None = None) -> TracerProvider | None:
+def make_tracing(settings: Settings, exporter: SpanExporter | None = None) -> Tracing | None:
+    """None when tracing is off: callers skip spans entirely (see Gateway.span)."""
     endpoint = settings.otlp_endpoint or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
     if exporter is None and not endpoint:
         return None
     # None: the SDK takes OTEL_TRACES_SAMPLER (and its argument) from the environment.
-    sampler = (
-        None if os.environ.get("OTEL_TRACES_SAMPLER") else ParentBased(TraceIdRatioBased(settings.trace_sample_ratio))
-    )
+    ratio = None if os.environ.get("OTEL_TRACES_SAMPLER") else settings.trace_sample_ratio
+    sampler = None if ratio is None else ParentBased(TraceIdRatioBased(ratio))
     provider = TracerProvider(resource=Resource.create({"service.name": settings.service_name}), sampler=sampler)
     if exporter is not None:
-        provider.add_span_processor(SimpleSpanProcessor(exporter))
-    else:
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        return Tracing(provider, SimpleSpanProcessor(exporter), ratio)
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-        # Without our own setting the exporter reads OTEL_EXPORTER_OTLP_* itself, path included.
-        url = f"{settings.otlp_endpoint.rstrip('/')}/v1/traces" if settings.otlp_endpoint else None
-        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=url)))
-    return provider
-
-
-def tracer_for(provider: TracerProvider | None) -> trace.Tracer | None:
-    """None when tracing is off: callers skip spans entirely (see Gateway.span)."""
-    if provider is None:
-        return None
-    return provider.get_tracer("feature-gateway")
+    # Without our own setting the exporter reads OTEL_EXPORTER_OTLP_* itself, path included.
+    url = f"{settings.otlp_endpoint.rstrip('/')}/v1/traces" if settings.otlp_endpoint else None
+    otlp = OTLPSpanExporter(endpoint=url)
+    # QueuedExport posts with the exporter's own HTTP client; an SDK without one gets the SDK's batch processor.
+    processor = QueuedExport(otlp) if QueuedExport.can_post_with(otlp) else BatchSpanProcessor(otlp)
+    return Tracing(provider, processor, ratio)
 
 
 def traceresponse(span: trace.Span) -> str | None:

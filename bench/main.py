@@ -49,7 +49,7 @@ from bench.measure import (
     redis_data_memory,
     run_wrk,
 )
-from bench.procs import BenchError, GatewayProcess, RedisServer, ensure_wrk, log
+from bench.procs import BenchError, GatewayProcess, OtlpSink, RedisServer, ensure_wrk, log
 from bench.report import Report, Storage, caption, compare, table
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,6 +101,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--log-dir", type=Path, help="keep the gateway and wrk logs here [a temporary folder]")
     parser.add_argument("--keep", action="store_true", help="leave the PostgreSQL schema in place at the end")
+    parser.add_argument(
+        "--tracing",
+        action="store_true",
+        help="also run the first --sizes row with tracing off, at 100%% and at 1%% sampling (OTLP export to a "
+        "local sink), interleaved, each --repeat times",
+    )
     args = parser.parse_args(argv)
     smoke = args.smoke
     args.entities = args.entities or (200 if smoke else 10_000)
@@ -278,6 +284,13 @@ async def run(args: argparse.Namespace, report: Report, log_dir: Path) -> None:
                 report.record(floor_result)
                 log_result(floor_result, f"floor {size} x {len(features)}")
 
+        if args.tracing:
+            gateway.stop()
+            await _tracing_rows(args, env, wrk_options, features, log_dir, report)
+            gateway = GatewayProcess(REGISTRY, 1, env, log_dir / "gateway-1.log")
+            gateway.spawn()
+            await gateway.wait_ready()
+
         for workers in args.workers:
             if workers != gateway.workers:
                 gateway.stop()
@@ -302,15 +315,65 @@ async def run(args: argparse.Namespace, report: Report, log_dir: Path) -> None:
                 await drop_schema(args.pg_dsn, args.pg_schema)
 
 
+TRACING = {"off": None, "100%": "1.0", "1%": "0.01"}  # row label -> GATEWAY_TRACE_SAMPLE_RATIO
+
+
+async def _tracing_rows(
+    args: argparse.Namespace,
+    env: dict[str, str],
+    options: WrkOptions,
+    features: list[str],
+    log_dir: Path,
+    report: Report,
+) -> None:
+    """The first size at 1 connection, with tracing off, at 100% and at 1% sampling, the gateway restarted for
+    each and exporting over OTLP/HTTP to a sink that answers at once (bench/otlp_sink.py), so what is measured
+    is the gateway's own cost. Configurations alternate within each repeat so each ratio compares neighbours.
+    Every traced run must have delivered its spans (the sink counts them after the gateway's shutdown flush)."""
+    size = args.sizes[0]
+    sink = OtlpSink(log_dir / "otlp-sink.log")
+    sink.spawn()
+    try:
+        await sink.wait_ready()
+        for _ in range(args.repeat):
+            for label, ratio in TRACING.items():
+                traced = dict(env)
+                if ratio is not None:
+                    traced |= {"OTEL_EXPORTER_OTLP_ENDPOINT": sink.url, "GATEWAY_TRACE_SAMPLE_RATIO": ratio}
+                gateway = GatewayProcess(REGISTRY, 1, traced, log_dir / f"gateway-tracing-{ratio}.log")
+                gateway.spawn()
+                try:
+                    await gateway.wait_ready()
+                    before = await sink.stats()
+                    name = f"{size} x {len(features)}, 1 conn, 1 worker, tracing {label}"
+                    workload = Workload(name, size, features, 1, 1, args.duration)
+                    result = await _wrk_with_warmup(options, gateway, workload, args.warmup)
+                finally:
+                    gateway.stop()  # its shutdown flushes the spans still queued
+                spans = (await sink.stats())["spans"] - before["spans"]
+                result.spans_per_request = spans / max(result.requests + result.warmup_requests, 1)
+                if ratio is not None and not spans:
+                    raise BenchError(f"tracing {label}: no span reached the OTLP sink")
+                if ratio is None and spans:
+                    raise BenchError("tracing off: spans reached the OTLP sink")
+                report.record(result)
+                log(f"  {spans:,} spans exported ({result.spans_per_request:.2f} per request)")
+    finally:
+        sink.stop()
+
+
 async def _wrk_with_warmup(
     options: WrkOptions, gateway: GatewayProcess, workload: Workload, warmup_s: int
 ) -> WrkResult:
+    warmed = 0
     if warmup_s:
         # Unmeasured: fills the gateway's pools and caches at this concurrency. Other ids than the measured run.
         warm = await run_wrk(options, gateway.url, workload, duration_s=warmup_s, seed=options.seed + 1000)
         if warm.failures or not warm.requests:
             raise BenchError("warm-up failed: " + "; ".join(warm.problems()))
+        warmed = warm.requests
     result = await run_wrk(options, gateway.url, workload, cpu_seconds=gateway.cpu_seconds)
+    result.warmup_requests = warmed
     gateway.check_alive()
     log_result(result, workload.name)
     return result

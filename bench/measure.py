@@ -61,6 +61,8 @@ class WrkResult:
     # CPU the gateway's processes used per request: far steadier than latency on a busy box, and what the
     # hot path costs (10 ms clock ticks, so meaningful over a few seconds, not one request)
     gateway_cpu_ms_per_request: float | None
+    warmup_requests: int = 0  # of the unmeasured warm-up run before it
+    spans_per_request: float | None = None  # tracing rows: spans the OTLP sink received per request (warm-up too)
 
     @property
     def failures(self) -> int:

@@ -126,6 +126,54 @@ class RedisServer:
             self.proc = None
 
 
+class OtlpSink:
+    """bench/otlp_sink.py as a subprocess on a free port: takes OTLP/HTTP exports at once and counts them."""
+
+    def __init__(self, log_path: Path) -> None:
+        self.port = free_port()
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def spawn(self) -> None:
+        with self.log_path.open("ab") as log_file:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "bench.otlp_sink", str(self.port)],
+                cwd=Path(__file__).resolve().parent.parent,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+            )
+
+    async def stats(self) -> dict[str, int]:
+        async with httpx.AsyncClient(base_url=self.url, timeout=10) as client:
+            answer = await client.get("/stats")
+            answer.raise_for_status()
+            stats: dict[str, int] = answer.json()
+        if stats["undecodable"]:
+            raise BenchError(f"the OTLP sink could not decode {stats['undecodable']} exports")
+        return stats
+
+    async def wait_ready(self) -> None:
+        assert self.proc is not None, "spawn() first"
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                await self.stats()
+                return
+            except httpx.TransportError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise BenchError(f"the OTLP sink did not start (log: {self.log_path})") from None
+                await asyncio.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _stop(self.proc, signal.SIGTERM, 10, group=False)
+            self.proc = None
+
+
 def group_processes(pgid: int) -> Iterator[tuple[int, list[str]]]:
     """(pid, stat fields from field 3 on) of every live process in a process group."""
     for entry in os.scandir("/proc"):

@@ -69,7 +69,11 @@ class Report:
                 row["floor_p50_ms"] = median(f.p50_ms for f in floor)
                 row["floor_p99_ms"] = median(f.p99_ms for f in floor)
                 row["overhead_p50_ms"] = row["p50_ms"] - row["floor_p50_ms"]
+            spans = [r.spans_per_request for r in results if r.spans_per_request is not None]
+            if spans:
+                row["spans_per_request"] = median(spans)
             rows.append(row)
+        _against_tracing_off(rows)
         for s in self.storage:
             rows.append(
                 {"measure": f"storage: {GROUP_LABELS.get(s.group, s.group)}", "bytes_per_value": s.bytes_per_value}
@@ -78,6 +82,19 @@ class Report:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self) | {"summary": self.summary(), "table": table(self.summary()), "ok": not self.problems}
+
+
+def _against_tracing_off(rows: list[dict[str, Any]]) -> None:
+    """Tracing rows (`..., tracing 100%`) gain their ratio to the `tracing off` row of the same run: req/s
+    after / before and the p50 difference, medians of the interleaved runs."""
+    by_name = {r["measure"]: r for r in rows}
+    for row in rows:
+        base, _, label = row["measure"].rpartition(", tracing ")
+        off = by_name.get(f"{base}, tracing off")
+        if not base or label == "off" or off is None:
+            continue
+        row["rps_vs_tracing_off"] = row["rps"] / off["rps"] if off["rps"] else None
+        row["p50_ms_over_tracing_off"] = row["p50_ms"] - off["p50_ms"]
 
 
 def _ms(value: float | None) -> str:
@@ -96,6 +113,8 @@ def table(summary: list[dict[str, Any]]) -> str:
             lines.append(f"| {row['measure']} | {row['bytes_per_value']:,.1f} B/value | | | | | | |")
             continue
         result = f"{row['rps']:,.0f} req/s"
+        if row.get("rps_vs_tracing_off") is not None:
+            result += f" ({row['rps_vs_tracing_off']:.2f}x of off, p50 {row['p50_ms_over_tracing_off']:+.3f} ms)"
         if row.get("failed"):
             result = f"FAILED: {row['failed']:,} of {row['requests']:,} requests"
         cells = [row["measure"], result, _ms(row["p50_ms"]), _ms(row["p99_ms"])]
@@ -135,6 +154,7 @@ _METRICS = (
     ("p99_ms", "p99 ms"),
     ("overhead_p50_ms", "overhead p50 ms"),
     ("gateway_cpu_ms_per_request", "gateway CPU ms/req"),
+    ("rps_vs_tracing_off", "req/s / tracing off"),
     ("bytes_per_value", "B/value"),
 )
 

@@ -14,7 +14,7 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
-from opentelemetry import propagate, trace
+from opentelemetry import trace
 
 from app.errors import describe_error
 from app.metrics import Metrics
@@ -24,6 +24,7 @@ from app.resilience.breaker import BreakerPolicy, Circuits
 from app.resilience.loop_lag import LoopLag
 from app.serving.limits import Limits
 from app.serving.plan import Plan, make_plan
+from app.tracing.spans import Tracing
 from backends.base import FeatureBackend
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ class Gateway:
         breaker_policy: BreakerPolicy | None = None,
         lifecycle: Lifecycle | None = None,
         metrics: Metrics | None = None,
-        tracer: trace.Tracer | None = None,
+        tracing: Tracing | None = None,
         admission: AdmissionPolicy | None = None,
     ):
         self.registry = registry
@@ -62,7 +63,7 @@ class Gateway:
         self.limits = limits or Limits()
         self.breaker_policy = breaker_policy or BreakerPolicy()
         self.lifecycle = lifecycle or Lifecycle()
-        self.tracer = tracer
+        self.tracing = tracing
         self.metrics = metrics or Metrics()
         self.migrated: dict[str, bool] = dict.fromkeys(backends, False)
         self.breakers = {name: Circuits.make(self.breaker_policy) for name in backends}
@@ -78,20 +79,19 @@ class Gateway:
         # (backend, "read" or "write") -> when it last completed one: proof it was up at that moment
         self._answered: dict[tuple[str, str], float] = {}
 
-    def span(self, name: str, kind: trace.SpanKind = trace.SpanKind.INTERNAL) -> AbstractContextManager[trace.Span]:
-        """A span under the current one; with tracing off, or under a request the sampler did not record, a
-        shared no-op (the SDK would still build a span object, ids and a context for each, to throw away)."""
-        if self.tracer is None or not trace.get_current_span().is_recording():
+    def span(self, name: str) -> AbstractContextManager[trace.Span]:
+        """The span of a backend call under the current request's; with tracing off, or under a request the
+        sampler did not record, a shared no-op: nothing is built (see app/tracing/spans.py)."""
+        if self.tracing is None:
             return _NO_SPAN
-        return self.tracer.start_as_current_span(name, kind=kind)
+        return self.tracing.backend_span(name) or _NO_SPAN
 
     def server_span(self, name: str, headers: Mapping[str, str]) -> AbstractContextManager[trace.Span]:
-        """The span of a request, a child of the caller's span when its headers carry one (W3C `traceparent` and
-        `tracestate`, baggage; whatever OTEL_PROPAGATORS names). Whether it is recorded is the sampler's call:
-        parent-based, so a caller's decision holds (see app/telemetry.py)."""
-        if self.tracer is None:
+        """The span of a request, a child of the caller's span when its headers carry one. Whether it is
+        recorded is the sampler's call: parent-based, so a caller's decision holds (see app/telemetry.py)."""
+        if self.tracing is None:
             return _NO_SPAN
-        return self.tracer.start_as_current_span(name, context=propagate.extract(headers), kind=trace.SpanKind.SERVER)
+        return self.tracing.server_span(name, headers)
 
     def plan(self, features: Sequence[str]) -> Plan:
         """The cached plan of a feature list. The cache is bounded by plans and by their total size, since

@@ -90,9 +90,10 @@ def create_app(
                 # with this and the switch interval below).
                 gc.collect()
                 gc.freeze()
-            if any(backend.in_process for backend in backends.values()):
-                # An in-process backend reads on its own thread, which needs the GIL back from a busy event loop
-                # to hand its rows over: at the default 5 ms a read waits several of those turns.
+            if any(backend.in_process for backend in backends.values()) or (tracing and tracing.threaded):
+                # Threads of ours run Python beside the event loop: an in-process backend's reads, which need
+                # the GIL back from a busy loop to hand their rows over, and span export, which encodes a
+                # batch for milliseconds. At the default 5 ms each side waits that long for the other's turn.
                 sys.setswitchinterval(IN_PROCESS_SWITCH_INTERVAL_S)
             # Lifespan state reaches every request's scope, and uvicorn's protocol (routers/admission.py).
             yield {ADMISSION: gateway.admission}

@@ -328,15 +328,19 @@ async def _tracing_rows(
 ) -> None:
     """The first size at 1 connection, with tracing off, at 100% and at 1% sampling, the gateway restarted for
     each and exporting over OTLP/HTTP to a sink that answers at once (bench/otlp_sink.py), so what is measured
-    is the gateway's own cost. Configurations alternate within each repeat so each ratio compares neighbours.
+    is the gateway's own cost. Configurations alternate within each repeat, in an order rotated from one repeat
+    to the next, so each ratio compares neighbours and none always runs in the same place.
     Every traced run must have delivered its spans (the sink counts them after the gateway's shutdown flush)."""
     size = args.sizes[0]
     sink = OtlpSink(log_dir / "otlp-sink.log")
     sink.spawn()
     try:
         await sink.wait_ready()
-        for _ in range(args.repeat):
-            for label, ratio in TRACING.items():
+        configurations = list(TRACING.items())
+        for repeat in range(args.repeat):
+            # Each repeat starts one further along, so no configuration always runs first or last
+            shift = repeat % len(configurations)
+            for label, ratio in configurations[shift:] + configurations[:shift]:
                 traced = dict(env)
                 if ratio is not None:
                     traced |= {"OTEL_EXPORTER_OTLP_ENDPOINT": sink.url, "GATEWAY_TRACE_SAMPLE_RATIO": ratio}

@@ -15,6 +15,7 @@ from app.metrics import LATENCY_BUCKETS_S, Histogram, Merged
 from app.resilience.breaker import CircuitState
 from app.serving.gateway import Gateway
 from app.serving.usage import UsageCounts
+from app.tracing.spans import SPAN_COUNTS
 from routers.deps import GatewayDep, ReadKey
 from routers.models import AUTH_RESPONSES, UsageReport
 
@@ -127,6 +128,14 @@ def render_prometheus(gateway: Gateway, merged: Merged, openmetrics: bool = Fals
     name = family("requests_shed_total", "counter", "Requests refused with 503 overload, by work (read, write).")
     for work in ("read", "write"):
         lines.append(f"{name}{_labels(work=work)} {int(sum(w[f'shed_{work}s'] for w in merged.loads))}")
+    name = family(
+        "spans_total",
+        "counter",
+        "Spans of recorded requests: exported, dropped (export queue full: requests never wait for tracing), "
+        "failed (the collector did not take them).",
+    )
+    for outcome in SPAN_COUNTS:
+        lines.append(f"{name}{_labels(outcome=outcome)} {int(sum(w.get(f'spans_{outcome}', 0) for w in merged.loads))}")
     # Each family's samples together, as OpenMetrics requires (its parser takes a family seen twice for a clash).
     usage = merged.feature_usage()
     groups = gateway.registry.groups

@@ -24,7 +24,7 @@ from app.resilience.breaker import BreakerPolicy, Circuits
 from app.resilience.loop_lag import LoopLag
 from app.serving.limits import Limits
 from app.serving.plan import Plan, make_plan
-from app.tracing.spans import Tracing
+from app.tracing.spans import SPAN_COUNTS, Tracing
 from backends.base import FeatureBackend
 
 log = logging.getLogger(__name__)
@@ -145,6 +145,7 @@ class Gateway:
             "inflight": 0 if limiter is None else limiter.inflight,
             "shed_reads": 0 if limiter is None else limiter.shed[Work.READ],
             "shed_writes": 0 if limiter is None else limiter.shed[Work.WRITE],
+            **{f"spans_{k}": v for k, v in (self.tracing.counts() if self.tracing else SPAN_COUNTS).items()},
         }
 
     async def start(self) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 from opentelemetry import context as context_api
 from opentelemetry import propagate, trace
 from opentelemetry.sdk.trace import Event, ReadableSpan, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.sampling import Decision, TraceIdRatioBased
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import (
@@ -35,7 +36,10 @@ from opentelemetry.trace import (
 )
 from opentelemetry.util.types import Attributes, AttributeValue
 
+from app.tracing.export import QueuedExport
+
 SCOPE = "feature-gateway"
+SPAN_COUNTS = {"exported": 0, "dropped": 0, "failed": 0}  # what became of recorded spans, before any
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _NOT_SAMPLED = TraceFlags(TraceFlags.DEFAULT)
 _TRACE_ID_LIMIT = TraceIdRatioBased.TRACE_ID_LIMIT
@@ -103,6 +107,17 @@ class Tracing:
             parent_context.trace_state,
         )
         return RecordedSpan(self, name, context, parent_context, SpanKind.INTERNAL, None)
+
+    @property
+    def threaded(self) -> bool:
+        """Does the span processor do its work on a thread of its own (QueuedExport, the SDK's batch one)?"""
+        return isinstance(self.processor, QueuedExport | BatchSpanProcessor)
+
+    def counts(self) -> dict[str, int]:
+        """Recorded spans exported, dropped (the export queue was full) and failed (the collector did not take
+        them), when the processor counts them (QueuedExport does)."""
+        processor = self.processor
+        return {k: getattr(processor, k, 0) for k in SPAN_COUNTS}
 
     def shutdown(self) -> None:
         self.provider.shutdown()

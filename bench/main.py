@@ -356,7 +356,8 @@ async def _tracing_rows(
                     gateway.stop()  # its shutdown flushes the spans still queued
                 spans = (await sink.stats())["spans"] - before["spans"]
                 result.spans_per_request = spans / max(result.requests + result.warmup_requests, 1)
-                if ratio is not None and not spans:
+                # None at all, where the ratio makes some near certain (P(none) = e^-10 at 10 expected traces)
+                if ratio is not None and not spans and float(ratio) * (result.requests + result.warmup_requests) >= 10:
                     raise BenchError(f"tracing {label}: no span reached the OTLP sink")
                 if ratio is None and spans:
                     raise BenchError("tracing off: spans reached the OTLP sink")

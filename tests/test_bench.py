@@ -113,3 +113,20 @@ def test_generated_data_follows_the_registry_and_the_seed() -> None:
     assert all(type(v) is float for v in floats)
     vectors = generate(embed, 3, seed=1)
     assert all(len(r) == 1 and len(r[0]) == 32 for r in vectors)
+
+
+def test_tracing_rows_are_set_against_tracing_off_of_the_same_run() -> None:
+    report = Report(meta={})
+    base = "1 x 100, 1 conn, 1 worker, tracing"
+    for off, full, tenth in ((1000.0, 800.0, 990.0), (1200.0, 1000.0, 1150.0), (900.0, 600.0, 880.0)):
+        report.record(wrk_result(f"{base} off", 1, 1, 1.0, off))
+        report.record(wrk_result(f"{base} 100%", 1, 1, 1.25, full, spans_per_request=3.0))
+        report.record(wrk_result(f"{base} 1%", 1, 1, 1.0, tenth, spans_per_request=0.03))
+    rows = {r["measure"]: r for r in report.summary()}
+    assert rows[f"{base} 100%"]["rps_vs_tracing_off"] == 800.0 / 1000.0  # medians: 800 of 1000
+    assert rows[f"{base} 100%"]["p50_ms_over_tracing_off"] == 0.25
+    assert rows[f"{base} 100%"]["spans_per_request"] == 3.0
+    assert rows[f"{base} 1%"]["rps_vs_tracing_off"] == 990.0 / 1000.0
+    assert "rps_vs_tracing_off" not in rows[f"{base} off"]
+    text = table(report.summary())
+    assert f"| {base} 100% | 800 req/s (0.80x of off, p50 +0.250 ms) |" in text

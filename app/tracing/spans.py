@@ -39,7 +39,7 @@ from opentelemetry.util.types import Attributes, AttributeValue
 from app.tracing.export import QueuedExport
 
 SCOPE = "feature-gateway"
-SPAN_COUNTS = {"exported": 0, "dropped": 0, "failed": 0}  # what became of recorded spans, before any
+SPAN_COUNTS = {"exported": 0, "dropped": 0, "failed": 0}  # what became of recorded spans (none yet)
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _NOT_SAMPLED = TraceFlags(TraceFlags.DEFAULT)
 _TRACE_ID_LIMIT = TraceIdRatioBased.TRACE_ID_LIMIT

@@ -45,7 +45,7 @@ class QueuedExport(SpanProcessor):
     def __init__(self, exporter: OTLPSpanExporter, environ: Mapping[str, str] = os.environ) -> None:
         self._exporter = exporter
         self.max_queue = _env_int(environ, "OTEL_BSP_MAX_QUEUE_SIZE", 2048)
-        self.batch = min(_env_int(environ, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512), self.max_queue)
+        self.batch = max(1, min(_env_int(environ, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512), self.max_queue))
         self.delay_s = _env_int(environ, "OTEL_BSP_SCHEDULE_DELAY", 5000) / 1000
         # deque.append and popleft are atomic: the event loop appends, the thread takes, with no lock between them
         self._queue: collections.deque[ReadableSpan] = collections.deque()

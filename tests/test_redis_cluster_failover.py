@@ -154,7 +154,7 @@ async def test_a_killed_master_costs_only_its_keys_until_the_gateway_follows_its
                 return all(replica in cluster.masters(port) for port in others)
 
             while not await asyncio.to_thread(all_agree):
-                assert time.monotonic() - promoted < 5, "the masters did not learn of the promotion"
+                assert time.monotonic() - promoted < 20, "the masters did not learn of the promotion"
                 await asyncio.sleep(0.01)
             agreed = time.monotonic()
             written = await write(client, "live", [live_row(i, i + 1000) for i in sorted(dead)])

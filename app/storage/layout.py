@@ -40,7 +40,8 @@ _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder()
 
 
-def _varint(value: int) -> bytes:
+def varint(value: int) -> bytes:
+    """An unsigned LEB128 varint (protobuf's too: app/tracing/encode.py writes OTLP with it)."""
     out = bytearray()
     while value >= 0x80:
         out.append((value & 0x7F) | 0x80)
@@ -82,7 +83,7 @@ class GroupCodec:
         self.width = len(dtypes)
         self._to_stored = itemgetter(*self.order) if self.order else (lambda values: ())
         self._floats = struct.Struct(f"<{len(floats)}d")
-        self._header = b"".join(_varint(c) for c in self.counts)
+        self._header = b"".join(varint(c) for c in self.counts)
         self._plain = self._header + b"\x00"  # this group's counts, no nulls: the common case, no parsing
         # Arrays travel as packed bytes: their unpackers, by position within the "others" section.
         self._arrays = [
@@ -114,7 +115,7 @@ class GroupCodec:
         if ints:
             base = min(ints)
             width = (max(ints) - base).bit_length()
-            out += _varint((base << 1) ^ (base >> 63))  # zigzag: small negative bases stay short
+            out += varint((base << 1) ^ (base >> 63))  # zigzag: small negative bases stay short
             out.append(width)
             if width:
                 packed = 0

@@ -23,6 +23,8 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext
 
+from app.storage.layout import varint
+
 _Q = struct.Struct("<Q").pack
 _D = struct.Struct("<d").pack
 _I = struct.Struct("<I").pack
@@ -36,14 +38,7 @@ _CACHE_LIMIT = 4096  # encoded attributes kept; cleared when full (values such a
 def _varint(value: int) -> bytes:
     if value < 0:  # int64 on the wire: two's complement in ten bytes
         value += 1 << 64
-    if value < 0x80:
-        return bytes((value,))
-    out = bytearray()
-    while value >= 0x80:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
+    return bytes((value,)) if value < 0x80 else varint(value)
 
 
 def _field(tag: bytes, payload: bytes) -> bytes:

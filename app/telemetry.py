@@ -52,7 +52,8 @@ def traceresponse(span: trace.Span) -> str | None:
     context = span.get_span_context()
     if not context.is_valid:
         return None
-    return f"00-{context.trace_id:032x}-{context.span_id:016x}-{context.trace_flags:02x}"
+    trace_id, span_id = context.trace_id.to_bytes(16, "big").hex(), context.span_id.to_bytes(8, "big").hex()
+    return f"00-{trace_id}-{span_id}-{context.trace_flags:02x}"
 
 
 class TraceIds(logging.Filter):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 import traceback
 from collections.abc import Mapping, Sequence
+from contextvars import ContextVar, Token
 from types import TracebackType
 from typing import Any
 
@@ -43,6 +44,9 @@ SPAN_COUNTS = {"exported": 0, "dropped": 0, "failed": 0}  # what became of recor
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _NOT_SAMPLED = TraceFlags(TraceFlags.DEFAULT)
 _TRACE_ID_LIMIT = TraceIdRatioBased.TRACE_ID_LIMIT
+# The recorded request span being served, or None: what backend_span asks, once per backend call, for less than
+# OpenTelemetry's context lookup costs (the OTel context is still attached, for log lines and baggage).
+_RECORDING: ContextVar[RecordedSpan | None] = ContextVar("feature_gateway_recording", default=None)
 
 
 class Tracing:
@@ -59,6 +63,7 @@ class Tracing:
         self._bound = None if ratio is None else TraceIdRatioBased.get_bound_for_rate(ratio)
         # The headers the configured propagators read: a request with none of them starts a new trace
         self._fields = frozenset(f.lower() for f in propagate.get_global_textmap().fields)
+        self._raw_fields = frozenset(f.encode("latin-1") for f in self._fields)
         self.scope = InstrumentationScope(SCOPE)
         self.resource = provider.resource
         self.new_trace_id = provider.id_generator.generate_trace_id
@@ -70,7 +75,14 @@ class Tracing:
         recorded is the sampler's call: parent-based by default, so a caller's decision holds."""
         parent_context: context_api.Context | None = None
         parent = trace.INVALID_SPAN_CONTEXT
-        if not self._fields.isdisjoint(headers.keys()):
+        # Starlette's headers keep the raw (lower-cased) names: scanned without decoding each one
+        raw: list[tuple[bytes, bytes]] | None = getattr(headers, "raw", None)
+        if raw is not None:
+            fields = self._raw_fields
+            carried = any(name in fields for name, _ in raw)
+        else:
+            carried = not self._fields.isdisjoint(k.lower() for k in headers)
+        if carried:
             parent_context = propagate.extract(headers)
             parent = trace.get_current_span(parent_context).get_span_context()
         trace_id = parent.trace_id if parent.is_valid else self.new_trace_id()
@@ -95,8 +107,8 @@ class Tracing:
     def backend_span(self, name: str) -> RecordedSpan | None:
         """A span for a backend call under the current span, ended by its `with` block; None when the current
         span is not recorded (then nothing is built). Sampling follows the parent's: same trace, same decision."""
-        parent = trace.get_current_span()
-        if not parent.is_recording():
+        parent = _RECORDING.get()
+        if parent is None or not parent.is_recording():
             return None
         parent_context = parent.get_span_context()
         context = SpanContext(
@@ -127,18 +139,23 @@ class CurrentSpan:
     """Makes a request's span the current one (in the caller's context, so baggage carries on) for a `with`
     block, then ends it; an exception leaving the block is recorded on it, as the SDK's tracer does."""
 
-    __slots__ = ("_context", "_span", "_token")
+    __slots__ = ("_context", "_recording", "_span", "_token")
 
     def __init__(self, span: trace.Span, parent_context: context_api.Context | None) -> None:
         self._span = span
         self._context = parent_context
         self._token: object = None
+        self._recording: Token[RecordedSpan | None] | None = None
 
     def __enter__(self) -> trace.Span:
         self._token = context_api.attach(trace.set_span_in_context(self._span, self._context))
-        return self._span
+        span = self._span
+        self._recording = _RECORDING.set(span if isinstance(span, RecordedSpan) else None)
+        return span
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        if self._recording is not None:
+            _RECORDING.reset(self._recording)
         context_api.detach(self._token)  # type: ignore[arg-type]
         span = self._span
         if exc is not None and span.is_recording():

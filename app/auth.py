@@ -33,7 +33,7 @@ from typing import Any, Final, Literal
 import yaml
 
 from app.errors import Forbidden, KeyConfigError, Unauthorized, ValidationFailed
-from app.registry.model import Registry
+from app.registry.model import OnDemand, Registry
 
 Scope = Literal["read", "write", "admin"]
 SCOPES: Final = ("read", "write", "admin")
@@ -119,18 +119,30 @@ class KeyRing:
 # -- group limits (called by the fetch and write paths and the registry route) -------------------------
 
 
-def check_feature_groups(features: Sequence[str], groups: Collection[str]) -> None:
-    """Forbidden naming the first feature ref (`group:feature` or `group:*`) outside `groups`.
+def check_feature_groups(
+    features: Sequence[str], groups: Collection[str], on_demand: Mapping[str, OnDemand] | None = None
+) -> None:
+    """Forbidden naming the first feature ref (`group:feature`, `group:*`, an on-demand feature) outside
+    `groups`; an on-demand feature is inside when every group it reads is.
 
     Runs before the refs are planned, so a group-limited key learns nothing about other groups: an unknown
     group and a forbidden one get the same 403, and no error lists the registry's groups.
     """
     for i, ref in enumerate(features):
-        group, sep, _ = ref.partition(":")
+        source, sep, _ = ref.partition(":")
+        view = (on_demand or {}).get(source)
+        if view is not None:
+            outside = [g for g in view.input_groups if g not in groups]
+            if outside:
+                raise Forbidden(
+                    f"this API key may not use feature group {outside[0]!r}, which {source} reads",
+                    field=f"features[{i}]",
+                )
+            continue
         if not sep:
             raise ValidationFailed("expected group:feature or group:*", field=f"features[{i}]")
-        if group not in groups:
-            raise Forbidden(f"this API key may not use feature group {group!r}", field=f"features[{i}]")
+        if source not in groups:
+            raise Forbidden(f"this API key may not use feature group {source!r}", field=f"features[{i}]")
 
 
 def check_write_group(group: str, groups: Collection[str]) -> None:

@@ -65,6 +65,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(
         f"{args.registry}: ok: {len(registry.backends)} backends, {len(registry.entities)} entities, "
         f"{len(registry.groups)} groups, {features} features"
+        + (f", {len(registry.on_demand)} on-demand" if registry.on_demand else "")
+        + (f", {len(registry.services)} services" if registry.services else "")
     )
     return 0
 

@@ -8,6 +8,7 @@ GatewayError
 │   ├── ValidationFailed   422: a field has the wrong type, an unknown feature, a bad row...
 │   ├── TooLarge           413: over a configured limit (entities, features, rows, body bytes)
 │   ├── UnsupportedMedia   415: a body that is not declared application/json
+│   ├── NotFound           404: no such named thing (a service)
 │   ├── Unauthorized       401: no API key, or an unknown or malformed one (sends WWW-Authenticate: Bearer)
 │   └── Forbidden          403: the key lacks the scope or a feature group; names that, never the key
 └── ServiceError (5xx)
@@ -100,6 +101,12 @@ class UnsupportedMedia(RequestError):
     status = 415
     title = "Unsupported media type"
     type_slug = "unsupported-media-type"
+
+
+class NotFound(RequestError):
+    status = 404
+    title = "Not found"
+    type_slug = "not-found"
 
 
 # RFC 6750 section 3: the challenge a client gets back; the realm is fixed, error codes are the RFC's.

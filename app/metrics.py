@@ -94,6 +94,9 @@ class Metrics:
         # The plans still counting (the gateway's plan cache), expanded when a snapshot is taken
         self.live_plans: Callable[[], Iterable[UsageCounter]] = tuple
         self.null_values: dict[tuple[str, int], int] = defaultdict(int)  # PRESENT rows holding a null value
+        # (service or "(features)", API key name or "") -> fetch requests and the values they were served; bounded:
+        # services and keys are declared
+        self.models: dict[tuple[str, str], UsageCounts] = defaultdict(UsageCounts)
         # backend -> {window start: [count, sum_ms, max_ms]}, for the status page's chart
         self.series: dict[str, dict[int, list[float]]] = defaultdict(dict)
         self.loop_lag = Histogram()  # how late the event loop woke a timer (app/resilience/loop_lag.py)
@@ -117,6 +120,9 @@ class Metrics:
             for position in counter.positions:
                 totals[(counter.group.name, position)].add(counter.usage)
         return totals
+
+    def model_usage(self, service: str, caller: str | None, served: UsageCounts) -> None:
+        self.models[(service, caller or "")].add(served)
 
     def backend_read(self, backend: str, outcome: Outcome, ms: float) -> None:
         self.backend_outcomes[(backend, outcome.value)] += 1
@@ -149,6 +155,7 @@ class Metrics:
             "backend_outcomes": [[*k, v] for k, v in self.backend_outcomes.items()],
             "usage": [[g, p, counts.to_list()] for (g, p), counts in self.feature_totals().items()],
             "null_values": [[g, p, v] for (g, p), v in self.null_values.items()],
+            "models": [[s, k, counts.to_list()] for (s, k), counts in self.models.items()],
             "series": {b: [[w, *point] for w, point in points.items()] for b, points in self.series.items()},
             "loop_lag": [self.loop_lag.counts, self.loop_lag.sum],
             "load": self.load(),
@@ -186,6 +193,7 @@ class Merged:
         self.backend_outcomes: dict[tuple[str, str], int] = defaultdict(int)
         self.usage: dict[tuple[str, int], UsageCounts] = defaultdict(UsageCounts)
         self.null_values: dict[tuple[str, int], int] = defaultdict(int)
+        self.models: dict[tuple[str, str], UsageCounts] = defaultdict(UsageCounts)
         self.series: dict[str, dict[int, list[float]]] = defaultdict(dict)
         self.loop_lag = Histogram()
         self.loads: list[dict[str, float]] = []  # one per worker
@@ -208,6 +216,8 @@ class Merged:
                 self.usage[(group, position)].add(UsageCounts.from_list(counts))
             for group, position, count in snap["null_values"]:
                 self.null_values[(group, position)] += count
+            for service, caller, counts in snap.get("models", ()):  # (older snapshots have none)
+                self.models[(service, caller)].add(UsageCounts.from_list(counts))
             for backend, points in snap["series"].items():
                 for window, count, total, worst in points:
                     point = self.series[backend].setdefault(window, [0, 0.0, 0.0])

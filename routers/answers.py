@@ -24,7 +24,7 @@ def merge_rows(served: Served, *, timestamps: bool | None = None) -> list[dict[s
     with_times = request.include_timestamps if timestamps is None else timestamps
     reorder = plan.reorder
     ids = list(request.entities.items())
-    widths = [len(gp.positions) for gp in plan.groups]
+    widths = plan.widths
     stamps: dict[int, str] = {}
     rows = []
     for r in range(n_rows):
@@ -59,24 +59,39 @@ def merge_rows(served: Served, *, timestamps: bool | None = None) -> list[dict[s
 
 def encode_fetch(served: Served) -> bytes:
     """The body of POST /v1/features/fetch."""
-    return msgspec.json.encode(
-        {
-            "features": served.plan.features,
-            "rows": merge_rows(served),
-            "backends": {
-                n: {"status": o.status, "ms": round(o.ms, 3)} | ({"error": o.error} if o.error else {})
-                for n, o in served.outcomes.items()
-            },
-            "degraded": served.degraded,
+    answer: dict[str, Any] = {
+        "features": served.plan.features,
+        "rows": merge_rows(served),
+        "backends": {
+            n: {"status": o.status, "ms": round(o.ms, 3)} | ({"error": o.error} if o.error else {})
+            for n, o in served.outcomes.items()
+        },
+        "degraded": served.degraded,
+    }
+    if served.plan.service is not None:
+        answer["service"] = served.plan.service.name
+    if served.transforms:
+        answer["transforms"] = {
+            n: {"status": t.status, "ms": round(t.ms, 3)} | ({"error": t.error} if t.error else {})
+            for n, t in served.transforms.items()
         }
-    )
+    return msgspec.json.encode(answer)
 
 
-def server_timing(backend_ms: Iterable[tuple[str, float]], total_ms: float) -> str:
-    """`hot;dur=0.41, bulk;dur=1.20, total;dur=1.9` (backend names are registry identifiers: token-safe)."""
+def server_timing(backend_ms: Iterable[tuple[str, float]], total_ms: float, transform_ms: float | None = None) -> str:
+    """`hot;dur=0.41, bulk;dur=1.20, transform;dur=0.05, total;dur=1.9` (backend names are registry
+    identifiers: token-safe; `transform` is the time in on-demand functions, when the request had any)."""
     parts = [f"{name};dur={ms:.2f}" for name, ms in backend_ms]
+    if transform_ms is not None:
+        parts.append(f"transform;dur={transform_ms:.2f}")
     parts.append(f"total;dur={total_ms:.2f}")
     return ", ".join(parts)
+
+
+def timing_of(served: Served, total_ms: float) -> str:
+    """The Server-Timing header of a served fetch."""
+    transform_ms = served.transform_ms if served.transforms else None
+    return server_timing(((n, o.ms) for n, o in served.outcomes.items()), total_ms, transform_ms)
 
 
 def with_trace(headers: dict[str, str], span: Span) -> dict[str, str]:

@@ -9,10 +9,10 @@ import msgspec
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.serving.fetch import serve
+from app.serving.fetch import plan_for, serve
 from app.serving.write import write
 from routers.admission import NOT_A_SAMPLE, RECEIVED
-from routers.answers import server_timing, with_trace
+from routers.answers import timing_of, with_trace
 from routers.decode import decode_body, read_body
 from routers.deps import authorize, gateway_of, security
 from routers.feast_protocol import FeastBody, FeastWriteBody, encode_answer, fetch_request, write_request
@@ -98,18 +98,20 @@ async def feast_get_online_features(request: Request) -> Response:
     with gateway.server_span("POST /get-online-features", request.headers) as span:
         raw = await read_body(request, request.app.state.max_body_bytes, untyped_ok=True)
         feast = decode_body(raw, FeastBody)
+        groups = None if key is None else key.groups
         served = await serve(
             gateway,
-            fetch_request(feast, gateway.plan),
-            None if key is None else key.groups,
+            fetch_request(feast, lambda fetch: plan_for(gateway, fetch, groups)),
+            groups,
             request.scope.get(RECEIVED),
+            None if key is None else key.name,
         )
         if served.degraded:
             request.scope[NOT_A_SAMPLE] = True
         body = encode_answer(feast, served)
     total_ms = (time.perf_counter() - started) * 1000
     headers = {
-        "Server-Timing": server_timing(((n, o.ms) for n, o in served.outcomes.items()), total_ms),
+        "Server-Timing": timing_of(served, total_ms),
         # Feast's shape has no place for it; a client that cares can read it here.
         "X-Feature-Gateway-Degraded": "true" if served.degraded else "false",
     }

@@ -39,12 +39,25 @@ class FeastBody(msgspec.Struct):
     feature_service: str | None = None
 
 
-def fetch_request(body: FeastBody, plan_of: Callable[[Sequence[str]], Plan]) -> FetchRequest:
-    """The fetch a Feast request asks for; `plan_of` resolves its features (to check Feast's naming rule)."""
+def fetch_request(body: FeastBody, plan_of: Callable[[FetchRequest], Plan]) -> FetchRequest:
+    """The fetch a Feast request asks for; `plan_of` resolves it (to check Feast's naming rule). A feature
+    service is one of ours by name, and wins over `features`, as in Feast's server."""
     if body.feature_service is not None:
-        raise ValidationFailed("feature services are not supported; list the features", field="feature_service")
-    check_name_collisions(plan_of(body.features).features, body.full_feature_names)
-    return FetchRequest(entities=body.entities, features=body.features)
+        request = FetchRequest(entities=body.entities, service=body.feature_service)
+    else:
+        request = FetchRequest(entities=body.entities, features=body.features)
+    try:
+        plan = plan_of(request)
+    except ValidationFailed as exc:  # Feast's field name
+        if exc.field == "service":
+            exc.field = "feature_service"
+        raise
+    check_name_collisions(plan.features, body.full_feature_names)
+    if plan.context:
+        # Feast sends the request data of on-demand views among the entity columns
+        request.entities = {k: v for k, v in body.entities.items() if k not in plan.context}
+        request.context = {k: v for k, v in body.entities.items() if k in plan.context}
+    return request
 
 
 def encode_answer(body: FeastBody, served: Served) -> bytes:

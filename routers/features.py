@@ -12,7 +12,7 @@ from app.serving.request import FetchRequest as Fetch
 from app.serving.request import WriteRequest as Write
 from app.serving.write import write
 from routers.admission import DEADLINE, NOT_A_SAMPLE, RECEIVED
-from routers.answers import encode_fetch, server_timing, with_trace
+from routers.answers import encode_fetch, timing_of, with_trace
 from routers.decode import decode_body, read_body
 from routers.deps import authorize, gateway_of, security
 from routers.models import (
@@ -49,13 +49,19 @@ async def fetch_features(request: Request) -> Response:
         body = decode_body(await read_body(request, limit), Fetch)
         if body.deadline_ms is not None:  # what the admission limit aims under (routers/admission.py)
             request.scope[DEADLINE] = body.deadline_ms / 1000
-        served = await serve(gateway, body, None if key is None else key.groups, request.scope.get(RECEIVED))
+        served = await serve(
+            gateway,
+            body,
+            None if key is None else key.groups,
+            request.scope.get(RECEIVED),
+            None if key is None else key.name,
+        )
         span.set_attribute("degraded", served.degraded)
         if served.degraded:
             request.scope[NOT_A_SAMPLE] = True
         content = encode_fetch(served)
     total_ms = (time.perf_counter() - started) * 1000
-    headers = {"Server-Timing": server_timing(((n, o.ms) for n, o in served.outcomes.items()), total_ms)}
+    headers = {"Server-Timing": timing_of(served, total_ms)}
     return Response(content=content, media_type="application/json", headers=with_trace(headers, span))
 
 

@@ -33,7 +33,12 @@ class FetchRequest(BaseModel):
                     "features": ["consumer_live:orders_7d", "consumer_history:*"],
                     "deadline_ms": 50,
                     "include_timestamps": False,
-                }
+                },
+                {
+                    "entities": {"consumer_id": [101]},
+                    "service": "eta_model_v3",
+                    "context": {"basket_value": [23.5]},
+                },
             ]
         },
     )
@@ -41,7 +46,21 @@ class FetchRequest(BaseModel):
     entities: dict[str, list[int | str]] = Field(
         description="Join key -> ids; one row per position. Every join key the features need, same length each."
     )
-    features: list[str] = Field(description="`group:feature` or `group:*` (all of a group, in registry order)")
+    features: list[str] | None = Field(
+        None,
+        description="`group:feature`, `group:*` (all of a group, in registry order), or an on-demand feature "
+        "(`name` for all its outputs, `name:output`). Give this or `service`, not both.",
+    )
+    service: str | None = Field(
+        None,
+        description="A feature service (a model) by name: its features in its order, with its defaults, max_age "
+        "and deadline (GET /v1/services). Give this or `features`, not both.",
+    )
+    context: dict[str, list[Any]] | None = Field(
+        None,
+        description="Request fields the on-demand features read (their `request` in the registry): field -> one "
+        "value per entity row",
+    )
     deadline_ms: float | None = Field(None, gt=0, description="Answer within this; slower backends are UNAVAILABLE")
     include_timestamps: bool = Field(False, description="Add event_timestamps per row")
     strict: bool = Field(False, description="503 instead of a degraded answer when a backend fails")
@@ -57,6 +76,15 @@ class FetchRow(BaseModel):
 class BackendReport(BaseModel):
     status: OutcomeName = Field(
         description="open: the backend's circuit is open after repeated failures, so it was not asked"
+    )
+    ms: float
+    error: str | None = None
+
+
+class TransformReport(BaseModel):
+    status: Literal["ok", "error"] = Field(
+        description="error: the function raised, or answered the wrong outputs, length or dtype; its outputs "
+        "are UNAVAILABLE with their defaults and the answer is degraded"
     )
     ms: float
     error: str | None = None
@@ -83,6 +111,10 @@ class FetchResponse(BaseModel):
     rows: list[FetchRow]
     backends: dict[str, BackendReport]
     degraded: bool
+    service: str | None = Field(None, description="The service asked for, when the request named one")
+    transforms: dict[str, TransformReport] | None = Field(
+        None, description="On-demand feature -> how its function went (only when the request had any)"
+    )
 
 
 class WriteRequest(BaseModel):
@@ -236,6 +268,40 @@ class Health(BaseModel):
     status: Literal["ok"]
 
 
+class ServiceFeature(BaseModel):
+    name: str = Field(description="The canonical ref: `group:feature` or `on_demand:output`")
+    dtype: str
+    default: Any = Field(description="What this service serves where the value is not PRESENT")
+    max_age_seconds: float | None = Field(None, description="Older values are EXPIRED for this service")
+
+
+class ServiceDocument(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "name": "eta_model_v3",
+                    "description": "ETA model, v3",
+                    "features": [
+                        {"name": "consumer_live:orders_7d", "dtype": "int64", "default": 1, "max_age_seconds": 600.0},
+                        {"name": "basket_ratio:basket_ratio", "dtype": "float64", "default": 1.0},
+                    ],
+                    "deadline_ms": 30.0,
+                }
+            ]
+        }
+    )
+
+    name: str
+    description: str
+    features: list[ServiceFeature] = Field(description="In the order they are served")
+    deadline_ms: float | None = Field(description="Used when a fetch gives no deadline_ms")
+
+
+class ServiceList(BaseModel):
+    services: list[ServiceDocument]
+
+
 class RegistryDocument(BaseModel):
     model_config = ConfigDict(
         json_schema_extra={
@@ -264,6 +330,13 @@ class RegistryDocument(BaseModel):
         description="Group -> entity, backend, ttl_seconds, expired_grace_seconds (how long a value is served "
         "EXPIRED before it is reclaimed and reads MISSING), features"
     )
+    on_demand: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="On-demand feature -> function, inputs, request fields and outputs (computed at request time)",
+    )
+    services: dict[str, ServiceDocument] = Field(
+        default_factory=dict, description="Feature service -> its resolved features and defaults (GET /v1/services)"
+    )
 
 
 class FeatureUsage(BaseModel):
@@ -271,6 +344,12 @@ class FeatureUsage(BaseModel):
     values: int = Field(description="Values served")
     statuses: dict[str, int] = Field(description="Values served per status")
     default_rate: float | None = Field(description="Share of values served as the default (not PRESENT)")
+
+
+class ServiceUsage(FeatureUsage):
+    requests: int = Field(description="Fetch requests by this service")
+    values: int = Field(description="Values served to it (stored and on-demand)")
+    keys: dict[str, FeatureUsage] = Field(description="The same, per API key name (when keys are on)")
 
 
 class GroupUsage(BaseModel):
@@ -306,6 +385,10 @@ class UsageReport(BaseModel):
     since: str = Field(description="Counting started (the oldest worker's start), RFC 3339")
     groups: dict[str, GroupUsage]
     never_requested: list[str] = Field(description="Features no request has asked for since `since`")
+    services: dict[str, ServiceUsage] = Field(
+        description="Per feature service (a model), and `(features)` for fetches that list their features"
+    )
+    unused: list[str] = Field(description="Features no service serves or computes from and no request asked for")
 
 
 class BackendStatus(BaseModel):
@@ -329,6 +412,11 @@ class GroupStatus(BaseModel):
     values: int
     statuses: dict[str, int]
     default_rate: float | None
+
+
+class ServiceStatus(GroupStatus):
+    features: int | None = Field(description="Features it serves (null for `(features)`)")
+    requests: int
 
 
 class StatusReport(BaseModel):
@@ -374,3 +462,6 @@ class StatusReport(BaseModel):
     backends: dict[str, BackendStatus]
     load: LoadStatus
     groups: dict[str, GroupStatus]
+    services: dict[str, ServiceStatus] = Field(
+        default_factory=dict, description="Per feature service, and `(features)` for fetches by feature list"
+    )

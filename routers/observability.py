@@ -150,6 +150,18 @@ def render_prometheus(gateway: Gateway, merged: Merged, openmetrics: bool = Fals
     for group, feature, counts in features:
         for value_status, count in counts.by_status().items():
             lines.append(f"{served}{_labels(group=group, feature=feature, status=value_status)} {count}")
+    models = sorted(merged.models.items())
+    requested = family(
+        "model_requests_total",
+        "counter",
+        "Fetch requests per feature service (`(features)`: by feature list) and API key (empty: keys are off).",
+    )
+    for (service, caller), counts in models:
+        lines.append(f"{requested}{_labels(service=service, key=caller)} {counts.requests}")
+    served = family("model_values_total", "counter", "Values served per feature service and API key, by status.")
+    for (service, caller), counts in models:
+        for value_status, count in counts.by_status().items():
+            lines.append(f"{served}{_labels(service=service, key=caller, status=value_status)} {count}")
     if openmetrics:
         lines.append("# EOF")
     return "\n".join(lines) + "\n"
@@ -172,7 +184,35 @@ def usage_report(gateway: Gateway, merged: Merged) -> dict[str, Any]:
                 "default_rate": counts.default_rate(),
             }
         groups[group.name] = {"backend": group.backend, "features": features}
-    return {"since": merged_since(gateway), "groups": groups, "never_requested": never}
+    registry = gateway.registry
+    listed = {ref for service in registry.services.values() for ref in registry.service_reads(service)}
+    # Every declared service (asked for or not), then fetches by feature list
+    totals: dict[str, UsageCounts] = {name: UsageCounts() for name in registry.services}
+    by_key: dict[str, dict[str, UsageCounts]] = {}
+    for (service, caller), counts in sorted(merged.models.items()):
+        totals.setdefault(service, UsageCounts()).add(counts)
+        if caller:
+            by_key.setdefault(service, {})[caller] = counts
+    services = {
+        name: {**_usage_of(total), "keys": {k: _usage_of(c) for k, c in by_key.get(name, {}).items()}}
+        for name, total in totals.items()
+    }
+    return {
+        "since": merged_since(gateway),
+        "groups": groups,
+        "never_requested": never,
+        "services": services,
+        "unused": [ref for ref in never if ref not in listed],
+    }
+
+
+def _usage_of(counts: UsageCounts) -> dict[str, Any]:
+    return {
+        "requests": counts.requests,
+        "values": counts.values,
+        "statuses": counts.by_status(),
+        "default_rate": counts.default_rate(),
+    }
 
 
 def merged_since(gateway: Gateway) -> str:
@@ -215,4 +255,11 @@ async def get_usage(gateway: GatewayDep, key: ReadKey) -> dict[str, Any]:
         allowed = key.groups
         report["groups"] = {name: g for name, g in report["groups"].items() if name in allowed}
         report["never_requested"] = [r for r in report["never_requested"] if r.partition(":")[0] in allowed]
+        report["unused"] = [r for r in report["unused"] if r.partition(":")[0] in allowed]
+        registry = gateway.registry
+        report["services"] = {
+            name: entry
+            for name, entry in report["services"].items()
+            if name in registry.services and registry.service_groups(registry.services[name]) <= allowed
+        }
     return report

@@ -162,7 +162,15 @@ async def test_openapi_has_readable_operations(gateway: GatewayFactory, names: N
     assert ref == "#/components/schemas/FetchRequest"
     body_schema = spec["components"]["schemas"]["FetchRequest"]
     assert body_schema["examples"]
-    assert set(body_schema["properties"]) == {"entities", "features", "deadline_ms", "include_timestamps", "strict"}
+    assert set(body_schema["properties"]) == {
+        "entities",
+        "features",
+        "service",
+        "context",
+        "deadline_ms",
+        "include_timestamps",
+        "strict",
+    }
     assert "422" in fetch_op["responses"]
 
 

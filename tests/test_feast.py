@@ -64,7 +64,7 @@ async def test_feast_errors_are_problem_json(gateway: GatewayFactory, names: Nam
                 {"features": ["driver_hourly_stats:conv_rate"], "entities": {"driver_id": [1001]}}
             ).encode(),
         )
-        service = await client.post(
+        service = await client.post(  # no services in this registry (tests/test_services.py has some)
             "/get-online-features",
             content=json.dumps({"feature_service": "driver_activity", "entities": {"consumer_id": [1]}}).encode(),
         )

@@ -38,6 +38,7 @@ def test_generated_python_client_fetches_and_writes(tmp_path: Path) -> None:
             fetch_features = importlib.import_module("feature_gateway_client.api.features.fetch_features")
             write_features = importlib.import_module("feature_gateway_client.api.features.write_features")
             models = importlib.import_module("feature_gateway_client.models")
+            get_service = importlib.import_module("feature_gateway_client.api.registry.get_service")
             client = sdk.Client(base_url=base, raise_on_unexpected_status=True)
             with client:
                 rows = models.WriteRequestRowsItem.from_dict(
@@ -51,6 +52,17 @@ def test_generated_python_client_fetches_and_writes(tmp_path: Path) -> None:
                         features=["store_stats:*"],
                     ),
                 )
+                by_service = fetch_features.sync(
+                    client=client,
+                    body=models.FetchRequest.from_dict(
+                        {
+                            "entities": {"consumer_id": [101]},
+                            "service": "eta_model_v3",
+                            "context": {"basket_value": [47.0]},
+                        }
+                    ),
+                )
+                service = get_service.sync(client=client, name="eta_model_v3")
                 problem = fetch_features.sync(
                     client=client,
                     body=models.FetchRequest(
@@ -70,6 +82,12 @@ def test_generated_python_client_fetches_and_writes(tmp_path: Path) -> None:
     assert answer.features == ["store_stats:prep_time_p50", "store_stats:open_orders"]
     assert answer.rows[0].values == [9.5, 3]
     assert [s.value for s in answer.rows[1].statuses] == ["MISSING", "MISSING"]
+    assert isinstance(by_service, models.FetchResponse)
+    assert by_service.features[-1] == "basket_ratio:basket_ratio"
+    assert by_service.rows[0].values[-1] == 2.0  # 47.0 over the demo's average basket of 23.5
+    assert by_service.transforms is not None
+    assert isinstance(service, models.ServiceDocument)
+    assert [f.name for f in service.features][0] == "consumer_live:orders_7d"
     assert isinstance(problem, models.Problem)
     assert problem.status == 422
     assert problem.field == "features[0]"

@@ -6,8 +6,10 @@ and the reason, so a bad deploy stops with a message a person can act on.
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
@@ -17,7 +19,18 @@ import yaml
 
 from app.errors import RegistryError
 from app.registry.durations import parse_duration
-from app.registry.model import BackendSpec, Entity, Feature, Group, Registry
+from app.registry.model import (
+    REQUEST,
+    BackendSpec,
+    Entity,
+    Feature,
+    Group,
+    OnDemand,
+    Registry,
+    Service,
+    TransformFunction,
+    expand_ref,
+)
 from app.storage.codec import ENTITY_DTYPES, CodecError, DType, parse_dtype
 from app.storage.layout import GroupCodec
 
@@ -26,6 +39,7 @@ if TYPE_CHECKING:
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_FUNCTION = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
 # An expired value is kept (and served EXPIRED) this long by default: the group's ttl, at most one day.
@@ -139,7 +153,7 @@ class _Builder:
     def build(self, doc: Any) -> Registry:
         if not isinstance(doc, dict):
             raise self.fail("(root)", "expected a mapping with backends, entities and groups")
-        self.only(doc, "(root)", {"backends", "entities", "groups"})
+        self.only(doc, "(root)", {"backends", "entities", "groups", "on_demand", "services"})
         backends = {n: self.backend(n, spec) for n, spec in self.mapping(doc.get("backends"), "backends").items()}
         entities = {n: self.entity(n, spec) for n, spec in self.mapping(doc.get("entities"), "entities").items()}
         join_keys: dict[str, Entity] = {}
@@ -153,12 +167,21 @@ class _Builder:
         groups = {
             n: self.group(n, spec, backends, entities) for n, spec in self.mapping(doc.get("groups"), "groups").items()
         }
+        on_demand: dict[str, OnDemand] = {}
+        for n, spec in self.mapping(doc.get("on_demand"), "on_demand", required=False).items():
+            on_demand[n] = self.on_demand(n, spec, groups)
+        services = {
+            n: self.service(n, spec, groups, on_demand)
+            for n, spec in self.mapping(doc.get("services"), "services", required=False).items()
+        }
         return Registry(
             self.source,
             MappingProxyType(backends),
             MappingProxyType(entities),
             MappingProxyType(groups),
             MappingProxyType(join_keys),
+            MappingProxyType(on_demand),
+            MappingProxyType(services),
         )
 
     def backend(self, name: str, spec: Any) -> BackendSpec:
@@ -252,8 +275,17 @@ class _Builder:
         except CodecError as exc:
             raise self.fail(f"{path}.dtype", str(exc)) from None
 
-    def feature(self, group: str, name: str, spec: Any, dtype: DType, index: int) -> Feature:
-        path = f"groups.{group}.features.{name}"
+    def feature(
+        self,
+        group: str,
+        name: str,
+        spec: Any,
+        dtype: DType,
+        index: int,
+        prefix: str = "groups",
+        section: str = "features",
+    ) -> Feature:
+        path = f"{prefix}.{group}.{section}.{name}"
         if isinstance(spec, str):
             spec = {"dtype": spec}
         default = spec.get("default")
@@ -263,3 +295,149 @@ class _Builder:
             except CodecError as exc:
                 raise self.fail(f"{path}.default", f"default does not fit {dtype.name}: {exc}") from None
         return Feature(name, f"{group}:{name}", dtype, default, index)
+
+    # -- request-time features and services -------------------------------------------------------------
+
+    def on_demand(self, name: str, spec: Any, groups: Mapping[str, Group]) -> OnDemand:
+        path = f"on_demand.{name}"
+        if name in groups or name == REQUEST:
+            what = "a group" if name in groups else "the source of context fields"
+            raise self.fail(path, f"{name!r} is already {what}; an on-demand feature needs a name of its own")
+        spec = self.mapping(spec, path)
+        self.only(spec, path, {"function", "inputs", "request", "outputs", "description"})
+        function_ref = spec.get("function")
+        if not isinstance(function_ref, str) or not _FUNCTION.match(function_ref):
+            raise self.fail(f"{path}.function", "expected module:function, e.g. transforms:basket_ratio")
+        request = {
+            field: self.context_dtype(f"{path}.request.{field}", dtype)
+            for field, dtype in self.mapping(spec.get("request"), f"{path}.request", required=False).items()
+        }
+        inputs = spec.get("inputs")
+        if not isinstance(inputs, list) or not inputs:
+            raise self.fail(f"{path}.inputs", "expected a non-empty list of group:feature and request:field")
+        for i, ref in enumerate(inputs):
+            where = f"{path}.inputs[{i}]"
+            source, sep, field = ref.partition(":") if isinstance(ref, str) else ("", "", "")
+            if source == REQUEST:
+                if field not in request:
+                    raise self.fail(where, f"context field {field!r} is not declared in {path}.request")
+            elif not sep or field == "*" or source not in groups or field not in groups[source].by_name:
+                raise self.fail(where, f"expected group:feature of a declared group or request:field, not {ref!r}")
+        if len(set(inputs)) != len(inputs):
+            raise self.fail(f"{path}.inputs", "an input is listed twice")
+        unused = set(request) - {ref.partition(":")[2] for ref in inputs if ref.startswith(f"{REQUEST}:")}
+        if unused:
+            raise self.fail(f"{path}.request.{sorted(unused)[0]}", "declared but not among the inputs")
+        outputs = []
+        for index, (output, ospec) in enumerate(self.mapping(spec.get("outputs"), f"{path}.outputs").items()):
+            dtype = self.feature_dtype(f"{path}.outputs.{output}", ospec)
+            feature = self.feature(name, output, ospec, dtype, index, prefix="on_demand", section="outputs")
+            outputs.append(feature)
+        return OnDemand(
+            name=name,
+            function_ref=function_ref,
+            function=self.import_function(f"{path}.function", function_ref),
+            inputs=tuple(inputs),
+            request=MappingProxyType(request),
+            outputs=tuple(outputs),
+            by_name=MappingProxyType({f.name: f for f in outputs}),
+            description=str(spec.get("description", "")),
+        )
+
+    def context_dtype(self, path: str, dtype: Any) -> DType:
+        try:
+            return parse_dtype(str(dtype))
+        except CodecError as exc:
+            raise self.fail(path, str(exc)) from None
+
+    def import_function(self, path: str, ref: str) -> TransformFunction:
+        """`module:function`, imported from the registry's directory or PYTHONPATH, once, at start-up."""
+        module_name, _, attribute = ref.partition(":")
+        folder = str(Path(self.source).resolve().parent) if not self.source.startswith("<") else None
+        if folder is not None and folder not in sys.path:
+            sys.path.append(folder)  # after PYTHONPATH and site-packages: a registry cannot shadow a library
+        try:
+            module = importlib.import_module(module_name)
+        except Exception as exc:  # noqa: BLE001 (any error of the user's module is a registry error)
+            raise self.fail(path, f"cannot import {module_name}: {type(exc).__name__}: {exc}") from None
+        function = getattr(module, attribute, None)
+        if not callable(function):
+            raise self.fail(path, f"{module_name} has no function {attribute!r}")
+        return function  # type: ignore[no-any-return]
+
+    def service(self, name: str, spec: Any, groups: Mapping[str, Group], on_demand: Mapping[str, OnDemand]) -> Service:
+        path = f"services.{name}"
+        spec = self.mapping(spec, path)
+        self.only(spec, path, {"features", "defaults", "max_age", "deadline_ms", "description"})
+        features = spec.get("features")
+        if not isinstance(features, list) or not features:
+            raise self.fail(f"{path}.features", "expected a non-empty list of feature refs")
+        refs: list[str] = []
+        for i, ref in enumerate(features):
+            if not isinstance(ref, str):
+                raise self.fail(f"{path}.features[{i}]", "expected a feature ref such as group:feature")
+            try:
+                refs += expand_ref(groups, on_demand, ref)
+            except ValueError as exc:
+                raise self.fail(f"{path}.features[{i}]", str(exc)) from None
+        if len(set(refs)) != len(refs):
+            twice = next(r for r in refs if refs.count(r) > 1)
+            raise self.fail(f"{path}.features", f"{twice} is served twice")
+        # Refs a service's defaults and max_age may name: what it serves and what its transforms read.
+        stored = {r for r in refs if r.partition(":")[0] in groups}
+        for ref in refs:
+            view = on_demand.get(ref.partition(":")[0])
+            if view is not None:
+                stored.update(i for i in view.inputs if not i.startswith(f"{REQUEST}:"))
+        defaults: dict[str, Any] = {}
+        raw_defaults = spec.get("defaults") or {}
+        if not isinstance(raw_defaults, dict):
+            raise self.fail(f"{path}.defaults", "expected a mapping of feature ref -> default")
+        for ref, value in raw_defaults.items():
+            where = f"{path}.defaults.{ref}"
+            if ref not in refs and ref not in stored:
+                raise self.fail(where, "not a feature this service serves or computes from")
+            source, _, field = str(ref).partition(":")
+            feature = (groups[source] if source in groups else on_demand[source]).by_name[field]
+            if value is None:
+                raise self.fail(where, "a default is a value; omit it to serve the declared one")
+            try:
+                defaults[ref] = feature.dtype.output(feature.dtype.check(value))
+            except CodecError as exc:
+                raise self.fail(where, f"default does not fit {feature.dtype.name}: {exc}") from None
+        max_age: dict[str, float] = {}
+        raw_max_age = spec.get("max_age") or {}
+        if not isinstance(raw_max_age, dict):
+            raise self.fail(f"{path}.max_age", "expected a mapping of group or group:feature -> duration")
+        for key, value in raw_max_age.items():
+            where = f"{path}.max_age.{key}"
+            source, sep, field = str(key).partition(":")
+            group = groups.get(source)
+            covered = [r for r in stored if r.partition(":")[0] == source and (not sep or r == key)]
+            if group is None or not covered:
+                raise self.fail(where, "not a group (or group:feature) this service reads")
+            try:
+                seconds = parse_duration(value)
+            except ValueError as exc:
+                raise self.fail(where, str(exc).replace("a ttl", "a max_age")) from None
+            if group.ttl_s is not None and seconds > group.ttl_s:
+                raise self.fail(
+                    where, f"{value} is longer than the group's ttl ({group.ttl_s:g} s): values are expired by then"
+                )
+            for ref in covered:  # a feature's own max_age wins over its group's, whatever the order written
+                if sep or ref not in raw_max_age:
+                    max_age[ref] = seconds
+        deadline = spec.get("deadline_ms")
+        if deadline is not None and (
+            isinstance(deadline, bool) or not isinstance(deadline, int | float) or deadline <= 0
+        ):
+            raise self.fail(f"{path}.deadline_ms", "expected a positive number of milliseconds")
+        return Service(
+            name=name,
+            features=tuple(features),
+            refs=tuple(refs),
+            defaults=MappingProxyType(defaults),
+            max_age_s=MappingProxyType(max_age),
+            deadline_ms=None if deadline is None else float(deadline),
+            description=str(spec.get("description", "")),
+        )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -49,6 +49,72 @@ class Group:
         return int(self.ttl_s * 1_000_000) + int((self.grace_s or 0) * 1_000_000)
 
 
+# The source name of request-time inputs of an on-demand feature: `request:basket_value` is a `context` field.
+REQUEST = "request"
+
+# An on-demand function: input name (as written in `inputs`) -> one value per row; output name -> one per row.
+TransformFunction = Callable[[Mapping[str, Any]], Mapping[str, Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class OnDemand:
+    """Features computed at request time by a function of stored features and `context` fields (Feast's
+    on-demand feature views). Its outputs are features `name:output`; `index` is the output's position."""
+
+    name: str
+    function_ref: str  # "module:function", as written
+    function: TransformFunction = field(repr=False, compare=False)
+    inputs: tuple[str, ...]  # "group:feature" or "request:field", as written (the function's input names)
+    request: Mapping[str, DType]  # the context fields it reads
+    outputs: tuple[Feature, ...]
+    by_name: Mapping[str, Feature]
+    description: str = ""
+
+    @property
+    def input_groups(self) -> list[str]:
+        """The groups whose features it reads, in the order of its inputs."""
+        sources = [ref.partition(":")[0] for ref in self.inputs]
+        return list(dict.fromkeys(s for s in sources if s != REQUEST))
+
+
+@dataclass(frozen=True, slots=True)
+class Service:
+    """What one model is served (a feature service): its features in its order, the defaults it was trained
+    with, how old a value it accepts, and its deadline."""
+
+    name: str
+    features: tuple[str, ...]  # as declared (group:feature, group:*, on-demand name or name:output)
+    refs: tuple[str, ...]  # resolved: one canonical ref per served value
+    defaults: Mapping[str, Any]  # canonical ref -> served default for this model (overrides the declared one)
+    max_age_s: Mapping[str, float]  # canonical ref -> stricter than the group's ttl, for this model only
+    deadline_ms: float | None
+    description: str = ""
+
+
+def expand_ref(groups: Mapping[str, Group], on_demand: Mapping[str, OnDemand], ref: str) -> list[str]:
+    """The canonical refs (`group:feature`, `on_demand:output`) a requested ref stands for: `group:*` and a
+    bare on-demand name stand for all their features. ValueError with the reason when it names nothing."""
+    source, sep, name = ref.partition(":")
+    group = groups.get(source)
+    if group is not None and sep:
+        if name == "*":
+            return [f.ref for f in group.features]
+        if name in group.by_name:
+            return [group.by_name[name].ref]
+        raise ValueError(f"unknown feature {name!r} in group {source}; it has {', '.join(group.by_name)}")
+    view = on_demand.get(source)
+    if view is not None:
+        if not sep or name == "*":
+            return [f.ref for f in view.outputs]
+        if name in view.by_name:
+            return [view.by_name[name].ref]
+        raise ValueError(f"unknown output {name!r} of on-demand {source}; it has {', '.join(view.by_name)}")
+    known = ", ".join([*groups, *on_demand])
+    if not sep:
+        raise ValueError(f"expected group:feature, group:* or an on-demand feature name; known: {known}")
+    raise ValueError(f"unknown group {source!r}; known: {known}")
+
+
 @dataclass(frozen=True, slots=True)
 class BackendSpec:
     name: str
@@ -63,6 +129,48 @@ class Registry:
     entities: Mapping[str, Entity]
     groups: Mapping[str, Group]
     join_keys: Mapping[str, Entity]
+    on_demand: Mapping[str, OnDemand] = field(default_factory=dict)
+    services: Mapping[str, Service] = field(default_factory=dict)
+
+    def expand(self, ref: str) -> list[str]:
+        return expand_ref(self.groups, self.on_demand, ref)
+
+    def feature(self, ref: str) -> Feature:
+        """The feature (stored or on-demand output) of a canonical ref."""
+        source, _, name = ref.partition(":")
+        owner = self.groups.get(source) or self.on_demand[source]
+        return owner.by_name[name]
+
+    def service_reads(self, service: Service) -> set[str]:
+        """The stored features (canonical refs) a service serves or computes from."""
+        reads = set()
+        for ref in service.refs:
+            view = self.on_demand.get(ref.partition(":")[0])
+            if view is None:
+                reads.add(ref)
+            else:
+                reads.update(i for i in view.inputs if i.partition(":")[0] in self.groups)
+        return reads
+
+    def service_groups(self, service: Service) -> set[str]:
+        return {ref.partition(":")[0] for ref in self.service_reads(service)}
+
+    def describe_service(self, service: Service) -> dict[str, Any]:
+        """A service as GET /v1/services answers it: the resolved features with the defaults it serves."""
+        features = []
+        for ref in service.refs:
+            feature = self.feature(ref)
+            default = service.defaults.get(ref, feature.default)
+            entry: dict[str, Any] = {"name": ref, "dtype": feature.dtype.name, "default": default}
+            if ref in service.max_age_s:
+                entry["max_age_seconds"] = service.max_age_s[ref]
+            features.append(entry)
+        return {
+            "name": service.name,
+            "description": service.description,
+            "features": features,
+            "deadline_ms": service.deadline_ms,
+        }
 
     def groups_on(self, backend: str) -> list[Group]:
         return [g for g in self.groups.values() if g.backend == backend]
@@ -86,6 +194,17 @@ class Registry:
                 }
                 for g in self.groups.values()
             },
+            "on_demand": {
+                v.name: {
+                    "function": v.function_ref,
+                    "inputs": list(v.inputs),
+                    "request": {k: d.name for k, d in v.request.items()},
+                    "outputs": {f.name: {"dtype": f.dtype.name, "default": f.default} for f in v.outputs},
+                    "description": v.description,
+                }
+                for v in self.on_demand.values()
+            },
+            "services": {s.name: self.describe_service(s) for s in self.services.values()},
         }
 
 

@@ -18,10 +18,12 @@ from opentelemetry.trace import Status as SpanStatus
 from opentelemetry.trace import StatusCode
 
 from app.auth import check_feature_groups
-from app.errors import Overloaded, StrictDegraded, ValidationFailed, describe_error
+from app.errors import Forbidden, Overloaded, StrictDegraded, ValidationFailed, describe_error
 from app.serving.plan import GroupPlan, Plan
 from app.serving.request import FetchRequest, check_entities
 from app.serving.statuses import BackendOutcome, Cell, Outcome
+from app.serving.transforms import TransformOutcome, check_context, run_transforms
+from app.serving.usage import UsageCounts
 from backends.base import PartialRead
 
 if TYPE_CHECKING:
@@ -140,6 +142,11 @@ class Served:
     outcomes: dict[str, BackendOutcome]
     n_rows: int
     degraded: bool
+    transforms: dict[str, TransformOutcome]  # per on-demand view of the plan (none: no transform asked)
+
+    @property
+    def transform_ms(self) -> float:
+        return sum(t.ms for t in self.transforms.values())
 
 
 # A request with less than this (or than a fetch takes now) left of its deadline when it could start is
@@ -147,20 +154,31 @@ class Served:
 MIN_READ_S = 0.001
 
 
+# The usage of fetches that list their features, beside each service's
+BY_FEATURES = "(features)"
+
+
 async def serve(
-    gw: Gateway, request: FetchRequest, groups: Collection[str] | None = None, received: float | None = None
+    gw: Gateway,
+    request: FetchRequest,
+    groups: Collection[str] | None = None,
+    received: float | None = None,
+    caller: str | None = None,
 ) -> Served:
     """Validate against the registry, read every backend under the deadline, count usage.
 
     `groups`: the feature groups the caller's API key may use (None: all). `received`: when the server received
     the request (time.perf_counter()); the deadline counts from then, so time spent queued counts against it.
+    `caller`: the API key's name, for usage per model and key (None: keys are off).
     """
     limits = gw.limits
-    if groups is not None:
-        check_feature_groups(request.features, groups)
-    plan = gw.plan(request.features)
+    plan = plan_for(gw, request, groups)
     n_rows, keys_by_join = check_entities(request.entities, gw.registry, plan.join_keys, limits)
-    deadline_ms = limits.default_deadline_ms if request.deadline_ms is None else request.deadline_ms
+    context = check_context(request.context, plan, n_rows)
+    deadline_ms = request.deadline_ms
+    if deadline_ms is None:  # the service's (the model's budget), else the gateway's
+        service_ms = plan.service.deadline_ms if plan.service else None
+        deadline_ms = limits.default_deadline_ms if service_ms is None else min(service_ms, limits.max_deadline_ms)
     if not 0 < deadline_ms <= limits.max_deadline_ms:
         raise ValidationFailed(f"deadline_ms is between 0 and {limits.max_deadline_ms:g}", field="deadline_ms")
 
@@ -241,23 +259,70 @@ async def serve(
             at = unique[gp.group.entity.join_key][1]
             columns[i] = cells[slot] if at is None else [cells[slot][j] for j in at]
 
-    _count(plan, columns, n_rows)
-    return Served(request, plan, columns, outcomes, n_rows, degraded)
+    served = _count(plan, columns, n_rows)
+    transforms: dict[str, TransformOutcome] = {}
+    if plan.transforms:
+        transforms = run_transforms(gw, plan, columns, context, n_rows)
+        degraded = degraded or any(t.status is not Outcome.OK for t in transforms.values())
+        for tp, transformed in zip(plan.transforms, columns[len(plan.groups) :], strict=True):
+            for cell in transformed:
+                for i in tp.served:
+                    served.count(cell.statuses[i])
+    served.requests = 1
+    gw.metrics.model_usage(BY_FEATURES if plan.service is None else plan.service.name, caller, served)
+    return Served(request, plan, columns, outcomes, n_rows, degraded, transforms)
 
 
-def _count(plan: Plan, columns: list[list[Cell]], n: int) -> None:
-    """Feature usage, on the group plan's own counters (the cached plan is bounded; see Gateway.plan)."""
+def plan_for(gw: Gateway, request: FetchRequest, groups: Collection[str] | None) -> Plan:
+    """The plan of a request's feature list or of its service; `groups` as for serve."""
+    if request.service is not None:
+        if request.features is not None:
+            raise ValidationFailed("give either features or service, not both", field="service")
+        service = gw.registry.services.get(request.service)
+        if service is None:
+            known = ", ".join(gw.registry.services) if groups is None else ""  # a limited key learns no names
+            raise ValidationFailed(
+                f"unknown service {request.service!r}" + (f"; services: {known}" if known else ""), field="service"
+            )
+        plan = gw.service_plan(service)
+        if groups is not None:
+            outside = [gp.group.name for gp in plan.groups if gp.group.name not in groups]
+            if outside:
+                raise Forbidden(
+                    f"this API key may not use feature group {outside[0]!r}, which it reads", field="service"
+                )
+        return plan
+    if request.features is None:
+        raise ValidationFailed("give the features to fetch (a list of refs) or a service", field="features")
+    if groups is not None:
+        check_feature_groups(request.features, groups, gw.registry.on_demand)
+    return gw.plan(request.features)
+
+
+def _count(plan: Plan, columns: list[list[Cell]], n: int) -> UsageCounts:
+    """Feature usage, on the group plan's own counters (the cached plan is bounded; see Gateway.plan); answers
+    the stored values served by status, for the caller's model (by rows: a row partly null or partly past a
+    service's max_age counts as PRESENT here, as it does per feature)."""
+    served = UsageCounts()
     for gp, column in zip(plan.groups, columns, strict=True):
         usage = gp.usage
         usage.requests += 1
+        width = gp.served
         # Identity counts, in C. UNAVAILABLE may be some cells only (a backend's PartialRead), so it is counted too.
         unavailable = sum(map(is_, column, repeat(gp.unavailable)))
         if unavailable == n:
             usage.unavailable += n
+            served.unavailable += n * width
             continue
         missing = sum(map(is_, column, repeat(gp.missing)))
         expired = sum(map(is_, column, repeat(gp.expired)))
-        usage.present += n - missing - expired - unavailable
+        present = n - missing - expired - unavailable
+        usage.present += present
         usage.missing += missing
         usage.expired += expired
         usage.unavailable += unavailable
+        served.present += present * width
+        served.missing += missing * width
+        served.expired += expired * width
+        served.unavailable += unavailable * width
+    return served

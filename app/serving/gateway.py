@@ -18,7 +18,7 @@ from opentelemetry import trace
 
 from app.errors import describe_error
 from app.metrics import Metrics
-from app.registry.model import Registry
+from app.registry.model import Registry, Service
 from app.resilience.admission import AdmissionPolicy, Limiter, Work
 from app.resilience.breaker import BreakerPolicy, Circuits
 from app.resilience.loop_lag import LoopLag
@@ -70,7 +70,10 @@ class Gateway:
         self.read_timeout_s = {name: registry.backends[name].options["timeout_ms"] / 1000 for name in backends}
         self._plans: dict[tuple[str, ...], Plan] = {}
         self._plan_size = 0
-        self.metrics.live_plans = lambda: (gp for plan in self._plans.values() for gp in plan.groups)
+        self._service_plans: dict[str, Plan] = {}  # bounded by the registry's services
+        self.metrics.live_plans = lambda: (
+            gp for plans in (self._plans, self._service_plans) for plan in plans.values() for gp in plan.groups
+        )
         self._tasks: set[asyncio.Task[Any]] = set()
         # None: every request is admitted (in-process callers such as materialize, tests that want no shedding)
         self.admission = Limiter(admission) if admission is not None and admission.enabled else None
@@ -92,6 +95,15 @@ class Gateway:
         if self.tracing is None:
             return _NO_SPAN
         return self.tracing.server_span(name, headers)
+
+    def service_plan(self, service: Service) -> Plan:
+        """A service's plan, made at its first fetch: its order, its defaults and max_age."""
+        plan = self._service_plans.get(service.name)
+        if plan is None:
+            # Declared by the operator, so not held to a client's feature limit
+            plan = make_plan(self.registry, service.features, len(service.refs), service)
+            self._service_plans[service.name] = plan
+        return plan
 
     def plan(self, features: Sequence[str]) -> Plan:
         """The cached plan of a feature list. The cache is bounded by plans and by their total size, since

@@ -25,7 +25,9 @@ _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 class FetchRequest(msgspec.Struct, forbid_unknown_fields=True):
     # Ids are checked against each entity's dtype by `entity_key`, which names the exact field.
     entities: dict[str, list[Any]]
-    features: list[str]
+    features: list[str] | None = None  # exactly one of features and service (checked by the fetch)
+    service: str | None = None
+    context: dict[str, list[Any]] | None = None  # request fields of on-demand features, one per entity row
     deadline_ms: float | None = None
     include_timestamps: bool = False
     strict: bool = False

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from app.serving.statuses import Status
+from app.serving.statuses import EXPIRED, MISSING, PRESENT, Status
 
 
 @dataclass(slots=True)
@@ -18,6 +18,17 @@ class UsageCounts:
     missing: int = 0
     expired: int = 0
     unavailable: int = 0
+
+    def count(self, status: str) -> None:
+        """One value served with `status` (a Status wire name)."""
+        if status is PRESENT:
+            self.present += 1
+        elif status is MISSING:
+            self.missing += 1
+        elif status is EXPIRED:
+            self.expired += 1
+        else:
+            self.unavailable += 1
 
     def add(self, other: UsageCounts) -> None:
         self.requests += other.requests

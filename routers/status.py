@@ -66,13 +66,27 @@ async def get_status(gateway: GatewayDep, key: ReadKey) -> dict[str, Any]:
             "statuses": totals.by_status(),
             "default_rate": totals.default_rate(),
         }
+    registry = gateway.registry
+    services: dict[str, Any] = {name: UsageCounts() for name in registry.services}
+    for (service, _), counts in merged.models.items():
+        services.setdefault(service, UsageCounts()).add(counts)
     return {
         "now": time.time(),
         "started": gateway.metrics.started,
-        "registry": gateway.registry.describe(),
+        "registry": registry.describe(),
         "backends": backends,
         "load": load_report(merged.loads),
         "groups": groups,
+        "services": {
+            name: {
+                "features": len(registry.services[name].refs) if name in registry.services else None,
+                "requests": counts.requests,
+                "values": counts.values,
+                "statuses": counts.by_status(),
+                "default_rate": counts.default_rate(),
+            }
+            for name, counts in services.items()
+        },
     }
 
 

@@ -52,6 +52,13 @@ def test_status_page_shows_registry_and_charts_fetches(demo_server: str) -> None
     body = {"entities": {"consumer_id": [101, 104, 106]}, "features": ["consumer_live:*", "consumer_history:*"]}
     for _ in range(10):
         assert httpx.post(f"{demo_server}/v1/features/fetch", json=body, timeout=5).status_code == 200
+    model = {
+        "entities": {"consumer_id": [101, 106]},
+        "service": "eta_model_v3",
+        "context": {"basket_value": [1.0, 2.0]},
+    }
+    for _ in range(4):
+        assert httpx.post(f"{demo_server}/v1/features/fetch", json=model, timeout=5).status_code == 200
     dom = chromium_dom(f"{demo_server}/")
     assert 'data-loaded="true"' in dom, "the page never rendered /v1/status"
     for name in ("consumer_live:orders_7d", "consumer_history:favourite_cuisine", "store_stats:open_orders"):
@@ -63,4 +70,45 @@ def test_status_page_shows_registry_and_charts_fetches(demo_server: str) -> None
     assert "<polyline" in dom
     assert "<circle" in dom
     # 101 fresh, 104 live expired, 106 missing: consumer_live served 2 of 3 rows as defaults.
-    assert re.search(r'<tr data-group="consumer_live">.*?66\.7%', dom, re.S)
+    # consumer_live: the lists read 4 features x 3 rows, 1 row PRESENT (101; 104 expired, 106 missing); the
+    # service reads 2 of its features (orders_7d, and avg_basket for basket_ratio) x 2 rows, 1 PRESENT (101)
+    assert re.search(r'<tr data-group="consumer_live">.*?64\.7%', dom, re.S)  # 88 defaults of 136 values
+    # eta_model_v3: 101 fresh (5 values PRESENT), 106 missing (5 defaults): half its values are defaults
+    assert re.search(r'<tr data-service="eta_model_v3">.*?>4<.*?50\.0%', dom, re.S)
+    assert "basket_ratio:basket_ratio" in dom  # the on-demand feature in the registry card
+
+
+def test_status_page_layout_fits_its_cards(demo_server: str, tmp_path: Path) -> None:
+    """At 1400 pixels, no table is wider than its card (they spilled over the borders before issue 12)."""
+    assert CHROMIUM
+    probe = tmp_path / "probe.html"
+    # The page itself, with a script that records every table that overflows its section once it has rendered
+    spills = (
+        "[...document.querySelectorAll('section')]"
+        ".filter(s => [...s.querySelectorAll('table')]"
+        ".some(t => t.getBoundingClientRect().right > s.getBoundingClientRect().right + 1))"
+        ".map(s => s.querySelector('h2').textContent).join(',') || 'none'"
+    )
+    page = httpx.get(f"{demo_server}/", timeout=5).text.replace(
+        'document.body.dataset.loaded = "true";',
+        f'document.body.dataset.loaded = "true"; document.body.dataset.spills = {spills};',
+    )
+    probe.write_text(page.replace('fetch("/v1/status"', f'fetch("{demo_server}/v1/status"'))
+    with tempfile.TemporaryDirectory() as profile:
+        result = subprocess.run(
+            [
+                CHROMIUM,
+                *FLAGS,
+                f"--user-data-dir={profile}",
+                "--window-size=1400,900",
+                "--virtual-time-budget=5000",
+                "--disable-web-security",
+                "--dump-dom",
+                probe.as_uri(),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert 'data-loaded="true"' in result.stdout, result.stderr[-2000:]
+    assert 'data-spills="none"' in result.stdout

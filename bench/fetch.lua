@@ -1,6 +1,9 @@
 -- wrk script: POST /v1/features/fetch with random entity ids; counts every non-200 answer.
 --
--- wrk -s bench/fetch.lua URL -- ENTITIES ID_MIN ID_MAX SEED POOL JOIN_KEY FEATURES_JSON DEADLINE_MS
+-- wrk -s bench/fetch.lua URL -- ENTITIES ID_MIN ID_MAX SEED POOL JOIN_KEY SELECTOR DEADLINE_MS [CONTEXT]
+--
+-- SELECTOR is the body's member naming what to fetch: `"features":[...]` or `"service":"name"`. CONTEXT, when
+-- given, is `field:int,field:float,...`: each request carries those context fields, a random value per entity.
 --
 -- Each thread builds POOL complete requests up front (ids drawn uniformly from ID_MIN..ID_MAX, seeded, so
 -- a run is repeatable) and cycles through them: the driver then spends next to nothing per request, which
@@ -25,8 +28,12 @@ function init(args)
   local seed = tonumber(args[4])
   local pool_size = tonumber(args[5])
   local join_key = args[6]
-  local features = args[7]
+  local selector = args[7]
   local deadline = args[8]
+  local context_fields = {}
+  for field, kind in string.gmatch(args[9] or "", "([%w_]+):(%a+)") do
+    context_fields[#context_fields + 1] = {field, kind}
+  end
   math.randomseed(seed * 1000 + thread_id)
   non200 = 0
   statuses = {}
@@ -37,7 +44,19 @@ function init(args)
     for e = 1, entities do
       ids[e] = tostring(math.random(id_min, id_max))
     end
-    local body = '{"entities":{"' .. join_key .. '":[' .. table.concat(ids, ",") .. ']},"features":' .. features
+    local context = ""
+    if #context_fields > 0 then
+      local members = {}
+      for c, spec in ipairs(context_fields) do
+        local values = {}
+        for e = 1, entities do
+          values[e] = spec[2] == "int" and tostring(math.random(0, 23)) or string.format("%.2f", math.random() * 100)
+        end
+        members[c] = '"' .. spec[1] .. '":[' .. table.concat(values, ",") .. ']'
+      end
+      context = ',"context":{' .. table.concat(members, ",") .. '}'
+    end
+    local body = '{"entities":{"' .. join_key .. '":[' .. table.concat(ids, ",") .. ']},' .. selector .. context
       .. ',"deadline_ms":' .. deadline .. ',"strict":true}'
     pool[p] = wrk.format("POST", nil, headers, body)
   end

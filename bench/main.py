@@ -107,6 +107,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="also run the first --sizes row with tracing off, at 100%% and at 1%% sampling (OTLP export to a "
         "local sink), interleaved, each --repeat times",
     )
+    parser.add_argument(
+        "--services",
+        action="store_true",
+        help="also run 1 and 100 entities fetched by feature list, by service, and by a service with two on-demand "
+        "features, interleaved, each --repeat times",
+    )
     args = parser.parse_args(argv)
     smoke = args.smoke
     args.entities = args.entities or (200 if smoke else 10_000)
@@ -284,6 +290,9 @@ async def run(args: argparse.Namespace, report: Report, log_dir: Path) -> None:
                 report.record(floor_result)
                 log_result(floor_result, f"floor {size} x {len(features)}")
 
+        if args.services:
+            await _service_rows(args, gateway, wrk_options, features, report)
+
         if args.tracing:
             gateway.stop()
             await _tracing_rows(args, env, wrk_options, features, log_dir, report)
@@ -365,6 +374,37 @@ async def _tracing_rows(
                 log(f"  {spans:,} spans exported ({result.spans_per_request:.2f} per request)")
     finally:
         sink.stop()
+
+
+SERVICE_SIZES = (1, 100)
+ON_DEMAND_CONTEXT = {"basket_value": "float", "hour": "int"}  # the request fields bench_model_on_demand reads
+
+
+async def _service_rows(
+    args: argparse.Namespace, gateway: GatewayProcess, options: WrkOptions, features: list[str], report: Report
+) -> None:
+    """The same 100 features by list, by service (bench_model), and by a service that adds two on-demand
+    features (bench_model_on_demand, with context), one gateway, interleaved in rotated order."""
+    for size in SERVICE_SIZES:
+        base = f"{size} x {len(features)}, 1 conn, 1 worker"
+        configurations = [
+            Workload(f"{base}, by list", size, features, 1, 1, args.duration),
+            Workload(f"{base}, by service", size, features, 1, 1, args.duration, service="bench_model"),
+            Workload(
+                f"{base}, by service + 2 on-demand",
+                size,
+                [*features, "basket_ratio", "hour_load"],
+                1,
+                1,
+                args.duration,
+                service="bench_model_on_demand",
+                context=ON_DEMAND_CONTEXT,
+            ),
+        ]
+        for repeat in range(args.repeat):
+            shift = repeat % len(configurations)
+            for workload in configurations[shift:] + configurations[:shift]:
+                report.record(await _wrk_with_warmup(options, gateway, workload, args.warmup))
 
 
 async def _wrk_with_warmup(

@@ -7,7 +7,7 @@ import json
 import os
 import random
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,14 @@ class Workload:
     connections: int
     workers: int
     duration_s: int
+    service: str | None = None  # fetch by this service instead of the feature list (which it serves)
+    context: Mapping[str, str] = field(default_factory=dict)  # context field -> "int" or "float", random values
+
+    def selector(self) -> str:
+        """The body's member naming what to fetch (bench/fetch.lua)."""
+        if self.service is not None:
+            return f'"service":{json.dumps(self.service)}'
+        return '"features":' + json.dumps(list(self.features), separators=(",", ":"))
 
 
 @dataclass
@@ -122,8 +130,9 @@ async def run_wrk(
         str(options.seed if seed is None else seed),
         str(options.pool),
         JOIN_KEY,
-        json.dumps(list(workload.features), separators=(",", ":")),
+        workload.selector(),
         str(options.deadline_ms),
+        ",".join(f"{name}:{kind}" for name, kind in workload.context.items()),
     ]
     load_before = os.getloadavg()[0]
     cpu_before = cpu_seconds() if cpu_seconds else 0.0

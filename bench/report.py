@@ -74,6 +74,7 @@ class Report:
                 row["spans_per_request"] = median(spans)
             rows.append(row)
         _against_tracing_off(rows)
+        _against_base(rows)
         for s in self.storage:
             rows.append(
                 {"measure": f"storage: {GROUP_LABELS.get(s.group, s.group)}", "bytes_per_value": s.bytes_per_value}
@@ -97,6 +98,27 @@ def _against_tracing_off(rows: list[dict[str, Any]]) -> None:
         row["p50_ms_over_tracing_off"] = row["p50_ms"] - off["p50_ms"]
 
 
+# Row suffix -> the suffix of the row it is measured against (serving per model, `--services`)
+BASES = {", by service": ", by list", ", by service + 2 on-demand": ", by service"}
+
+
+def _against_base(rows: list[dict[str, Any]]) -> None:
+    """Service rows gain their gateway CPU per request as a ratio of their base row's and their p50 over it."""
+    by_name = {r["measure"]: r for r in rows}
+    for row in rows:
+        for suffix, base_suffix in BASES.items():
+            if not row["measure"].endswith(suffix):
+                continue
+            base = by_name.get(row["measure"].removesuffix(suffix) + base_suffix)
+            if base is None:
+                continue
+            row["vs"] = base_suffix.removeprefix(", ")
+            row["p50_ms_over_base"] = row["p50_ms"] - base["p50_ms"]
+            cpu, base_cpu = row.get("gateway_cpu_ms_per_request"), base.get("gateway_cpu_ms_per_request")
+            if cpu is not None and base_cpu:
+                row["cpu_vs_base"] = cpu / base_cpu
+
+
 def _ms(value: float | None) -> str:
     if value is None:
         return ""
@@ -115,6 +137,11 @@ def table(summary: list[dict[str, Any]]) -> str:
         result = f"{row['rps']:,.0f} req/s"
         if row.get("rps_vs_tracing_off") is not None:
             result += f" ({row['rps_vs_tracing_off']:.2f}x of off, p50 {row['p50_ms_over_tracing_off']:+.3f} ms)"
+        if row.get("vs") is not None:
+            result += f" (p50 {row['p50_ms_over_base']:+.3f} ms"
+            if row.get("cpu_vs_base") is not None:
+                result += f", CPU {row['cpu_vs_base']:.2f}x"
+            result += f" of {row['vs']})"
         if row.get("failed"):
             result = f"FAILED: {row['failed']:,} of {row['requests']:,} requests"
         cells = [row["measure"], result, _ms(row["p50_ms"]), _ms(row["p99_ms"])]
@@ -155,6 +182,7 @@ _METRICS = (
     ("overhead_p50_ms", "overhead p50 ms"),
     ("gateway_cpu_ms_per_request", "gateway CPU ms/req"),
     ("rps_vs_tracing_off", "req/s / tracing off"),
+    ("cpu_vs_base", "CPU / base row"),
     ("bytes_per_value", "B/value"),
 )
 

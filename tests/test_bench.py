@@ -130,3 +130,23 @@ def test_tracing_rows_are_set_against_tracing_off_of_the_same_run() -> None:
     assert "rps_vs_tracing_off" not in rows[f"{base} off"]
     text = table(report.summary())
     assert f"| {base} 100% | 800 req/s (0.80x of off, p50 +0.250 ms) |" in text
+
+
+def test_service_rows_are_set_against_their_base_rows() -> None:
+    report = Report(meta={})
+    base = "1 x 100, 1 conn, 1 worker"
+    for cpu_list, cpu_service, cpu_on_demand in ((0.30, 0.31, 0.36), (0.32, 0.30, 0.34), (0.40, 0.42, 0.44)):
+        report.record(wrk_result(f"{base}, by list", 1, 1, 0.35, 2000.0, gateway_cpu_ms_per_request=cpu_list))
+        report.record(wrk_result(f"{base}, by service", 1, 1, 0.36, 1900.0, gateway_cpu_ms_per_request=cpu_service))
+        report.record(
+            wrk_result(
+                f"{base}, by service + 2 on-demand", 1, 1, 0.40, 1800.0, gateway_cpu_ms_per_request=cpu_on_demand
+            )
+        )
+    rows = {r["measure"]: r for r in report.summary()}
+    assert rows[f"{base}, by service"]["cpu_vs_base"] == 0.31 / 0.32  # medians
+    assert rows[f"{base}, by service"]["vs"] == "by list"
+    assert round(rows[f"{base}, by service + 2 on-demand"]["p50_ms_over_base"], 3) == 0.04
+    assert rows[f"{base}, by service + 2 on-demand"]["cpu_vs_base"] == 0.36 / 0.31
+    assert "vs" not in rows[f"{base}, by list"]
+    assert f"| {base}, by service | 1,900 req/s (p50 +0.010 ms, CPU 0.97x of by list) |" in table(report.summary())

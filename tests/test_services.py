@@ -17,6 +17,7 @@ from app.errors import RegistryError
 from app.registry.load import load_registry, parse_registry
 from tests.support import transforms
 from tests.support.clients import fetch, live_row, stamp, write
+from tests.support.faults import postgres_table_locked
 from tests.support.gateways import GatewayFactory
 from tests.support.registries import Names
 
@@ -414,3 +415,21 @@ async def test_usage_by_service_and_key_under_concurrent_requests(gateway: Gatew
     assert set(limited["services"]) == {"feature_age", "with_ratio"}
     assert 'feature_gateway_model_requests_total{service="lenient_model",key="eta_team"} 30' in metrics
     assert 'feature_gateway_model_values_total{service="with_ratio",key="risk_team",status="MISSING"} 20' in metrics
+
+
+async def test_a_service_deadline_applies_when_the_request_gives_none(gateway: GatewayFactory, names: Names) -> None:
+    # The bulk backend's own timeout and the gateway's default deadline far above anything this test waits
+    bulk = names.backend("cockroach").replace("}", ", timeout_ms: 10000}")
+    extra = "services:\n  quick: {features: ['history:lifetime_orders'], deadline_ms: 80}\n"
+    async with gateway(names.registry(names.backend("sqlite"), bulk) + extra, default_deadline_ms=10000) as client:
+        # No read of the locked table can finish inside the block: an answer inside it was cut off by a deadline
+        async with postgres_table_locked(names):
+            answer = await fetch(client, service="quick", entities={"consumer_id": [1]})
+    assert answer["backends"]["bulk"] == {
+        "status": "timeout",
+        "ms": answer["backends"]["bulk"]["ms"],
+        "error": "missed the deadline",
+    }
+    assert answer["backends"]["bulk"]["ms"] < 5000  # cut at the service's 80 ms, not at the gateway's 10 s
+    assert answer["rows"][0]["statuses"] == ["UNAVAILABLE"]
+    assert answer["rows"][0]["values"] == [-1]

@@ -30,6 +30,7 @@ from app.registry.model import (
     Service,
     TransformFunction,
     expand_ref,
+    stored_reads,
 )
 from app.storage.codec import ENTITY_DTYPES, CodecError, DType, parse_dtype
 from app.storage.layout import GroupCodec
@@ -384,11 +385,7 @@ class _Builder:
             twice = next(r for r in refs if refs.count(r) > 1)
             raise self.fail(f"{path}.features", f"{twice} is served twice")
         # Refs a service's defaults and max_age may name: what it serves and what its transforms read.
-        stored = {r for r in refs if r.partition(":")[0] in groups}
-        for ref in refs:
-            view = on_demand.get(ref.partition(":")[0])
-            if view is not None:
-                stored.update(i for i in view.inputs if not i.startswith(f"{REQUEST}:"))
+        stored = stored_reads(on_demand, refs)
         defaults: dict[str, Any] = {}
         raw_defaults = spec.get("defaults") or {}
         if not isinstance(raw_defaults, dict):

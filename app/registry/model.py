@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -91,6 +91,18 @@ class Service:
     description: str = ""
 
 
+def stored_reads(on_demand: Mapping[str, OnDemand], refs: Sequence[str]) -> set[str]:
+    """The stored features (canonical refs) that serving `refs` reads: the stored ones and on-demand inputs."""
+    reads = set()
+    for ref in refs:
+        view = on_demand.get(ref.partition(":")[0])
+        if view is None:
+            reads.add(ref)
+        else:
+            reads.update(i for i in view.inputs if i.partition(":")[0] != REQUEST)
+    return reads
+
+
 def expand_ref(groups: Mapping[str, Group], on_demand: Mapping[str, OnDemand], ref: str) -> list[str]:
     """The canonical refs (`group:feature`, `on_demand:output`) a requested ref stands for: `group:*` and a
     bare on-demand name stand for all their features. ValueError with the reason when it names nothing."""
@@ -143,14 +155,7 @@ class Registry:
 
     def service_reads(self, service: Service) -> set[str]:
         """The stored features (canonical refs) a service serves or computes from."""
-        reads = set()
-        for ref in service.refs:
-            view = self.on_demand.get(ref.partition(":")[0])
-            if view is None:
-                reads.add(ref)
-            else:
-                reads.update(i for i in view.inputs if i.partition(":")[0] in self.groups)
-        return reads
+        return stored_reads(self.on_demand, service.refs)
 
     def service_groups(self, service: Service) -> set[str]:
         return {ref.partition(":")[0] for ref in self.service_reads(service)}

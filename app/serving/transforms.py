@@ -42,6 +42,8 @@ class TransformOutcome:
     status: Outcome = Outcome.OK
     ms: float = 0.0
     error: str | None = None
+    # Every output's status per row, when the function gave every value (the usage counts read it in C)
+    rows: list[str] | None = None
 
 
 class TransformFailed(Exception):
@@ -107,8 +109,10 @@ def _run(
     for name, group_index, offset in tp.stored:
         column = columns[group_index]
         inputs[name] = [cell.values[offset] for cell in column]
-        for r, cell in enumerate(column):
-            status = cell.statuses[offset]
+        statuses = [cell.statuses[offset] for cell in column]
+        if statuses.count(PRESENT) == n_rows:
+            continue
+        for r, status in enumerate(statuses):
             if status is not PRESENT and SEVERITY[status] > SEVERITY[worst[r]]:
                 worst[r] = status
     for name, field in tp.request:
@@ -129,16 +133,20 @@ def _run(
             span.set_status(SpanStatus(StatusCode.ERROR, type(exc).__name__))
             return [tp.unavailable] * n_rows
         outcome.ms = (time.perf_counter() - started) * 1000
+    marked = tp.statuses
+    if not any(None in column for column in outputs):  # every value given: one status per row
+        outcome.rows = worst
+        return [
+            Cell(values, marked[status], None) for values, status in zip(zip(*outputs, strict=True), worst, strict=True)
+        ]
     cells = []
-    statuses = tp.statuses
-    for r, values in enumerate(zip(*outputs, strict=True)):
-        status = worst[r]
+    for values, status in zip(zip(*outputs, strict=True), worst, strict=True):
         if None in values:
             served = [d if v is None else v for v, d in zip(values, tp.defaults, strict=True)]
             marks = [MISSING if v is None else status for v in values]
             cells.append(Cell(tuple(served), tuple(marks), None))
         else:
-            cells.append(Cell(values, statuses[status], None))
+            cells.append(Cell(values, marked[status], None))
     return cells
 
 

@@ -11,6 +11,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
+
 from app.streams.aggregates import ADD, Function, finish, merge
 from app.streams.windows import Window, tile_start
 
@@ -94,3 +96,26 @@ def window_values(
 def tiles_needed(aggregations: Sequence[Aggregation], at_us: int) -> set[tuple[int, int]]:
     """The (tile size, start) of every tile a read at `at_us` merges: what a store fetches for one entity."""
     return {(w.tile_s, start) for a in aggregations for w in a.windows for start in w.tiles(at_us)}
+
+
+def encode_partials(partials: Partials) -> bytes:
+    """A tile's partials as stored: MessagePack of {aggregation: partial} (HyperLogLog registers as a map)."""
+    return msgspec.msgpack.encode(partials)
+
+
+def decode_partials(blob: bytes) -> Partials:
+    decoded: Partials = msgspec.msgpack.decode(blob)
+    return decoded
+
+
+def fold(
+    aggregations: Mapping[str, Aggregation], events: Iterable[Event], stored: Mapping[tuple[int, int], bytes]
+) -> dict[tuple[int, int], bytes]:
+    """One entity's new events merged into its stored tiles ((tile size, start) -> blob): the tiles to write.
+    What a store runs inside its transaction, between reading the tiles a batch touches and writing them."""
+    out: dict[tuple[int, int], bytes] = {}
+    for (_, size, start), partials in tile_partials(list(aggregations.values()), events).items():
+        old = stored.get((size, start))
+        merged = merge_partials(aggregations, None if old is None else decode_partials(old), partials)
+        out[(size, start)] = encode_partials(merged)
+    return out

@@ -126,23 +126,22 @@ def check_feature_groups(
     `groups`; an on-demand feature is inside when every group it reads is.
 
     Runs before the refs are planned, so a group-limited key learns nothing about other groups: an unknown
-    group and a forbidden one get the same 403, and no error lists the registry's groups.
+    group and a forbidden one get the same 403, as do an unknown name and an on-demand feature reading a group
+    outside the key's, and no error lists the registry's groups.
     """
     for i, ref in enumerate(features):
         source, sep, _ = ref.partition(":")
         view = (on_demand or {}).get(source)
         if view is not None:
-            outside = [g for g in view.input_groups if g not in groups]
-            if outside:
-                raise Forbidden(
-                    f"this API key may not use feature group {outside[0]!r}, which {source} reads",
-                    field=f"features[{i}]",
-                )
-            continue
-        if not sep:
-            raise ValidationFailed("expected group:feature or group:*", field=f"features[{i}]")
-        if source not in groups:
+            if all(g in groups for g in view.input_groups):
+                continue
+        elif sep:
+            if source in groups:
+                continue
             raise Forbidden(f"this API key may not use feature group {source!r}", field=f"features[{i}]")
+        elif source in groups:
+            raise ValidationFailed("expected group:feature or group:*", field=f"features[{i}]")
+        raise Forbidden(f"this API key may not use {source!r}", field=f"features[{i}]")
 
 
 def check_write_group(group: str, groups: Collection[str]) -> None:

@@ -44,7 +44,7 @@ class UsageCounter(Protocol):
     @property
     def group(self) -> _Group: ...
     @property
-    def positions(self) -> tuple[int, ...]: ...
+    def counted(self) -> tuple[int, ...]: ...  # the positions it serves (not those read only for a transform)
     @property
     def usage(self) -> UsageCounts: ...
 
@@ -109,7 +109,7 @@ class Metrics:
     def fold(self, counters: Iterable[UsageCounter]) -> None:
         """Add plans' counts into the per-feature totals (a plan leaving the cache)."""
         for counter in counters:
-            for position in counter.positions:
+            for position in counter.counted:
                 self.features[(counter.group.name, position)].add(counter.usage)
 
     def feature_totals(self) -> dict[tuple[str, int], UsageCounts]:
@@ -117,7 +117,7 @@ class Metrics:
         for key, counts in self.features.items():
             totals[key] = counts.copy()
         for counter in self.live_plans():
-            for position in counter.positions:
+            for position in counter.counted:
                 totals[(counter.group.name, position)].add(counter.usage)
         return totals
 

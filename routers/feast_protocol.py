@@ -15,7 +15,7 @@ from typing import Any
 
 import msgspec
 
-from app.errors import ValidationFailed
+from app.errors import RequestError, ValidationFailed
 from app.serving.fetch import Served
 from app.serving.plan import Plan
 from app.serving.request import FetchRequest, WriteRequest
@@ -48,7 +48,7 @@ def fetch_request(body: FeastBody, plan_of: Callable[[FetchRequest], Plan]) -> F
         request = FetchRequest(entities=body.entities, features=body.features)
     try:
         plan = plan_of(request)
-    except ValidationFailed as exc:  # Feast's field name
+    except RequestError as exc:  # Feast's field name
         if exc.field == "service":
             exc.field = "feature_service"
         raise

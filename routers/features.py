@@ -47,8 +47,12 @@ async def fetch_features(request: Request) -> Response:
     limit = request.app.state.max_body_bytes
     with gateway.server_span("POST /v1/features/fetch", request.headers) as span:
         body = decode_body(await read_body(request, limit), Fetch)
-        if body.deadline_ms is not None:  # what the admission limit aims under (routers/admission.py)
-            request.scope[DEADLINE] = body.deadline_ms / 1000
+        deadline_ms = body.deadline_ms
+        if deadline_ms is None and body.service is not None:  # a service's own deadline, when it has one
+            service = gateway.registry.services.get(body.service)
+            deadline_ms = None if service is None else service.deadline_ms
+        if deadline_ms is not None:  # what the admission limit aims under (routers/admission.py)
+            request.scope[DEADLINE] = deadline_ms / 1000
         served = await serve(
             gateway,
             body,

@@ -271,7 +271,10 @@ class Health(BaseModel):
 class ServiceFeature(BaseModel):
     name: str = Field(description="The canonical ref: `group:feature` or `on_demand:output`")
     dtype: str
-    default: Any = Field(description="What this service serves where the value is not PRESENT")
+    default: Any = Field(
+        description="What this service serves where the value is not PRESENT (for an on-demand output: where its "
+        "function failed or gave no value; computed from defaulted inputs, it keeps the computed value)"
+    )
     max_age_seconds: float | None = Field(None, description="Older values are EXPIRED for this service")
 
 

@@ -258,7 +258,7 @@ async def get_usage(gateway: GatewayDep, key: ReadKey) -> dict[str, Any]:
         report["unused"] = [r for r in report["unused"] if r.partition(":")[0] in allowed]
         registry = gateway.registry
         report["services"] = {
-            name: entry
+            name: entry | {"keys": {k: v for k, v in entry["keys"].items() if k == key.name}}  # not other keys'
             for name, entry in report["services"].items()
             if name in registry.services and registry.service_groups(registry.services[name]) <= allowed
         }

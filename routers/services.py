@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from app.errors import Forbidden, NotFound
+from app.errors import NotFound
 from app.registry.model import Registry, Service
 from routers.deps import GatewayDep, ReadKey
 from routers.models import AUTH_RESPONSES, ServiceDocument, ServiceList, problems
@@ -44,8 +44,7 @@ async def list_services(gateway: GatewayDep, key: ReadKey) -> dict[str, Any]:
 async def get_service(name: str, gateway: GatewayDep, key: ReadKey) -> dict[str, Any]:
     registry = gateway.registry
     service = registry.services.get(name)
-    if service is None:
+    # One answer for an unknown service and one a group-limited key may not see: it learns no names
+    if service is None or not _readable(registry, service, None if key is None else key.groups):
         raise NotFound(f"no service {name!r}", field="name")
-    if not _readable(registry, service, None if key is None else key.groups):
-        raise Forbidden(f"this API key may not use every feature group service {name!r} reads", field="name")
     return registry.describe_service(service)

@@ -46,6 +46,10 @@ on_demand:
     function: "tests.support.transforms:counted"
     inputs: ["live:orders_7d"]
     outputs: {doubled: {dtype: int64}}
+  scalars:
+    function: "tests.support.transforms:scalars"
+    inputs: ["live:orders_7d"]
+    outputs: {half: {dtype: float64, default: -1.0}}
 services:
   strict_model:
     description: trained with 1 for a missing count, no live value older than 10 minutes
@@ -118,7 +122,7 @@ async def test_on_demand_features_from_context_and_stored_values(gateway: Gatewa
         response = await client.post(
             "/v1/features/fetch",
             json={
-                "features": ["ratio", "boom", "short", "wrong", "counted", "live:orders_7d"],
+                "features": ["ratio", "boom", "short", "wrong", "counted", "scalars", "live:orders_7d"],
                 "entities": {"consumer_id": [1, 2, 3]},
                 "context": {"basket": [30.0, 10, 12.0]},
             },
@@ -132,6 +136,7 @@ async def test_on_demand_features_from_context_and_stored_values(gateway: Gatewa
         "short:short",
         "wrong:wrong",
         "counted:doubled",
+        "scalars:half",
         "live:orders_7d",
     ]
     # 1: 30 / 15.0 (avg_basket = 1.5 x orders). 2: MISSING, so computed from the default 0.5, and MISSING itself.
@@ -141,6 +146,9 @@ async def test_on_demand_features_from_context_and_stored_values(gateway: Gatewa
     assert column(answer, "ratio:big") == [True, True, True]
     assert column(answer, "counted:doubled") == [20, 0, 0]
     assert transforms.CALLS == [3]  # once per request, on columns
+    # numpy scalars taken as their values; NaN is no value: the default, MISSING (UNAVAILABLE inputs would win)
+    assert column(answer, "scalars:half") == [5.0, -1.0, -1.0]
+    assert column(answer, "scalars:half", "statuses") == ["PRESENT", "MISSING", "MISSING"]
     for name, default in (("boom:boom", -7), ("short:short", -8), ("wrong:wrong", -9)):
         assert column(answer, name) == [default] * 3
         assert column(answer, name, "statuses") == ["UNAVAILABLE"] * 3
@@ -331,6 +339,29 @@ def test_registry_errors_name_the_path(names: Names, extra: str, path: str, reas
     assert reason in str(raised.value)
 
 
+def test_registry_errors_name_the_path_too(names: Names) -> None:
+    two_dtypes = (
+        "on_demand:\n"
+        "  a: {function: 'tests.support.transforms:boom', inputs: ['live:orders_7d', 'request:tip'],"
+        " request: {tip: float64}, outputs: {x: int64}}\n"
+        "  b: {function: 'tests.support.transforms:boom', inputs: ['live:orders_7d', 'request:tip'],"
+        " request: {tip: string}, outputs: {y: int64}}\n"
+    )
+    only_request = (
+        "on_demand:\n  a: {function: 'tests.support.transforms:boom', inputs: ['request:tip'],"
+        " request: {tip: float64}, outputs: {x: int64}}\n"
+    )
+    nan_deadline = "services:\n  m: {features: ['live:orders_7d'], deadline_ms: .nan}\n"
+    for extra, path in (
+        (two_dtypes, "on_demand.b.request.tip"),
+        (only_request, "on_demand.a.inputs"),
+        (nan_deadline, "services.m.deadline_ms"),
+    ):
+        with pytest.raises(RegistryError) as raised:
+            _parse(names, extra)
+        assert raised.value.field == path
+
+
 def test_functions_import_from_the_registry_folder(names: Names, tmp_path: Path) -> None:
     module = f"model_transforms_{tmp_path.name.replace('-', '_')}"
     (tmp_path / f"{module}.py").write_text("def f(cols):\n    return {'x': [1] * len(cols['live:orders_7d'])}\n")
@@ -393,6 +424,20 @@ async def test_usage_by_service_and_key_under_concurrent_requests(gateway: Gatew
         assert {r.status_code for r in await asyncio.gather(*calls)} == {200}
         usage = (await client.get("/v1/usage", headers=auth("risk_team"))).json()
         limited = (await client.get("/v1/usage", headers=auth("live_only"))).json()
+        # A key limited to `live` cannot tell a service, view or name it may not use from one that does not exist
+        refused = [
+            await client.post("/v1/features/fetch", json=body, headers=auth("live_only"))
+            for body in (
+                {"service": "lenient_model", "entities": ids},  # reads history
+                {"service": "no_such_service", "entities": ids},
+                {"features": ["no_such_view"], "entities": ids},
+                {"features": ["history:lifetime_orders"], "entities": ids},
+            )
+        ]
+        hidden = [
+            await client.get(f"/v1/services/{name}", headers=auth("live_only"))
+            for name in ("lenient_model", "no_such_service")
+        ]
         metrics = (await client.get("/metrics", headers=auth("risk_team"))).text
     services = usage["services"]
     lenient = services["lenient_model"]
@@ -411,8 +456,16 @@ async def test_usage_by_service_and_key_under_concurrent_requests(gateway: Gatew
     assert "stores:open_orders" in usage["unused"]
     assert "live:name" in usage["unused"]  # no service lists it, no request asked
     assert "live:avg_basket" not in usage["unused"]  # with_ratio computes from it
-    # A key limited to `live` sees only services that read nothing else
+    # A key limited to `live` sees only services that read nothing else, and no other key's name
     assert set(limited["services"]) == {"feature_age", "with_ratio"}
+    assert limited["services"]["with_ratio"]["keys"] == {}
+    assert [r.status_code for r in refused] == [403] * 4
+    assert refused[0].json()["detail"] == "this API key may not use service 'lenient_model'"
+    assert refused[1].json()["detail"] == "this API key may not use service 'no_such_service'"
+    assert [r.status_code for r in hidden] == [404, 404]
+    # Features read only as a transform's input are not counted as requested: no one asked for avg_basket
+    assert usage["groups"]["live"]["features"]["avg_basket"]["requests"] == 0
+    assert usage["groups"]["live"]["features"]["orders_7d"]["requests"] == 65  # lenient 50, with_ratio 10, by list 5
     assert 'feature_gateway_model_requests_total{service="lenient_model",key="eta_team"} 30' in metrics
     assert 'feature_gateway_model_values_total{service="with_ratio",key="risk_team",status="MISSING"} 20' in metrics
 

@@ -7,6 +7,7 @@ and the reason, so a bad deploy stops with a message a person can act on.
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import re
 import sys
@@ -169,8 +170,16 @@ class _Builder:
             n: self.group(n, spec, backends, entities) for n, spec in self.mapping(doc.get("groups"), "groups").items()
         }
         on_demand: dict[str, OnDemand] = {}
+        context: dict[str, tuple[str, DType]] = {}  # request field -> (the first view declaring it, its dtype)
         for n, spec in self.mapping(doc.get("on_demand"), "on_demand", required=False).items():
-            on_demand[n] = self.on_demand(n, spec, groups)
+            view = on_demand[n] = self.on_demand(n, spec, groups)
+            for field, dtype in view.request.items():
+                first, declared = context.setdefault(field, (n, dtype))
+                if declared != dtype:  # one request may ask for both: one `context` field cannot be both
+                    raise self.fail(
+                        f"on_demand.{n}.request.{field}",
+                        f"{dtype.name} here, but {declared.name} in on_demand.{first}: a context field has one dtype",
+                    )
         services = {
             n: self.service(n, spec, groups, on_demand)
             for n, spec in self.mapping(doc.get("services"), "services", required=False).items()
@@ -326,6 +335,10 @@ class _Builder:
                 raise self.fail(where, f"expected group:feature of a declared group or request:field, not {ref!r}")
         if len(set(inputs)) != len(inputs):
             raise self.fail(f"{path}.inputs", "an input is listed twice")
+        if all(ref.partition(":")[0] == REQUEST for ref in inputs):
+            raise self.fail(
+                f"{path}.inputs", "needs a stored feature among its inputs: its rows are that group's entities"
+            )
         unused = set(request) - {ref.partition(":")[2] for ref in inputs if ref.startswith(f"{REQUEST}:")}
         if unused:
             raise self.fail(f"{path}.request.{sorted(unused)[0]}", "declared but not among the inputs")
@@ -426,7 +439,7 @@ class _Builder:
                     max_age[ref] = seconds
         deadline = spec.get("deadline_ms")
         if deadline is not None and (
-            isinstance(deadline, bool) or not isinstance(deadline, int | float) or deadline <= 0
+            isinstance(deadline, bool) or not isinstance(deadline, int | float) or not 0 < deadline < math.inf
         ):
             raise self.fail(f"{path}.deadline_ms", "expected a positive number of milliseconds")
         return Service(

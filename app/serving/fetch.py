@@ -287,19 +287,13 @@ def plan_for(gw: Gateway, request: FetchRequest, groups: Collection[str] | None)
         if request.features is not None:
             raise ValidationFailed("give either features or service, not both", field="service")
         service = gw.registry.services.get(request.service)
-        if service is None:
-            known = ", ".join(gw.registry.services) if groups is None else ""  # a limited key learns no names
-            raise ValidationFailed(
-                f"unknown service {request.service!r}" + (f"; services: {known}" if known else ""), field="service"
-            )
-        plan = gw.service_plan(service)
-        if groups is not None:
-            outside = [gp.group.name for gp in plan.groups if gp.group.name not in groups]
-            if outside:
-                raise Forbidden(
-                    f"this API key may not use feature group {outside[0]!r}, which it reads", field="service"
-                )
-        return plan
+        if groups is not None:  # a limited key: an unknown service and one it may not use look alike
+            if service is None or not gw.registry.service_groups(service) <= set(groups):
+                raise Forbidden(f"this API key may not use service {request.service!r}", field="service")
+        elif service is None:
+            known = ", ".join(gw.registry.services) or "none"
+            raise ValidationFailed(f"unknown service {request.service!r}; services: {known}", field="service")
+        return gw.service_plan(service)
     if request.features is None:
         raise ValidationFailed("give the features to fetch (a list of refs) or a service", field="features")
     if groups is not None:

@@ -49,6 +49,11 @@ class GroupPlan:
     usage: UsageCounts
     served: int  # how many of `positions` are served (the rest are read only for on-demand functions)
 
+    @property
+    def counted(self) -> tuple[int, ...]:
+        """The positions whose usage this plan counts: those it serves."""
+        return self.positions[: self.served]
+
     @classmethod
     def build(
         cls,

@@ -14,7 +14,9 @@ import msgspec
 
 
 class Status(StrEnum):
-    """What a served value is; every value but PRESENT is its feature's declared default."""
+    """What a served value is; every value but PRESENT is its feature's declared default, except an on-demand
+    output computed from inputs that were not all PRESENT: it is the value computed from their defaults, with
+    the worst of their statuses (app/serving/transforms.py)."""
 
     PRESENT = "PRESENT"
     MISSING = "MISSING"  # never written, stored as null, or past its reclaim time (ttl + grace)

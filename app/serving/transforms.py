@@ -3,7 +3,8 @@
 The function gets one mapping, input name -> a list with one item per entity row (stored inputs carry their
 served value, which is the default where the value was not PRESENT), and returns output name -> a sequence of
 the same length (lists, tuples or numpy arrays). What it returns is checked like a write: every output present,
-the right length, every value of its dtype (None: no value, served as the default with status MISSING). An
+the right length, every value of its dtype (None or NaN: no value, served as the default with status MISSING,
+or its inputs' status when that is worse; numpy scalars are taken as their Python values). An
 exception or a wrong answer makes that transform's outputs UNAVAILABLE with their defaults and the answer
 degraded; the error is reported in the answer, never raised.
 
@@ -17,6 +18,7 @@ milliseconds holds every request of its worker for as long.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -143,7 +145,8 @@ def _run(
     for values, status in zip(zip(*outputs, strict=True), worst, strict=True):
         if None in values:
             served = [d if v is None else v for v, d in zip(values, tp.defaults, strict=True)]
-            marks = [MISSING if v is None else status for v in values]
+            missing = MISSING if SEVERITY[status] < SEVERITY[MISSING] else status  # never better than its inputs
+            marks = [missing if v is None else status for v in values]
             cells.append(Cell(tuple(served), tuple(marks), None))
         else:
             cells.append(Cell(values, marked[status], None))
@@ -172,7 +175,9 @@ def _outputs(answer: Any, outputs: Sequence[Feature], n_rows: int) -> list[list[
             continue
         checked: list[Any] = []
         for i, value in enumerate(values):
-            if value is None:
+            if hasattr(value, "item") and not isinstance(value, str | bytes):
+                value = value.item()  # a numpy scalar in a list: its Python value
+            if value is None or (isinstance(value, float) and math.isnan(value)):  # NaN: numpy's "no value"
                 checked.append(None)
                 continue
             try:

@@ -35,3 +35,8 @@ def counted(columns: Mapping[str, Sequence[Any]]) -> dict[str, Any]:
     orders = columns["live:orders_7d"]
     CALLS.append(len(orders))
     return {"doubled": [2 * v for v in orders]}
+
+
+def scalars(columns: Mapping[str, Sequence[Any]]) -> dict[str, Any]:
+    """A list of numpy scalars, NaN where there is no value."""
+    return {"half": [np.float64(v / 2) if v else np.float64("nan") for v in columns["live:orders_7d"]]}

@@ -26,6 +26,28 @@ class WriteResult(NamedTuple):
     skipped_stale: int  # rows whose stored event time was newer; nothing was changed for them
 
 
+TileRef = tuple[str, int, int]  # entity key, tile size (s), tile start (us): one tile of an aggregation group
+# What a store runs inside its transaction (app/streams/tiles.py `fold`): given the batch's event ids not seen
+# before and the stored blobs of the tiles the batch touches, the blobs to write.
+Fold = Callable[[set[str], Mapping[TileRef, bytes]], Mapping[TileRef, bytes]]
+
+
+class TileStore(Protocol):
+    """Partial aggregates in time tiles for the streaming groups (issue 13), next to `FeatureBackend`'s blobs.
+
+    `apply` is atomic and idempotent: in one transaction it records which of the batch's event ids it has not
+    seen (kept `keep_us`), reads the touched tiles, folds the new events in and writes them, so a batch sent
+    twice, or two consumers sending overlapping batches at once, count each event once; a batch that fails
+    leaves nothing behind. It answers how many events were new.
+    """
+
+    async def apply(
+        self, group: str, event_ids: Sequence[str], tiles: Sequence[TileRef], fold: Fold, keep_us: int
+    ) -> int: ...
+
+    async def read_tiles(self, group: str, tiles: Sequence[TileRef]) -> list[bytes | None]: ...
+
+
 class PartialRead(Exception):
     """A read that failed for some keys only (a Redis Cluster master that is down while the others answer).
 

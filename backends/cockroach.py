@@ -19,7 +19,7 @@ import asyncpg
 
 from app.registry.model import BackendSpec, Group
 from backends import options as check
-from backends.base import BackendKind, Option, WriteResult, WriteRow, reclaim_us
+from backends.base import BackendKind, Fold, Option, TileRef, WriteResult, WriteRow, reclaim_us
 from backends.reclaim import reclaim_loop
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,19 @@ def create_table_sql(table: str, dialect: str) -> str:
             "WITH (ttl_expiration_expression = 'expires_at', ttl_job_cron = '@hourly')"
         )
     return f"CREATE TABLE IF NOT EXISTS {table} ({columns}, PRIMARY KEY (grp, entity_key))"
+
+
+def create_stream_tables_sql(tiles: str, events: str, dialect: str) -> list[str]:
+    """The streaming groups' tables (backends/base.py TileStore): partial aggregates per tile (a null `partials` is
+    a placeholder row that exists only so a first write can lock it), and the event ids seen."""
+    ttl = " WITH (ttl_expiration_expression = 'expires_at', ttl_job_cron = '@hourly')" if dialect == "cockroach" else ""
+    return [
+        f"CREATE TABLE IF NOT EXISTS {tiles} (grp TEXT NOT NULL, entity_key TEXT NOT NULL, tile_s INT8 NOT NULL, "
+        "tile_start INT8 NOT NULL, expires_at TIMESTAMPTZ NOT NULL, partials BYTEA, "
+        f"PRIMARY KEY (grp, entity_key, tile_s, tile_start)){ttl}",
+        f"CREATE TABLE IF NOT EXISTS {events} (grp TEXT NOT NULL, event_id TEXT NOT NULL, "
+        f"expires_at TIMESTAMPTZ NOT NULL, PRIMARY KEY (grp, event_id)){ttl}",
+    ]
 
 
 def each_host(hosts: Sequence[tuple[str, int | None]]) -> Callable[..., Awaitable[asyncpg.Connection]]:
@@ -82,6 +95,8 @@ class CockroachBackend:
         self.options = options
         self.dialect: str = options["dialect"]
         self.table = f'"{options["schema"]}"."{options["table"]}"'
+        self.tiles_table = f'"{options["schema"]}"."{options["table"]}_tiles"'
+        self.events_table = f'"{options["schema"]}"."{options["table"]}_events"'
         self._pool: asyncpg.Pool | None = None
         self._pool_lock = asyncio.Lock()
         self._cleanup: asyncio.Task[None] | None = None
@@ -146,6 +161,7 @@ class CockroachBackend:
             for ddl in (
                 f'CREATE SCHEMA IF NOT EXISTS "{self.options["schema"]}"',
                 create_table_sql(self.table, self.dialect),
+                *create_stream_tables_sql(self.tiles_table, self.events_table, self.dialect),
             ):
                 try:
                     await conn.execute(ddl)
@@ -193,16 +209,105 @@ class CockroachBackend:
         raise AssertionError("unreachable")
 
     async def delete_reclaimable(self, limit: int) -> int:
-        """Delete up to `limit` rows past their reclaim time; how many went."""
+        """Delete up to `limit` rows past their reclaim time from each table; how many went."""
         pool = await self.pool()
-        status = await pool.execute(
-            # SKIP LOCKED: a row a write holds is left for the next round rather than waited on, so a purge
-            # never blocks (or deadlocks with) a write. The outer test re-checks the row as it is when deleted.
-            f"DELETE FROM {self.table} WHERE expires_at < now() AND (grp, entity_key) IN "
-            f"(SELECT grp, entity_key FROM {self.table} WHERE expires_at < now() LIMIT {int(limit)} "
-            "FOR UPDATE SKIP LOCKED)"
+        deleted = 0
+        for table, key in (
+            (self.table, "grp, entity_key"),
+            (self.tiles_table, "grp, entity_key, tile_s, tile_start"),
+            (self.events_table, "grp, event_id"),
+        ):
+            status = await pool.execute(
+                # SKIP LOCKED: a row a write holds is left for the next round rather than waited on, so a purge
+                # never blocks (or deadlocks with) a write. The outer test re-checks the row as it is when deleted.
+                f"DELETE FROM {table} WHERE expires_at < now() AND ({key}) IN "
+                f"(SELECT {key} FROM {table} WHERE expires_at < now() LIMIT {int(limit)} FOR UPDATE SKIP LOCKED)"
+            )
+            deleted += int(status.split()[-1])
+        return deleted
+
+    async def apply(
+        self, group: str, event_ids: Sequence[str], tiles: Sequence[TileRef], fold: Fold, keep_us: int
+    ) -> int:
+        """TileStore.apply in one transaction. Event ids and tiles are taken in sorted order, and tiles no one has
+        written yet get a placeholder row first, so that `FOR UPDATE` locks every tile the batch touches: two
+        batches sharing tiles queue behind each other (never both folding into the same old value), and can
+        only ever wait in one order."""
+        refs = sorted(set(tiles))
+        entities, sizes, starts = [r[0] for r in refs], [r[1] for r in refs], [r[2] for r in refs]
+        expires = [_timestamp(at + size * 1_000_000 + keep_us) for _, size, at in refs]
+        pool = await self.pool()
+        for attempt in range(_WRITE_ATTEMPTS):
+            try:
+                async with pool.acquire() as conn, conn.transaction():
+                    now = datetime.now(UTC)
+                    rows = await conn.fetch(
+                        f"INSERT INTO {self.events_table} (grp, event_id, expires_at) "
+                        "SELECT $1, e, $3 FROM unnest($2::text[]) AS e ORDER BY e "
+                        "ON CONFLICT DO NOTHING RETURNING event_id",
+                        group,
+                        sorted(set(event_ids)),
+                        now + timedelta(microseconds=keep_us),
+                    )
+                    new = {r[0] for r in rows}
+                    if not new:
+                        return 0
+                    unnested = "unnest($2::text[], $3::int8[], $4::int8[], $5::timestamptz[]) AS r(e, s, t, x)"
+                    await conn.execute(
+                        f"INSERT INTO {self.tiles_table} (grp, entity_key, tile_s, tile_start, expires_at) "
+                        f"SELECT $1, e, s, t, x FROM {unnested} ORDER BY e, s, t ON CONFLICT DO NOTHING",
+                        group,
+                        entities,
+                        sizes,
+                        starts,
+                        expires,
+                    )
+                    stored = await conn.fetch(
+                        f"SELECT entity_key, tile_s, tile_start, partials FROM {self.tiles_table} "
+                        "WHERE grp = $1 AND (entity_key, tile_s, tile_start) IN "
+                        "(SELECT * FROM unnest($2::text[], $3::int8[], $4::int8[])) "
+                        "ORDER BY entity_key, tile_s, tile_start FOR UPDATE",
+                        group,
+                        entities,
+                        sizes,
+                        starts,
+                    )
+                    old = {(r[0], r[1], r[2]): r[3] for r in stored if r[3] is not None}
+                    written = fold(new, old)
+                    keys = sorted(written)
+                    await conn.execute(
+                        f"UPDATE {self.tiles_table} AS cur SET partials = r.p, expires_at = r.x "
+                        "FROM unnest($2::text[], $3::int8[], $4::int8[], $5::bytea[], $6::timestamptz[]) "
+                        "AS r(e, s, t, p, x) "
+                        "WHERE cur.grp = $1 AND cur.entity_key = r.e AND cur.tile_s = r.s AND cur.tile_start = r.t",
+                        group,
+                        [k[0] for k in keys],
+                        [k[1] for k in keys],
+                        [k[2] for k in keys],
+                        [written[k] for k in keys],
+                        [_timestamp(k[2] + k[1] * 1_000_000 + keep_us) for k in keys],
+                    )
+                return len(new)
+            except asyncpg.TransactionRollbackError as exc:  # as in write(): rolled back whole, safe to resend
+                if attempt == _WRITE_ATTEMPTS - 1:
+                    raise
+                log.info("backend %s: tile batch retried after %s", self.name, exc.sqlstate)
+                await asyncio.sleep(0.01 * 2**attempt * (0.5 + random.random()))
+        raise AssertionError("unreachable")
+
+    async def read_tiles(self, group: str, tiles: Sequence[TileRef]) -> list[bytes | None]:
+        pool = await self.pool()
+        rows = await pool.fetch(
+            f"SELECT entity_key, tile_s, tile_start, partials FROM {self.tiles_table} "
+            "WHERE grp = $1 AND (entity_key, tile_s, tile_start) IN "
+            "(SELECT * FROM unnest($2::text[], $3::int8[], $4::int8[]))",
+            group,
+            [t[0] for t in tiles],
+            [t[1] for t in tiles],
+            [t[2] for t in tiles],
         )
-        return int(status.split()[-1])
+        found = {(r[0], r[1], r[2]): r[3] for r in rows}
+        return [found.get(t) for t in tiles]
 
     async def _reclaim_batch(self, limit: int) -> int:
         if self.dialect == "auto":

@@ -8,6 +8,7 @@ row written already past it is gone at once.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -16,12 +17,16 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import WatchError
 
 from app.registry.model import BackendSpec, Group
 from backends import options as check
-from backends.base import BackendKind, FeatureBackend, Option, WriteResult, WriteRow
+from backends.base import BackendKind, FeatureBackend, Fold, Option, TileRef, WriteResult, WriteRow
 from backends.redis_common import WRITE_IF_NEWER, script_args, server_answered
 from backends.resp import PipelinedReader
+
+# Optimistic transactions per tile batch before giving up (each one lost means another batch got through)
+_APPLY_ATTEMPTS = 20
 
 
 class RedisBackend:
@@ -75,6 +80,50 @@ class RedisBackend:
             await self._write_script(keys=[self.key(group, r.key) for r in rows], args=script_args(group, rows))
         )
         return WriteResult(written, len(rows) - written)
+
+    def tile_key(self, group: str, tile: TileRef) -> str:
+        entity, size, start = tile
+        return f"{self.prefix}tile:{group}:{entity}:{size}:{start}"
+
+    async def apply(
+        self, group: str, event_ids: Sequence[str], tiles: Sequence[TileRef], fold: Fold, keep_us: int
+    ) -> int:
+        """TileStore.apply as an optimistic transaction: WATCH the batch's event-id keys and tile keys, read
+        them, fold, and write the new ids and tiles in MULTI/EXEC, which fails (and is retried) if another
+        batch changed any of them meanwhile. Each tile is a key of its own expiring with its tile; each event id
+        a key expiring after `keep_us`."""
+        ids = list(dict.fromkeys(event_ids))
+        refs = list(dict.fromkeys(tiles))
+        id_keys = [f"{self.prefix}evt:{group}:{i}" for i in ids]
+        tile_keys = {ref: self.tile_key(group, ref) for ref in refs}
+        keep_ms = max(1, keep_us // 1000)
+        async with self.client.pipeline(transaction=True) as pipe:
+            for _ in range(_APPLY_ATTEMPTS):
+                try:
+                    await pipe.watch(*id_keys, *tile_keys.values())
+                    seen = await pipe.mget(id_keys) if id_keys else []
+                    new = {i for i, hit in zip(ids, seen, strict=True) if hit is None}
+                    if not new:
+                        await pipe.unwatch()  # type: ignore[no-untyped-call]
+                        return 0
+                    blobs = await pipe.mget(list(tile_keys.values()))
+                    old = {ref: blob for ref, blob in zip(refs, blobs, strict=True) if isinstance(blob, bytes)}
+                    written = fold(new, old)
+                    now_us = time.time_ns() // 1000
+                    pipe.multi()  # type: ignore[no-untyped-call]
+                    for event_id in new:
+                        pipe.set(f"{self.prefix}evt:{group}:{event_id}", b"1", px=keep_ms)
+                    for ref, blob in written.items():
+                        expires_ms = (ref[2] + ref[1] * 1_000_000 + keep_us - now_us) // 1000
+                        pipe.set(tile_keys[ref], blob, px=max(1, expires_ms))
+                    await pipe.execute()
+                    return len(new)
+                except WatchError:
+                    continue  # another batch touched the same ids or tiles: read again
+        raise RuntimeError(f"tile batch of {group} lost {_APPLY_ATTEMPTS} optimistic transactions in a row")
+
+    async def read_tiles(self, group: str, tiles: Sequence[TileRef]) -> list[bytes | None]:
+        return await self.reader.mget([self.tile_key(group, t) for t in tiles])
 
     async def ping(self) -> None:
         await self.client.ping()

@@ -19,7 +19,7 @@ from typing import TypeVar
 
 from app.registry.model import BackendSpec, Group
 from backends import options as check
-from backends.base import BackendKind, Option, WriteResult, WriteRow, reclaim_us
+from backends.base import BackendKind, Fold, Option, TileRef, WriteResult, WriteRow, reclaim_us
 from backends.reclaim import reclaim_loop
 
 T = TypeVar("T")
@@ -27,8 +27,15 @@ T = TypeVar("T")
 _DDL = (
     "CREATE TABLE IF NOT EXISTS feature_values (grp TEXT NOT NULL, entity_key TEXT NOT NULL, "
     "event_us INTEGER NOT NULL, expires_us INTEGER, payload BLOB NOT NULL, PRIMARY KEY (grp, entity_key)) "
-    "WITHOUT ROWID"
+    "WITHOUT ROWID",
+    # Streaming groups (backends/base.py TileStore): partial aggregates per tile, and the event ids seen
+    "CREATE TABLE IF NOT EXISTS feature_tiles (grp TEXT NOT NULL, entity_key TEXT NOT NULL, tile_s INTEGER NOT NULL, "
+    "tile_start INTEGER NOT NULL, expires_us INTEGER NOT NULL, partials BLOB NOT NULL, "
+    "PRIMARY KEY (grp, entity_key, tile_s, tile_start)) WITHOUT ROWID",
+    "CREATE TABLE IF NOT EXISTS stream_events (grp TEXT NOT NULL, event_id TEXT NOT NULL, expires_us INTEGER NOT NULL, "
+    "PRIMARY KEY (grp, event_id)) WITHOUT ROWID",
 )
+_CHUNK = 300  # rows per statement: 3 parameters each, under SQLite's bound-parameter limit of 999
 _WRITE = (
     "INSERT INTO feature_values (grp, entity_key, event_us, expires_us, payload) VALUES (?, ?, ?, ?, ?) "
     "ON CONFLICT (grp, entity_key) DO UPDATE SET event_us = excluded.event_us, "
@@ -38,7 +45,11 @@ _WRITE = (
 )
 _RECLAIM = (
     "DELETE FROM feature_values WHERE (grp, entity_key) IN "
-    "(SELECT grp, entity_key FROM feature_values WHERE expires_us < ?1 LIMIT ?2)"
+    "(SELECT grp, entity_key FROM feature_values WHERE expires_us < ?1 LIMIT ?2)",
+    "DELETE FROM feature_tiles WHERE (grp, entity_key, tile_s, tile_start) IN "
+    "(SELECT grp, entity_key, tile_s, tile_start FROM feature_tiles WHERE expires_us < ?1 LIMIT ?2)",
+    "DELETE FROM stream_events WHERE (grp, event_id) IN "
+    "(SELECT grp, event_id FROM stream_events WHERE expires_us < ?1 LIMIT ?2)",
 )
 
 
@@ -103,12 +114,12 @@ class SqliteBackend:
     async def delete_reclaimable(self, limit: int) -> int:
         """Delete up to `limit` rows past their reclaim time, on the writer's thread; how many went."""
         now_us = time.time_ns() // 1000
-        return await self._writer.run(lambda conn: conn.execute(_RECLAIM, (now_us, limit)).rowcount)
+        return await self._writer.run(lambda conn: sum(conn.execute(sql, (now_us, limit)).rowcount for sql in _RECLAIM))
 
     async def migrate(self) -> None:
         self._start_cleanup()
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        await self._writer.run(lambda conn: conn.execute(_DDL))
+        await self._writer.run(lambda conn: [conn.execute(ddl) for ddl in _DDL])
 
     async def read(self, reads: Sequence[tuple[Group, Sequence[str]]]) -> list[list[bytes | None]]:
         def read_all(conn: sqlite3.Connection) -> list[list[bytes | None]]:
@@ -150,6 +161,43 @@ class SqliteBackend:
         written = await self._writer.run(write_all)
         return WriteResult(written, len(rows) - written)
 
+    async def apply(
+        self, group: str, event_ids: Sequence[str], tiles: Sequence[TileRef], fold: Fold, keep_us: int
+    ) -> int:
+        """TileStore.apply: one IMMEDIATE transaction, which SQLite runs one at a time."""
+        self._start_cleanup()
+        now_us = time.time_ns() // 1000
+
+        def apply_all(conn: sqlite3.Connection) -> int:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                new: set[str] = set()
+                for start in range(0, len(event_ids), _CHUNK):
+                    chunk = event_ids[start : start + _CHUNK]
+                    values = ",".join("(?, ?, ?)" for _ in chunk)
+                    params = [p for event_id in chunk for p in (group, event_id, now_us + keep_us)]
+                    sql = f"INSERT INTO stream_events VALUES {values} ON CONFLICT DO NOTHING RETURNING event_id"
+                    new.update(row[0] for row in conn.execute(sql, params).fetchall())
+                written = fold(new, _stored_tiles(conn, group, tiles)) if new else {}
+                conn.executemany(
+                    "INSERT OR REPLACE INTO feature_tiles VALUES (?, ?, ?, ?, ?, ?)",
+                    [
+                        (group, e, size, at, at + size * 1_000_000 + keep_us, blob)
+                        for (e, size, at), blob in written.items()
+                    ],
+                )
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            return len(new)
+
+        return await self._writer.run(apply_all)
+
+    async def read_tiles(self, group: str, tiles: Sequence[TileRef]) -> list[bytes | None]:
+        found = await self._reader.run(lambda conn: _stored_tiles(conn, group, tiles))
+        return [found.get(t) for t in tiles]
+
     async def ping(self) -> None:
         await self._reader.run(lambda conn: conn.execute("SELECT count(*) FROM sqlite_master").fetchone())
 
@@ -163,6 +211,21 @@ class SqliteBackend:
                 await self._cleanup
         await self._reader.aclose()
         await self._writer.aclose()
+
+
+def _stored_tiles(conn: sqlite3.Connection, group: str, tiles: Sequence[TileRef]) -> dict[TileRef, bytes]:
+    found: dict[TileRef, bytes] = {}
+    unique = list(dict.fromkeys(tiles))
+    for start in range(0, len(unique), _CHUNK):
+        chunk = unique[start : start + _CHUNK]
+        rows = ",".join("(?, ?, ?)" for _ in chunk)
+        sql = (
+            "SELECT entity_key, tile_s, tile_start, partials FROM feature_tiles "
+            f"WHERE grp = ? AND (entity_key, tile_s, tile_start) IN (VALUES {rows})"
+        )
+        for entity, size, at, blob in conn.execute(sql, [group, *(p for t in chunk for p in t)]).fetchall():
+            found[(entity, size, at)] = blob
+    return found
 
 
 KIND = BackendKind(

@@ -30,7 +30,7 @@ from app.serving.gateway import Gateway
 from app.settings import Settings
 from app.telemetry import make_tracing
 from backends import open_backend
-from routers import feast, features, health, observability, services, status
+from routers import events, feast, features, health, observability, services, status
 from routers import registry as registry_routes
 from routers.admission import ADMISSION, AdmissionControl
 from routers.errors import install_error_handlers
@@ -115,6 +115,7 @@ def create_app(
     app.include_router(features.router)
     app.include_router(registry_routes.router)
     app.include_router(services.router)
+    app.include_router(events.router)
     app.include_router(health.router)
     app.include_router(observability.router)
     app.include_router(feast.router)

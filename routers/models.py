@@ -155,6 +155,57 @@ class WriteResponse(BaseModel):
     skipped_stale: int = Field(description="Rows older than what is stored (or than a later row of the batch)")
 
 
+class EventsRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "events": [
+                        {
+                            "event_id": "o-1",
+                            "consumer_id": 101,
+                            "ts": "2026-11-26T10:00:00Z",
+                            "order_value": 23.5,
+                            "cuisine": "thai",
+                        }
+                    ]
+                }
+            ]
+        },
+    )
+
+    events: list[dict[str, Any]] = Field(
+        description="Each event: `event_id` (a resent id counts once), the entity's join key, the stream's event-time "
+        "field (RFC 3339 or epoch milliseconds), and its fields (null or absent: no value)"
+    )
+
+
+class EventCounts(BaseModel):
+    accepted: int = Field(description="New events merged into the aggregates")
+    duplicates: int = Field(description="Events whose id was seen before (or twice in the batch): counted once")
+    late: int = Field(description="Events further behind than the group's allowed_lateness: dropped")
+
+
+class EventsResponse(EventCounts):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "stream": "orders",
+                    "accepted": 1,
+                    "duplicates": 0,
+                    "late": 0,
+                    "groups": {"consumer_orders": {"accepted": 1, "duplicates": 0, "late": 0}},
+                }
+            ]
+        }
+    )
+
+    stream: str
+    groups: dict[str, EventCounts] = Field(description="Per aggregation group of the stream (the totals add them up)")
+
+
 class Problem(BaseModel):
     """RFC 9457 problem details."""
 
@@ -332,6 +383,9 @@ class RegistryDocument(BaseModel):
     groups: dict[str, dict[str, Any]] = Field(
         description="Group -> entity, backend, ttl_seconds, expired_grace_seconds (how long a value is served "
         "EXPIRED before it is reclaimed and reads MISSING), features"
+    )
+    streams: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="Stream -> entity, event time field, typed fields, source (issue 13)"
     )
     on_demand: dict[str, dict[str, Any]] = Field(
         default_factory=dict,

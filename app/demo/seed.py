@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from app.serving.gateway import Gateway
 from app.serving.request import WriteRequest
 from app.serving.write import write
+from app.streams.ingest import ingest, parse_events
 
 
 def _rows(now: datetime) -> dict[str, list[dict[str, object]]]:
@@ -87,6 +88,26 @@ def _rows(now: datetime) -> dict[str, list[dict[str, object]]]:
     return {"consumer_live": live, "consumer_history": history, "store_stats": stores}
 
 
+def _orders(now: datetime) -> list[dict[str, object]]:
+    """101 ordered three times in the last hour (one of them 20 minutes ago), 102 once two days ago. Event ids
+    are fixed, so a restart on the same folder counts nothing twice."""
+    placed = [(101, 5, 23.5, "thai"), (101, 20, 41.0, "sushi"), (101, 50, 18.25, "thai"), (102, 2880, 30.0, "pizza")]
+    return [
+        {
+            "event_id": f"demo-{consumer}-{minutes}",
+            "consumer_id": consumer,
+            "ts": (now - timedelta(minutes=minutes)).isoformat().replace("+00:00", "Z"),
+            "order_value": value,
+            "cuisine": cuisine,
+        }
+        for consumer, minutes, value, cuisine in placed
+    ]
+
+
 async def seed_demo(gateway: Gateway) -> None:
-    for group, rows in _rows(datetime.now(UTC)).items():
+    now = datetime.now(UTC)
+    for group, rows in _rows(now).items():
         await write(gateway, WriteRequest(group=group, rows=rows))
+    orders = gateway.registry.streams["orders"]
+    # Two days old is far past the 5 minute lateness: the demo's history goes in as if it had arrived on time
+    await ingest(gateway, orders, parse_events(orders, _orders(now), gateway.limits), now_us=0)

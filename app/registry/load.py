@@ -29,18 +29,24 @@ from app.registry.model import (
     OnDemand,
     Registry,
     Service,
+    Stream,
+    Streaming,
     TransformFunction,
     expand_ref,
     stored_reads,
 )
 from app.storage.codec import ENTITY_DTYPES, CodecError, DType, parse_dtype
 from app.storage.layout import GroupCodec
+from app.streams.aggregates import NUMERIC, Function
+from app.streams.tiles import Aggregation
+from app.streams.windows import Window
 
 if TYPE_CHECKING:
     from backends.base import BackendKind
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+STREAM_FIELD_KINDS = ("int64", "float64", "bool", "string")
 _FUNCTION = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
@@ -155,7 +161,7 @@ class _Builder:
     def build(self, doc: Any) -> Registry:
         if not isinstance(doc, dict):
             raise self.fail("(root)", "expected a mapping with backends, entities and groups")
-        self.only(doc, "(root)", {"backends", "entities", "groups", "on_demand", "services"})
+        self.only(doc, "(root)", {"backends", "entities", "streams", "groups", "on_demand", "services"})
         backends = {n: self.backend(n, spec) for n, spec in self.mapping(doc.get("backends"), "backends").items()}
         entities = {n: self.entity(n, spec) for n, spec in self.mapping(doc.get("entities"), "entities").items()}
         join_keys: dict[str, Entity] = {}
@@ -166,8 +172,13 @@ class _Builder:
                     f"join key {entity.join_key!r} is already used by {join_keys[entity.join_key].name}",
                 )
             join_keys[entity.join_key] = entity
+        streams = {
+            n: self.stream(n, spec, entities)
+            for n, spec in self.mapping(doc.get("streams"), "streams", required=False).items()
+        }
         groups = {
-            n: self.group(n, spec, backends, entities) for n, spec in self.mapping(doc.get("groups"), "groups").items()
+            n: self.group(n, spec, backends, entities, streams)
+            for n, spec in self.mapping(doc.get("groups"), "groups").items()
         }
         on_demand: dict[str, OnDemand] = {}
         context: dict[str, tuple[str, DType]] = {}  # request field -> (the first view declaring it, its dtype)
@@ -192,6 +203,7 @@ class _Builder:
             MappingProxyType(join_keys),
             MappingProxyType(on_demand),
             MappingProxyType(services),
+            MappingProxyType(streams),
         )
 
     def backend(self, name: str, spec: Any) -> BackendSpec:
@@ -231,9 +243,18 @@ class _Builder:
             raise self.fail(f"{path}.dtype", f"an entity key is one of {', '.join(ENTITY_DTYPES)}, not {dtype!r}")
         return Entity(name, join_key, parse_dtype(dtype))
 
-    def group(self, name: str, spec: Any, backends: dict[str, BackendSpec], entities: dict[str, Entity]) -> Group:
+    def group(
+        self,
+        name: str,
+        spec: Any,
+        backends: dict[str, BackendSpec],
+        entities: dict[str, Entity],
+        streams: Mapping[str, Stream],
+    ) -> Group:
         path = f"groups.{name}"
         spec = self.mapping(spec, path)
+        if "stream" in spec:
+            return self.aggregation_group(name, spec, backends, entities, streams)
         self.only(spec, path, {"entity", "backend", "ttl", "expired_grace", "features", "description"})
         if spec.get("entity") not in entities:
             raise self.fail(f"{path}.entity", f"unknown entity {spec.get('entity')!r}; declared: {', '.join(entities)}")
@@ -451,3 +472,136 @@ class _Builder:
             deadline_ms=None if deadline is None else float(deadline),
             description=str(spec.get("description", "")),
         )
+
+    # -- streams and aggregation groups (issue 13) --------------------------------------------------------
+
+    def stream(self, name: str, spec: Any, entities: Mapping[str, Entity]) -> Stream:
+        path = f"streams.{name}"
+        spec = self.mapping(spec, path)
+        self.only(spec, path, {"entity", "event_time", "fields", "source", "description"})
+        entity = entities.get(spec.get("entity"))
+        if entity is None:
+            raise self.fail(f"{path}.entity", f"unknown entity {spec.get('entity')!r}; declared: {', '.join(entities)}")
+        event_time = spec.get("event_time")
+        if not isinstance(event_time, str) or not _NAME.match(event_time):
+            raise self.fail(f"{path}.event_time", "expected the name of the field holding the event time")
+        fields: dict[str, DType] = {}
+        for field, dtype in self.mapping(spec.get("fields"), f"{path}.fields", required=False).items():
+            parsed = self.context_dtype(f"{path}.fields.{field}", dtype)
+            if parsed.kind not in STREAM_FIELD_KINDS:
+                raise self.fail(f"{path}.fields.{field}", f"a stream field is one of {', '.join(STREAM_FIELD_KINDS)}")
+            if field in (event_time, entity.join_key, "event_id"):
+                raise self.fail(f"{path}.fields.{field}", "is the event's id, entity or time, not one of its fields")
+            fields[field] = parsed
+        source = spec.get("source")
+        if source is not None and not isinstance(source, dict):
+            raise self.fail(f"{path}.source", "expected a mapping (type: redis_stream or nats, and where)")
+        return Stream(name, entity, event_time, MappingProxyType(fields), source)
+
+    def aggregation_group(
+        self,
+        name: str,
+        spec: dict[str, Any],
+        backends: Mapping[str, BackendSpec],
+        entities: Mapping[str, Entity],
+        streams: Mapping[str, Stream],
+    ) -> Group:
+        path = f"groups.{name}"
+        self.only(
+            spec, path, {"entity", "backend", "stream", "allowed_lateness", "max_lag", "aggregations", "description"}
+        )
+        stream = streams.get(spec.get("stream"))  # type: ignore[arg-type]
+        if stream is None:
+            raise self.fail(
+                f"{path}.stream", f"unknown stream {spec.get('stream')!r}; declared: {', '.join(streams) or 'none'}"
+            )
+        entity_name = spec.get("entity", stream.entity.name)
+        if entity_name != stream.entity.name:
+            raise self.fail(
+                f"{path}.entity", f"stream {stream.name} is of entity {stream.entity.name}, not {entity_name!r}"
+            )
+        if spec.get("backend") not in backends:
+            raise self.fail(
+                f"{path}.backend", f"unknown backend {spec.get('backend')!r}; declared: {', '.join(backends)}"
+            )
+        if backends[spec["backend"]].options.get("cluster"):
+            raise self.fail(
+                f"{path}.backend",
+                "aggregation groups live on Redis, PostgreSQL/CockroachDB or SQLite; not yet a Redis Cluster",
+            )
+        lateness = self.seconds(spec, "allowed_lateness", path, zero=True, default=0.0)
+        max_lag = self.seconds(spec, "max_lag", path, zero=False, default=None)
+        aggregations: list[Aggregation] = []
+        features: list[Feature] = []
+        for agg_name, agg_spec in self.mapping(spec.get("aggregations"), f"{path}.aggregations").items():
+            aggregation, outputs = self.aggregation(f"{path}.aggregations.{agg_name}", agg_name, agg_spec, stream)
+            aggregations.append(aggregation)
+            for feature_name, dtype, default in outputs:
+                if any(f.name == feature_name for f in features):
+                    raise self.fail(f"{path}.aggregations.{agg_name}", f"feature {feature_name} is made twice")
+                features.append(Feature(feature_name, f"{name}:{feature_name}", dtype, default, len(features)))
+        return Group(
+            name=name,
+            entity=stream.entity,
+            backend=spec["backend"],
+            ttl_s=None,
+            grace_s=None,
+            features=tuple(features),
+            by_name=MappingProxyType({f.name: f for f in features}),
+            by_index=MappingProxyType({f.index: f for f in features}),
+            codec=GroupCodec([f.dtype for f in features]),
+            description=str(spec.get("description", "")),
+            streaming=Streaming(stream.name, tuple(aggregations), lateness or 0.0, max_lag),
+        )
+
+    def seconds(self, spec: dict[str, Any], key: str, path: str, *, zero: bool, default: float | None) -> float | None:
+        if spec.get(key) is None:
+            return default
+        try:
+            return parse_duration(spec[key], zero=zero)
+        except ValueError as exc:
+            raise self.fail(f"{path}.{key}", str(exc).replace("a ttl", f"{key}")) from None
+
+    def aggregation(
+        self, path: str, name: str, spec: Any, stream: Stream
+    ) -> tuple[Aggregation, list[tuple[str, DType, Any]]]:
+        spec = self.mapping(spec, path)
+        self.only(spec, path, {"function", "field", "windows", "default", "description"})
+        try:
+            function = Function(spec.get("function"))
+        except ValueError:
+            raise self.fail(f"{path}.function", f"expected one of {', '.join(f.value for f in Function)}") from None
+        field = spec.get("field")
+        if function is Function.COUNT:
+            if field is not None:
+                raise self.fail(f"{path}.field", "count counts events: it takes no field")
+            dtype = parse_dtype("int64")
+        else:
+            if field not in stream.fields:
+                raise self.fail(
+                    f"{path}.field", f"expected a field of stream {stream.name}: {', '.join(stream.fields)}"
+                )
+            kind = stream.fields[field]
+            if function in NUMERIC and kind.kind not in ("int64", "float64"):
+                raise self.fail(f"{path}.field", f"{function} needs an int64 or float64 field; {field} is {kind.name}")
+            dtype = {
+                Function.MEAN: parse_dtype("float64"),
+                Function.COUNT_DISTINCT: parse_dtype("int64"),
+            }.get(function, kind)
+        windows = spec.get("windows")
+        if not isinstance(windows, list) or not windows:
+            raise self.fail(f"{path}.windows", "expected a list of windows such as [10m, 1h, 1d, 7d]")
+        parsed: list[Window] = []
+        for i, window in enumerate(windows):
+            try:
+                parsed.append(Window.of(str(window), parse_duration(window)))
+            except ValueError as exc:
+                raise self.fail(f"{path}.windows[{i}]", str(exc).replace("a ttl", "a window")) from None
+        default = spec.get("default")
+        if default is not None:
+            try:
+                default = dtype.output(dtype.check(default))
+            except CodecError as exc:
+                raise self.fail(f"{path}.default", f"default does not fit {dtype.name}: {exc}") from None
+        outputs = [(f"{name}_{w.name}", dtype, default) for w in parsed]
+        return Aggregation(name, function, field, tuple(parsed)), outputs

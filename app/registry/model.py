@@ -9,6 +9,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from app.storage.codec import DType
 from app.storage.layout import GroupCodec
+from app.streams.tiles import Aggregation
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +41,7 @@ class Group:
     by_index: Mapping[int, Feature]  # by stored position
     codec: GroupCodec = field(repr=False, compare=False)
     description: str = ""
+    streaming: Streaming | None = None  # an aggregation group: its features are windows over a stream
 
     @property
     def reclaim_after_us(self) -> int | None:
@@ -47,6 +49,39 @@ class Group:
         if self.ttl_s is None:
             return None
         return int(self.ttl_s * 1_000_000) + int((self.grace_s or 0) * 1_000_000)
+
+
+@dataclass(frozen=True, slots=True)
+class Stream:
+    """Events of one entity: an event time and typed fields (issue 13); `source` is where a consumer reads them
+    (Redis Streams, NATS JetStream), None for events posted over HTTP only."""
+
+    name: str
+    entity: Entity
+    event_time: str
+    fields: Mapping[str, DType]
+    source: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Streaming:
+    """What makes a group an aggregation group: its stream, its aggregations (each feature is one aggregation
+    over one window), how late an event may arrive, and how long tiles and event ids are kept."""
+
+    stream: str
+    aggregations: tuple[Aggregation, ...]
+    allowed_lateness_s: float
+    max_lag_s: float | None
+
+    @property
+    def keep_us(self) -> int:
+        """The longest window plus the lateness: how long tiles and seen event ids must be kept."""
+        longest = max(w.seconds for a in self.aggregations for w in a.windows)
+        return (longest + int(self.allowed_lateness_s)) * 1_000_000
+
+    @property
+    def by_name(self) -> Mapping[str, Aggregation]:
+        return {a.name: a for a in self.aggregations}
 
 
 # The source name of request-time inputs of an on-demand feature: `request:basket_value` is a `context` field.
@@ -143,6 +178,7 @@ class Registry:
     join_keys: Mapping[str, Entity]
     on_demand: Mapping[str, OnDemand] = field(default_factory=dict)
     services: Mapping[str, Service] = field(default_factory=dict)
+    streams: Mapping[str, Stream] = field(default_factory=dict)
 
     def expand(self, ref: str) -> list[str]:
         return expand_ref(self.groups, self.on_demand, ref)
@@ -197,7 +233,33 @@ class Registry:
                     "description": g.description,
                     "features": {f.name: {"dtype": f.dtype.name, "default": f.default} for f in g.features},
                 }
+                | (
+                    {}
+                    if g.streaming is None
+                    else {
+                        "stream": g.streaming.stream,
+                        "allowed_lateness_seconds": g.streaming.allowed_lateness_s,
+                        "max_lag_seconds": g.streaming.max_lag_s,
+                        "aggregations": {
+                            a.name: {
+                                "function": a.function.value,
+                                "field": a.field,
+                                "windows": [w.name for w in a.windows],
+                            }
+                            for a in g.streaming.aggregations
+                        },
+                    }
+                )
                 for g in self.groups.values()
+            },
+            "streams": {
+                st.name: {
+                    "entity": st.entity.name,
+                    "event_time": st.event_time,
+                    "fields": {k: d.name for k, d in st.fields.items()},
+                    "source": None if st.source is None else {k: _redact(v) for k, v in st.source.items()},
+                }
+                for st in self.streams.values()
             },
             "on_demand": {
                 v.name: {

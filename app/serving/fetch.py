@@ -12,7 +12,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from itertools import repeat
 from operator import is_
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from opentelemetry.trace import Status as SpanStatus
 from opentelemetry.trace import StatusCode
@@ -24,10 +24,12 @@ from app.serving.request import FetchRequest, check_entities
 from app.serving.statuses import EXPIRED, MISSING, PRESENT, UNAVAILABLE, BackendOutcome, Cell, Outcome
 from app.serving.transforms import TransformOutcome, check_context, run_transforms
 from app.serving.usage import UsageCounts
-from backends.base import PartialRead
+from app.streams.serve import read_windows
+from backends.base import FeatureBackend, PartialRead
 
 if TYPE_CHECKING:
     from app.serving.gateway import Gateway
+    from backends.base import TileStore
 
 
 async def _read_backend(
@@ -52,18 +54,14 @@ async def _read_backend(
             span.set_attribute("circuit.state", breaker.state)
         started = time.perf_counter()
         try:
-            reads = [(p.group, k) for p, k in zip(plans, keys, strict=True)]
             if limit_s is None:
-                blobs = await backend.read(reads)
+                outcome.cells = await _read_cells(backend, plans, keys, now_us, nulls)
             else:  # the backend's own timeout bounds it when the request's deadline is more generous
                 async with asyncio.timeout(limit_s):
-                    blobs = await backend.read(reads)
+                    outcome.cells = await _read_cells(backend, plans, keys, now_us, nulls)
             outcome.ms = (time.perf_counter() - started) * 1000
             breaker.success()
             gw.answered(backend_name, "read")
-            outcome.cells = [
-                [p.cell(b, now_us, nulls) for b in group_blobs] for p, group_blobs in zip(plans, blobs, strict=True)
-            ]
             if tracing:
                 found = expired = 0
                 for group_cells, p in zip(outcome.cells, plans, strict=True):
@@ -109,6 +107,35 @@ async def _read_backend(
             span.set_attribute("circuit.state", breaker.state)
             span.record_exception(exc)
             span.set_status(SpanStatus(StatusCode.ERROR, type(exc).__name__))
+
+
+async def _read_cells(
+    backend: FeatureBackend,
+    plans: list[GroupPlan],
+    keys: list[list[str]],
+    now_us: int,
+    nulls: dict[tuple[str, int], int],
+) -> list[list[Cell]]:
+    """Per plan, a cell per key: stored groups in one `read`, aggregation groups from their tiles, concurrently."""
+    stored = [i for i, p in enumerate(plans) if p.group.streaming is None]
+    windowed = [i for i, p in enumerate(plans) if p.group.streaming is not None]
+    cells: list[list[Cell]] = [[] for _ in plans]
+
+    async def read_stored() -> None:
+        blobs = await backend.read([(plans[i].group, keys[i]) for i in stored])
+        for i, group_blobs in zip(stored, blobs, strict=True):
+            plan = plans[i]
+            cells[i] = [plan.cell(b, now_us, nulls) for b in group_blobs]
+
+    async def read_windowed(i: int) -> None:
+        cells[i] = await read_windows(cast("TileStore", backend), plans[i], keys[i], now_us)
+
+    if not windowed:  # the usual case: no task to gather
+        await read_stored()
+        return cells
+    reads = [read_windowed(i) for i in windowed] + ([read_stored()] if stored else [])
+    await asyncio.gather(*reads)
+    return cells
 
 
 def _missed(gw: Gateway, name: str, outcome: BackendOutcome, started: float) -> None:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Collection, Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 
@@ -22,6 +22,8 @@ from app.serving.limits import Limits
 from app.serving.request import WriteRequest, entity_key, format_event_time, parse_event_time
 from app.storage.codec import CodecError
 from backends.base import WriteResult, WriteRow
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     from app.serving.gateway import Gateway
@@ -126,6 +128,15 @@ async def store(gw: Gateway, group: Group, rows: Sequence[WriteRow]) -> WriteRes
     Any failure is a BackendFailed; retrying one is safe (a row never replaces newer data).
     """
     backend = gw.backends[group.backend]
+    return await guarded_write(
+        gw, group, len(rows), "a row never replaces newer data", lambda: backend.write(group, rows)
+    )
+
+
+async def guarded_write(gw: Gateway, group: Group, count: int, why_safe: str, call: Callable[[], Awaitable[T]]) -> T:
+    """A write of `count` rows or events of `group` to its backend, through the backend's write circuit and under
+    the write timeout, in a span. Any failure is a BackendFailed saying why a retry is safe (`why_safe`)."""
+    backend = gw.backends[group.backend]
     breaker = gw.breakers[group.backend].write
     if not breaker.allow():
         raise BackendFailed(
@@ -138,11 +149,11 @@ async def store(gw: Gateway, group: Group, rows: Sequence[WriteRow]) -> WriteRes
         span.set_attribute("backend.name", group.backend)
         span.set_attribute("backend.type", backend.type)
         span.set_attribute("feature.groups", [group.name])
-        span.set_attribute("feature.keys", len(rows))
+        span.set_attribute("feature.keys", count)
         started = time.perf_counter()
         try:
             async with asyncio.timeout(gw.limits.write_timeout_ms / 1000):
-                result: WriteResult = await backend.write(group, rows)
+                result = await call()
         except Exception as exc:
             if backend.server_answered(exc):
                 breaker.abandoned()  # e.g. Redis OOM or a read-only replica: writes fail, reads still work
@@ -154,15 +165,14 @@ async def store(gw: Gateway, group: Group, rows: Sequence[WriteRow]) -> WriteRes
             detail = "timed out" if isinstance(exc, TimeoutError) else describe_error(exc)
             log.warning(
                 "write of %d row(s) of group %s to backend %s failed (%s); write circuit %s",
-                len(rows),
+                count,
                 group.name,
                 group.backend,
                 detail,
                 breaker.state,
             )
             raise BackendFailed(
-                f"backend {group.backend} did not confirm the write ({detail}); retrying is safe, "
-                "a row never replaces newer data",
+                f"backend {group.backend} did not confirm the write ({detail}); retrying is safe, {why_safe}",
                 field="group",
                 extra={"backend": group.backend},
             ) from None
@@ -183,6 +193,12 @@ async def write(gw: Gateway, request: WriteRequest, groups: Collection[str] | No
     group = gw.registry.groups.get(request.group)
     if group is None:
         raise ValidationFailed(f"unknown group; groups: {', '.join(gw.registry.groups)}", field="group")
+    if group.streaming is not None:
+        raise ValidationFailed(
+            f"{group.name} aggregates stream {group.streaming.stream}: send its events to "
+            f"POST /v1/events/{group.streaming.stream}",
+            field="group",
+        )
     if not request.rows:
         raise ValidationFailed("give at least one row", field="rows")
     if len(request.rows) > limits.max_write_rows:

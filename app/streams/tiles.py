@@ -7,7 +7,7 @@ or one SQL statement) however many events the batch had. Reading a value merges 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,3 +119,28 @@ def fold(
         merged = merge_partials(aggregations, None if old is None else decode_partials(old), partials)
         out[(size, start)] = encode_partials(merged)
     return out
+
+
+def batch_for_store(
+    aggregations: Mapping[str, Aggregation], events: Sequence[Event]
+) -> tuple[list[str], list[TileKey], Callable[[set[str], Mapping[TileKey, bytes]], dict[TileKey, bytes]]]:
+    """A batch as a tile store's `apply` takes it: its event ids, every tile it touches, and the fold that merges
+    the events the store has not seen into the stored tiles, entity by entity."""
+    by_id: dict[str, Event] = {}
+    for event in events:
+        by_id.setdefault(event.event_id, event)  # a batch repeating an id: its first event counts
+    refs = list(tile_partials(list(aggregations.values()), by_id.values()))
+
+    def fold_new(new: set[str], stored: Mapping[TileKey, bytes]) -> dict[TileKey, bytes]:
+        by_entity: dict[str, list[Event]] = {}
+        for event_id in new:
+            event = by_id[event_id]
+            by_entity.setdefault(event.entity, []).append(event)
+        out: dict[TileKey, bytes] = {}
+        for entity, mine in by_entity.items():
+            own = {(size, start): blob for (e, size, start), blob in stored.items() if e == entity}
+            for (size, start), blob in fold(aggregations, mine, own).items():
+                out[(entity, size, start)] = blob
+        return out
+
+    return list(by_id), refs, fold_new

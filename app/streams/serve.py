@@ -1,0 +1,52 @@
+"""Serving an aggregation group's features: its tiles read for each entity, merged into windows at the time of
+the request (the rule in windows.py), one cell per entity as for any stored group."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from app.serving.statuses import MISSING, PRESENT, Cell
+from app.streams.tiles import decode_partials, tiles_needed, window_values
+
+if TYPE_CHECKING:
+    from app.serving.plan import GroupPlan
+    from backends.base import TileStore
+
+
+def _served(value: Any, kind: str) -> Any:
+    return float(value) if kind == "float64" and type(value) is int else value  # an empty sum is 0
+
+
+async def read_windows(store: TileStore, plan: GroupPlan, keys: Sequence[str], now_us: int) -> list[Cell]:
+    """One cell per key: the plan's features of its windows at `now_us`. A value a window has none of (a mean, a
+    min, a last of no events) is its default, MISSING; counts and sums of no events are 0 and PRESENT."""
+    group = plan.group
+    streaming = group.streaming
+    assert streaming is not None
+    aggregations = streaming.aggregations
+    needed = sorted(tiles_needed(aggregations, now_us))
+    blobs = await store.read_tiles(group.name, [(key, size, start) for key in keys for size, start in needed])
+    features = [group.by_index[p] for p in plan.positions]
+    cells = []
+    for k in range(len(keys)):
+        found = blobs[k * len(needed) : (k + 1) * len(needed)]
+        tiles = {ref: decode_partials(b) for ref, b in zip(needed, found, strict=True) if b is not None}
+        cells.append(_cell(plan, features, tiles, aggregations, now_us))
+    return cells
+
+
+def _cell(plan: GroupPlan, features: Sequence[Any], tiles: Any, aggregations: Any, now_us: int) -> Cell:
+    values = window_values(aggregations, tiles, now_us)
+    served, statuses = [], []
+    for feature, default in zip(features, plan.defaults, strict=True):
+        value = values[feature.name]
+        if value is None:
+            served.append(default)
+            statuses.append(MISSING)
+        else:
+            served.append(_served(value, feature.dtype.kind))
+            statuses.append(PRESENT)
+    if PRESENT not in statuses:
+        return plan.missing  # the shared cell: usage counts it by identity
+    return Cell(tuple(served), tuple(statuses), None)

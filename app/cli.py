@@ -182,6 +182,64 @@ def cmd_materialize(args: argparse.Namespace) -> int:
     return 3 if report.rejected else 0
 
 
+def cmd_consume(args: argparse.Namespace) -> int:
+    """Runs until SIGTERM or SIGINT; entries taken and not yet stored stay pending for the other consumers."""
+    import socket
+
+    from app.serving.gateway import Gateway
+    from app.settings import Settings
+    from app.streams.consume import RedisStreamConsumer
+    from app.streams.ingest import aggregation_groups
+    from backends import open_backend
+
+    settings = Settings()
+    registry_path = args.registry or settings.registry
+    if registry_path is None:
+        print("error: give --registry FILE (or set GATEWAY_REGISTRY)", file=sys.stderr)
+        return 2
+    registry = _load(registry_path)
+    stream = registry.streams.get(args.stream)
+    if stream is None:
+        print(
+            f"error: --stream: unknown stream {args.stream!r}; streams: {', '.join(registry.streams) or 'none'}",
+            file=sys.stderr,
+        )
+        return 2
+    source_type = (stream.source or {}).get("type")
+    if source_type != "redis_stream":
+        # A NATS JetStream consumer is the next step (issue 13); until then such a stream is fed over HTTP
+        print(
+            f"error: stream {stream.name}'s source is {source_type!r}: this consumer reads redis_stream sources",
+            file=sys.stderr,
+        )
+        return 2
+    name = args.name or f"{socket.gethostname()}:{os.getpid()}"
+
+    async def run() -> int:
+        names = {g.backend for g in aggregation_groups(registry, stream.name)}
+        backends = {b: open_backend(registry.backends[b], registry) for b in names}
+        gw = Gateway(registry, backends, limits=settings.limits())
+        consumer = RedisStreamConsumer(
+            gw, stream, name, batch=args.batch, block_ms=args.block_ms, claim_idle_ms=args.claim_idle_ms
+        )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            for backend in backends.values():
+                await backend.migrate()
+            print(f"consumer {name}: reading {consumer.source.key} as group {consumer.source.group}", flush=True)
+            await consumer.run(stop)
+        finally:
+            await consumer.aclose()
+            await gw.aclose()
+        print(f"consumer {name}: stopped after {consumer.stored:,} entries stored, {consumer.dead:,} dead", flush=True)
+        return 0
+
+    return asyncio.run(run())
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from app.main import DEMO_REGISTRY
 
@@ -326,6 +384,23 @@ def main(argv: list[str] | None = None) -> int:
     materialize.add_argument("--retries", type=int, default=3, help="retries of a failed batch write [3]")
     materialize.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     materialize.set_defaults(run=cmd_materialize)
+
+    consume = sub.add_parser(
+        "consume",
+        help="read a stream's events from Redis Streams into its aggregation groups (run several to share the work)",
+    )
+    consume.add_argument("--registry", help="registry YAML (default: $GATEWAY_REGISTRY)")
+    consume.add_argument("--stream", required=True, help="the registry's stream (its source says where it is)")
+    consume.add_argument("--name", help="this consumer's name in the consumer group [host:pid]")
+    consume.add_argument("--batch", type=int, default=500, help="entries read at once [500]")
+    consume.add_argument("--block-ms", type=int, default=1000, help="how long a read waits for entries [1000]")
+    consume.add_argument(
+        "--claim-idle-ms",
+        type=int,
+        default=30_000,
+        help="claim entries another consumer left pending this long [30000]",
+    )
+    consume.set_defaults(run=cmd_consume)
 
     keys = sub.add_parser("keys", help="manage API keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)

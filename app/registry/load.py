@@ -494,8 +494,19 @@ class _Builder:
                 raise self.fail(f"{path}.fields.{field}", "is the event's id, entity or time, not one of its fields")
             fields[field] = parsed
         source = spec.get("source")
-        if source is not None and not isinstance(source, dict):
-            raise self.fail(f"{path}.source", "expected a mapping (type: redis_stream or nats, and where)")
+        if source is not None:
+            if not isinstance(source, dict):
+                raise self.fail(f"{path}.source", "expected a mapping (type: redis_stream or nats, and where)")
+            allowed = {
+                "redis_stream": {"type", "url", "stream", "group"},
+                "nats": {"type", "url", "subject", "durable"},
+            }
+            keys = allowed.get(source.get("type"))  # type: ignore[arg-type]
+            if keys is None:
+                raise self.fail(f"{path}.source.type", "expected redis_stream or nats")
+            self.only(source, f"{path}.source", keys)
+            if not isinstance(source.get("url"), str):
+                raise self.fail(f"{path}.source.url", "required: where the stream's server is")
         return Stream(name, entity, event_time, MappingProxyType(fields), source)
 
     def aggregation_group(

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, cast
 import msgspec
 
 from app.errors import TooLarge, ValidationFailed
-from app.registry.model import Group, Stream
+from app.registry.model import Group, Registry, Stream
 from app.serving.limits import Limits
 from app.serving.request import entity_key, parse_event_time
 from app.serving.write import guarded_write, latest_event_us
@@ -108,14 +108,14 @@ def event_time(value: Any, field: str) -> int:
     return parse_event_time(value, field)
 
 
-def aggregation_groups(gw: Gateway, stream: str) -> list[Group]:
-    return [g for g in gw.registry.groups.values() if g.streaming is not None and g.streaming.stream == stream]
+def aggregation_groups(registry: Registry, stream: str) -> list[Group]:
+    return [g for g in registry.groups.values() if g.streaming is not None and g.streaming.stream == stream]
 
 
 async def ingest(gw: Gateway, stream: Stream, events: Sequence[Event], now_us: int | None = None) -> Ingested:
     """Apply a checked batch to every aggregation group of its stream, concurrently; the counts per group and in
     all (an event feeding two groups counts in each)."""
-    groups = aggregation_groups(gw, stream.name)
+    groups = aggregation_groups(gw.registry, stream.name)
     if not groups:
         raise ValidationFailed(f"no aggregation group reads stream {stream.name}", field="stream")
     now = time.time_ns() // 1000 if now_us is None else now_us

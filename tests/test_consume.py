@@ -1,0 +1,131 @@
+"""`feature-gateway consume` on a real Redis Stream: several consumer processes share it, one is killed with
+SIGKILL mid-stream, the others claim what it left pending, and every event is counted exactly once."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import redis.asyncio as redis
+
+from tests.support.clients import fetch
+from tests.support.gateways import GatewayFactory
+from tests.support.registries import REDIS_URL, Names
+from tests.support.waiting import eventually
+
+ENTITIES = 20
+
+
+def registry(names: Names) -> str:
+    base = names.registry(names.backend("redis"))
+    head, _, groups = base.partition("groups:\n")
+    stream = f"""streams:
+  orders:
+    entity: consumer
+    event_time: ts
+    fields: {{value: float64}}
+    source: {{type: redis_stream, url: "{REDIS_URL}", stream: "{names.prefix}orders", group: fg}}
+groups:
+  orders_agg:
+    backend: hot
+    stream: orders
+    allowed_lateness: 1h
+    aggregations:
+      n: {{function: count, windows: [1h]}}
+      spent: {{function: sum, field: value, windows: [1h]}}
+"""
+    return head + stream + groups
+
+
+class Consumer:
+    def __init__(self, registry_path: Path, name: str, log: Path) -> None:
+        self.log = log.open("wb")
+        command = [sys.executable, "-m", "app", "consume", "--registry", str(registry_path), "--stream", "orders"]
+        command += ["--name", name, "--batch", "50", "--block-ms", "200", "--claim-idle-ms", "500"]
+        self.proc = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, env=os.environ.copy())
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        self.proc.wait(timeout=30)
+        self.log.close()
+
+
+async def group_info(client: redis.Redis, key: str) -> dict[str, Any]:
+    groups = await client.xinfo_groups(key)
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in groups[0].items()} if groups else {}
+
+
+async def test_a_killed_consumer_loses_nothing_and_counts_nothing_twice(
+    gateway: GatewayFactory, names: Names, tmp_path: Path
+) -> None:
+    text = registry(names)
+    path = tmp_path / "registry.yaml"
+    path.write_text(text)
+    key = f"{names.prefix}orders"
+    client = redis.Redis.from_url(REDIS_URL)
+    rng = random.Random(3)
+    now_ms = int(time.time() * 1000)
+    sent: list[tuple[int, float]] = []  # (consumer, value) of every distinct event
+    try:
+        pipe = client.pipeline(transaction=False)
+        for _ in range(2000):  # no event_id: the entry id is the event's
+            consumer, value = rng.randrange(1, ENTITIES + 1), float(rng.randrange(100))
+            sent.append((consumer, value))
+            pipe.xadd(key, {"consumer_id": consumer, "ts": now_ms - rng.randrange(1_200_000), "value": value})
+        for resend in range(2):  # a producer sending 100 events twice: their ids make them count once
+            for i in range(100):
+                consumer, value = 1 + i % ENTITIES, float(i)
+                if resend == 0:
+                    sent.append((consumer, value))
+                pipe.xadd(key, {"event_id": f"r{i}", "consumer_id": consumer, "ts": now_ms - 1000, "value": value})
+        for _ in range(3):  # not events: dead-lettered, acknowledged, never blocking the stream
+            pipe.xadd(key, {"consumer_id": 1, "ts": now_ms, "value": "abc"})
+        await pipe.execute()
+        total = 2000 + 200 + 3
+
+        first = Consumer(path, "a", tmp_path / "a.log")
+
+        async def read_some() -> bool:
+            return int((await group_info(client, key)).get("entries-read") or 0) >= 300
+
+        await eventually(read_some, within=60)
+        first.stop(signal.SIGKILL)  # mid-stream: what it read and did not acknowledge stays pending
+        at_kill = await group_info(client, key)
+        others = [Consumer(path, name, tmp_path / f"{name}.log") for name in ("b", "c")]
+
+        async def drained() -> bool:
+            info = await group_info(client, key)
+            return info["pending"] == 0 and info["lag"] == 0
+
+        await eventually(drained, within=120)
+        for consumer in others:
+            consumer.stop()
+        dead = await client.xlen(f"{key}:dead")
+    finally:
+        await client.aclose()
+    async with gateway(text) as gw:
+        answer = await fetch(
+            gw,
+            features=["orders_agg:n_1h", "orders_agg:spent_1h"],
+            entities={"consumer_id": list(range(1, ENTITIES + 1))},
+        )
+    counted = sum(row["values"][0] for row in answer["rows"])
+    spent = sum(row["values"][1] for row in answer["rows"])
+    print(
+        f"entries {total}, read before the kill {at_kill['entries-read']}, pending at the kill {at_kill['pending']}, "
+        f"events counted {counted} of {len(sent)} distinct, dead {dead}"
+    )
+    assert int(at_kill["entries-read"]) < total  # the kill came mid-stream
+    assert counted == len(sent) == 2100
+    assert spent == sum(v for _, v in sent)
+    for entity in range(1, ENTITIES + 1):
+        row = answer["rows"][entity - 1]
+        assert row["values"][0] == sum(1 for c, _ in sent if c == entity)
+    assert dead == 3

@@ -188,7 +188,7 @@ def cmd_consume(args: argparse.Namespace) -> int:
 
     from app.serving.gateway import Gateway
     from app.settings import Settings
-    from app.streams.consume import RedisStreamConsumer
+    from app.streams.consume import NatsConsumer, RedisStreamConsumer
     from app.streams.ingest import aggregation_groups
     from backends import open_backend
 
@@ -206,10 +206,9 @@ def cmd_consume(args: argparse.Namespace) -> int:
         )
         return 2
     source_type = (stream.source or {}).get("type")
-    if source_type != "redis_stream":
-        # A NATS JetStream consumer is the next step (issue 13); until then such a stream is fed over HTTP
+    if source_type not in ("redis_stream", "nats"):
         print(
-            f"error: stream {stream.name}'s source is {source_type!r}: this consumer reads redis_stream sources",
+            f"error: stream {stream.name} has no source (redis_stream or nats): send its events over HTTP",
             file=sys.stderr,
         )
         return 2
@@ -219,9 +218,8 @@ def cmd_consume(args: argparse.Namespace) -> int:
         names = {g.backend for g in aggregation_groups(registry, stream.name)}
         backends = {b: open_backend(registry.backends[b], registry) for b in names}
         gw = Gateway(registry, backends, limits=settings.limits())
-        consumer = RedisStreamConsumer(
-            gw, stream, name, batch=args.batch, block_ms=args.block_ms, claim_idle_ms=args.claim_idle_ms
-        )
+        kind = RedisStreamConsumer if source_type == "redis_stream" else NatsConsumer
+        consumer = kind(gw, stream, name, batch=args.batch, block_ms=args.block_ms, claim_idle_ms=args.claim_idle_ms)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -229,7 +227,7 @@ def cmd_consume(args: argparse.Namespace) -> int:
         try:
             for backend in backends.values():
                 await backend.migrate()
-            print(f"consumer {name}: reading {consumer.source.key} as group {consumer.source.group}", flush=True)
+            print(f"consumer {name}: reading stream {stream.name} from {source_type}", flush=True)
             await consumer.run(stop)
         finally:
             await consumer.aclose()
@@ -387,7 +385,8 @@ def main(argv: list[str] | None = None) -> int:
 
     consume = sub.add_parser(
         "consume",
-        help="read a stream's events from Redis Streams into its aggregation groups (run several to share the work)",
+        help="read a stream's events from Redis Streams or NATS JetStream into its aggregation groups (run several "
+        "to share the work)",
     )
     consume.add_argument("--registry", help="registry YAML (default: $GATEWAY_REGISTRY)")
     consume.add_argument("--stream", required=True, help="the registry's stream (its source says where it is)")

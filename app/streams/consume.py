@@ -1,13 +1,20 @@
-"""`feature-gateway consume`: a stream's events read from Redis Streams into its aggregation groups.
+"""`feature-gateway consume`: a stream's events read from Redis Streams or NATS JetStream into its aggregation
+groups, in batches, through the same path as `POST /v1/events/{stream}`.
 
-Several consumers share a stream through a consumer group (XREADGROUP): each entry goes to one of them, and is
-acknowledged (XACK) only once its batch is stored, so a consumer that dies leaves its entries pending; the others
-claim entries pending longer than `claim_idle_ms` (XAUTOCLAIM) and store them. Delivery is at least once; the
-event id (the entry's `event_id` field, else its stream entry id) makes the aggregates exactly once.
+Several consumers share a stream: a Redis consumer group (XREADGROUP), or a durable JetStream pull consumer.
+A message is acknowledged only once its batch is stored, so a consumer that dies leaves its messages pending,
+and the others get them: Redis entries pending longer than `claim_idle_ms` are claimed (XAUTOCLAIM); JetStream
+redelivers messages not acknowledged within its ack wait (set to the same). Delivery is at least once; the event
+id (the message's `event_id`, else its position: the Redis entry id, the JetStream stream sequence) makes the
+aggregates exactly once.
+
+A NATS message is the event as JSON; a JetStream stream holding the subject is created (`FG_<stream>`) when
+none does.
 
 An entry holds the event's fields as entry fields (text, typed by the stream's dtypes; the event time as RFC 3339
 or epoch milliseconds), or one field `json` holding the whole event. An entry that is not a valid event is copied
-to `<stream key>:dead` with the reason, and acknowledged, so it cannot block the stream.
+to `<stream key>:dead` with the reason, and acknowledged, so it cannot block the stream; an invalid NATS message is
+terminated (never redelivered) and logged.
 """
 
 from __future__ import annotations
@@ -77,6 +84,36 @@ def entry_event(stream: Stream, entry_id: str, fields: Mapping[bytes, bytes]) ->
     return item
 
 
+async def store_items(
+    gw: Gateway, stream: Stream, items: list[tuple[str, dict[str, Any] | Exception]], stop: asyncio.Event
+) -> list[tuple[int, str]] | None:
+    """Check and store a batch of messages as events ((its position, the event or why it could not be read));
+    retried while the stores fail, unless `stop` is set (then None: acknowledge nothing). Answers the messages
+    that are not valid events (index, why), which the caller sets aside."""
+    events: list[Event] = []
+    dead: list[tuple[int, str]] = []
+    for i, (_, item) in enumerate(items):
+        try:
+            if isinstance(item, Exception):
+                raise item
+            events += parse_events(stream, [item], gw.limits)
+        except (ValidationFailed, ValueError) as exc:
+            reason = f"{exc.field}: {exc.detail}" if isinstance(exc, ValidationFailed) else str(exc)
+            dead.append((i, reason.replace("events[0].", "")))
+    delay = 0.1
+    while events:
+        try:
+            await ingest(gw, stream, events)
+            break
+        except BackendFailed as exc:  # not acknowledged: retried here, or redelivered to another consumer
+            log.warning("stream %s: %s; retrying in %.1f s", stream.name, exc.detail, delay)
+            if stop.is_set():
+                return None
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+    return dead
+
+
 class RedisStreamConsumer:
     def __init__(
         self,
@@ -124,29 +161,19 @@ class RedisStreamConsumer:
                 await self._handle(entries, stop)
 
     async def _handle(self, entries: list[tuple[bytes, dict[bytes, bytes]]], stop: asyncio.Event) -> None:
-        events: list[Event] = []
-        dead: list[tuple[bytes, dict[bytes, bytes], str]] = []
+        items: list[tuple[str, dict[str, Any] | Exception]] = []
         for entry_id, fields in entries:
             try:
-                item = entry_event(self.stream, entry_id.decode(), fields)
-                events += parse_events(self.stream, [item], self.gw.limits)
+                items.append((entry_id.decode(), entry_event(self.stream, entry_id.decode(), fields)))
             except (ValidationFailed, ValueError) as exc:
-                reason = f"{exc.field}: {exc.detail}" if isinstance(exc, ValidationFailed) else str(exc)
-                dead.append((entry_id, fields, reason.replace("events[0].", "")))
-        delay = 0.1
-        while events:
-            try:
-                await ingest(self.gw, self.stream, events)
-                break
-            except BackendFailed as exc:  # not acknowledged: retried here, or claimed by another consumer
-                log.warning("consumer %s: %s; retrying in %.1f s", self.name, exc.detail, delay)
-                if stop.is_set():
-                    return
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-        for entry_id, fields, reason in dead:
+                items.append((entry_id.decode(), exc))
+        dead = await store_items(self.gw, self.stream, items, stop)
+        if dead is None:
+            return
+        for i, reason in dead:
+            entry_id, fields = entries[i]
             log.warning(
-                "consumer %s: entry %s is not a valid event (%s): moved to %s:dead",
+                "consumer %s: entry %s is not an event (%s): moved to %s:dead",
                 self.name,
                 entry_id.decode(),
                 reason,
@@ -160,3 +187,83 @@ class RedisStreamConsumer:
 
     async def aclose(self) -> None:
         await self.client.aclose()
+
+
+class NatsConsumer:
+    """A durable JetStream pull consumer on the stream's subject (nats-py, the `nats` extra)."""
+
+    def __init__(
+        self,
+        gw: Gateway,
+        stream: Stream,
+        name: str,
+        *,
+        batch: int = 500,
+        block_ms: int = 1000,
+        claim_idle_ms: int = 30_000,
+    ) -> None:
+        source = stream.source or {}
+        if source.get("type") != "nats":
+            raise ValueError(f"stream {stream.name} has no nats source (source.type: {source.get('type')!r})")
+        self.gw = gw
+        self.stream = stream
+        self.name = name
+        self.url = str(source["url"])
+        self.subject = str(source.get("subject", stream.name))
+        self.durable = str(source.get("durable", "feature-gateway"))
+        self.batch = batch
+        self.block_s = block_ms / 1000
+        self.ack_wait_s = claim_idle_ms / 1000
+        self.stored = 0
+        self.dead = 0
+        self._nc: Any = None
+
+    async def run(self, stop: asyncio.Event) -> None:
+        import nats
+        from nats.js.api import ConsumerConfig
+        from nats.js.errors import NotFoundError
+
+        self._nc = await nats.connect(self.url, name=f"fg-consume:{self.name}")
+        js = self._nc.jetstream()
+        try:
+            await js.find_stream_name_by_subject(self.subject)
+        except NotFoundError:
+            await js.add_stream(name=f"FG_{self.stream.name}", subjects=[self.subject])
+        subscription = await js.pull_subscribe(
+            self.subject, durable=self.durable, config=ConsumerConfig(ack_wait=self.ack_wait_s, max_ack_pending=-1)
+        )
+        while not stop.is_set():
+            try:
+                messages = await subscription.fetch(self.batch, timeout=self.block_s)
+            except TimeoutError:
+                continue
+            await self._handle(messages, stop)
+
+    async def _handle(self, messages: list[Any], stop: asyncio.Event) -> None:
+        items: list[tuple[str, dict[str, Any] | Exception]] = []
+        for message in messages:
+            sequence = str(message.metadata.sequence.stream)
+            try:
+                item = json.loads(message.data)
+                if not isinstance(item, dict):
+                    raise ValueError("a message is an event: a JSON object")
+                item.setdefault("event_id", sequence)
+                items.append((sequence, item))
+            except ValueError as exc:
+                items.append((sequence, exc))
+        dead = await store_items(self.gw, self.stream, items, stop)
+        if dead is None:
+            return
+        rejected = {i for i, _ in dead}
+        for i, reason in dead:
+            log.warning("consumer %s: message %s is not an event (%s): terminated", self.name, items[i][0], reason)
+            await messages[i].term()
+        for i, message in enumerate(messages):
+            if i not in rejected:
+                await message.ack()
+        self.stored += len(messages) - len(dead)
+        self.dead += len(dead)
+
+    async def aclose(self) -> None:
+        if self._nc is not None:
+            await self._nc.close()

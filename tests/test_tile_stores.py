@@ -9,13 +9,27 @@ import time
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from app.registry.load import parse_registry
 from app.streams.aggregates import Function
-from app.streams.tiles import Aggregation, Event, decode_partials, fold, tile_partials, window_values
+from app.streams.tiles import (
+    Aggregation,
+    Event,
+    batch_for_store,
+    decode_partials,
+    fold,
+    tile_partials,
+    tiles_needed,
+    window_values,
+)
 from app.streams.windows import Window
 from backends import open_backend
 from tests.support.registries import Names
+from tests.support.streams import AGGREGATIONS as STREAM_AGGREGATIONS
+from tests.support.streams import BY_NAME as STREAM_BY_NAME
+from tests.support.streams import Arrival, arrivals, compare, ingest_in_batches
 
 S = 1_000_000
 # The hour before the last full hour: recent, so Redis keeps the tiles (they expire with their tile + KEEP_US)
@@ -86,3 +100,46 @@ async def test_overlapping_and_repeated_batches_count_each_event_once(names: Nam
         assert values["kinds_1h"] == len({e.fields["kind"] for e in mine})
         last_minute = [e for e in mine if WINDOWS[0].counts(at, e.event_us)]
         assert values["n_1m"] == len(last_minute)
+
+
+# -- the window rule's property, through each store --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis", "cockroach"])
+def test_served_values_equal_a_recomputation_on_every_backend(names: Names, kind: str) -> None:
+    """tests/test_stream_windows.py's property, the tiles stored and read back by a real backend: late, resent and
+    out-of-order events over the last two hours, read during the last minutes (Redis drops tiles past the longest
+    window plus the lateness, which no read of now needs)."""
+    registry = parse_registry(names.registry(names.backend(kind)), "test-registry", env={})
+    examples = iter(range(1_000_000))
+
+    @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(events=arrivals, reads=st.lists(st.integers(-240 * S, 0), min_size=1, max_size=3), batch=st.integers(1, 40))
+    def check_one(events: list[Arrival], reads: list[int], batch: int) -> None:
+        now = time.time_ns() // 1000
+        base = now - 7200 * S  # arrivals' event times fall in the last two hours
+        group = f"p{next(examples)}"  # each example on a group of its own
+
+        async def scenario() -> None:
+            store: Any = open_backend(registry.backends["hot"], registry)
+            try:
+                await store.migrate()
+                batches: list[list[Event]] = []
+                accepted, _, _ = ingest_in_batches(events, base, batch, batches.append)
+                for fresh in batches:
+                    if fresh:
+                        ids, tiles, fold_new = batch_for_store(STREAM_BY_NAME, fresh)
+                        await store.apply(group, ids, tiles, fold_new, 4 * 3600 * S)
+                for entity in ("a", "b", "c"):
+                    for offset in reads:
+                        at = now + offset
+                        needed = sorted(tiles_needed(STREAM_AGGREGATIONS, at))
+                        blobs = await store.read_tiles(group, [(entity, s, t) for s, t in needed])
+                        tiles = {ref: decode_partials(b) for ref, b in zip(needed, blobs, strict=True) if b is not None}
+                        compare(entity, window_values(STREAM_AGGREGATIONS, tiles, at), at, accepted)
+            finally:
+                await store.aclose()
+
+        asyncio.run(scenario())
+
+    check_one()

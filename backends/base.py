@@ -32,6 +32,16 @@ TileRef = tuple[str, int, int]  # entity key, tile size (s), tile start (us): on
 Fold = Callable[[set[str], Mapping[TileRef, bytes]], Mapping[TileRef, bytes]]
 
 
+def tile_spans(tiles: Sequence[TileRef]) -> dict[tuple[str, int], tuple[int, int]]:
+    """The asked tiles as one start range per (entity, tile size): a window's tiles are consecutive, so a SQL
+    store reads them as a range of its primary key rather than as hundreds of single keys."""
+    spans: dict[tuple[str, int], tuple[int, int]] = {}
+    for entity, size, start in tiles:
+        lo, hi = spans.get((entity, size), (start, start))
+        spans[(entity, size)] = (min(lo, start), max(hi, start))
+    return spans
+
+
 class TileStore(Protocol):
     """Partial aggregates in time tiles for the streaming groups (issue 13), next to `FeatureBackend`'s blobs.
 

@@ -19,7 +19,7 @@ import asyncpg
 
 from app.registry.model import BackendSpec, Group
 from backends import options as check
-from backends.base import BackendKind, Fold, Option, TileRef, WriteResult, WriteRow, reclaim_us
+from backends.base import BackendKind, Fold, Option, TileRef, WriteResult, WriteRow, reclaim_us, tile_spans
 from backends.reclaim import reclaim_loop
 
 log = logging.getLogger(__name__)
@@ -296,15 +296,18 @@ class CockroachBackend:
         raise AssertionError("unreachable")
 
     async def read_tiles(self, group: str, tiles: Sequence[TileRef]) -> list[bytes | None]:
+        """One statement: a primary-key range per (entity, tile size), the window's tiles being consecutive."""
+        spans = tile_spans(tiles)
         pool = await self.pool()
         rows = await pool.fetch(
-            f"SELECT entity_key, tile_s, tile_start, partials FROM {self.tiles_table} "
-            "WHERE grp = $1 AND (entity_key, tile_s, tile_start) IN "
-            "(SELECT * FROM unnest($2::text[], $3::int8[], $4::int8[]))",
+            f"SELECT t.entity_key, t.tile_s, t.tile_start, t.partials FROM {self.tiles_table} AS t "
+            "JOIN unnest($2::text[], $3::int8[], $4::int8[], $5::int8[]) AS r(e, s, lo, hi) "
+            "ON t.grp = $1 AND t.entity_key = r.e AND t.tile_s = r.s AND t.tile_start BETWEEN r.lo AND r.hi",
             group,
-            [t[0] for t in tiles],
-            [t[1] for t in tiles],
-            [t[2] for t in tiles],
+            [e for e, _ in spans],
+            [s for _, s in spans],
+            [lo for lo, _ in spans.values()],
+            [hi for _, hi in spans.values()],
         )
         found = {(r[0], r[1], r[2]): r[3] for r in rows}
         return [found.get(t) for t in tiles]

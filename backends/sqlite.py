@@ -19,7 +19,7 @@ from typing import TypeVar
 
 from app.registry.model import BackendSpec, Group
 from backends import options as check
-from backends.base import BackendKind, Fold, Option, TileRef, WriteResult, WriteRow, reclaim_us
+from backends.base import BackendKind, Fold, Option, TileRef, WriteResult, WriteRow, reclaim_us, tile_spans
 from backends.reclaim import reclaim_loop
 
 T = TypeVar("T")
@@ -35,7 +35,7 @@ _DDL = (
     "CREATE TABLE IF NOT EXISTS stream_events (grp TEXT NOT NULL, event_id TEXT NOT NULL, expires_us INTEGER NOT NULL, "
     "PRIMARY KEY (grp, event_id)) WITHOUT ROWID",
 )
-_CHUNK = 300  # rows per statement: 3 parameters each, under SQLite's bound-parameter limit of 999
+_CHUNK = 300  # event ids per statement: 3 parameters each, under SQLite's bound-parameter limit of 999
 _WRITE = (
     "INSERT INTO feature_values (grp, entity_key, event_us, expires_us, payload) VALUES (?, ?, ?, ?, ?) "
     "ON CONFLICT (grp, entity_key) DO UPDATE SET event_us = excluded.event_us, "
@@ -214,17 +214,17 @@ class SqliteBackend:
 
 
 def _stored_tiles(conn: sqlite3.Connection, group: str, tiles: Sequence[TileRef]) -> dict[TileRef, bytes]:
+    """The stored blobs of `tiles`, read as one primary-key range per (entity, tile size)."""
+    wanted = set(tiles)
     found: dict[TileRef, bytes] = {}
-    unique = list(dict.fromkeys(tiles))
-    for start in range(0, len(unique), _CHUNK):
-        chunk = unique[start : start + _CHUNK]
-        rows = ",".join("(?, ?, ?)" for _ in chunk)
-        sql = (
-            "SELECT entity_key, tile_s, tile_start, partials FROM feature_tiles "
-            f"WHERE grp = ? AND (entity_key, tile_s, tile_start) IN (VALUES {rows})"
-        )
-        for entity, size, at, blob in conn.execute(sql, [group, *(p for t in chunk for p in t)]).fetchall():
-            found[(entity, size, at)] = blob
+    sql = (
+        "SELECT tile_start, partials FROM feature_tiles "
+        "WHERE grp = ? AND entity_key = ? AND tile_s = ? AND tile_start BETWEEN ? AND ?"
+    )
+    for (entity, size), (lo, hi) in tile_spans(tiles).items():
+        for start, blob in conn.execute(sql, (group, entity, size, lo, hi)).fetchall():
+            if (entity, size, start) in wanted:
+                found[(entity, size, start)] = blob
     return found
 
 

@@ -39,7 +39,7 @@ async def post_events(request: Request) -> Response:
         known = ", ".join(gateway.registry.streams) or "none"
         raise ValidationFailed(f"unknown stream {name!r}; streams: {known}", field="stream")
     if key is not None and key.groups is not None:
-        for group in aggregation_groups(gateway, name):
+        for group in aggregation_groups(gateway.registry, name):
             check_write_group(group.name, key.groups)
     with gateway.server_span("POST /v1/events/{stream}", request.headers) as span:
         body = decode_body(await read_body(request, request.app.state.max_body_bytes), Events)

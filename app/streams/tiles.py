@@ -125,22 +125,22 @@ def batch_for_store(
     aggregations: Mapping[str, Aggregation], events: Sequence[Event]
 ) -> tuple[list[str], list[TileKey], Callable[[set[str], Mapping[TileKey, bytes]], dict[TileKey, bytes]]]:
     """A batch as a tile store's `apply` takes it: its event ids, every tile it touches, and the fold that merges
-    the events the store has not seen into the stored tiles, entity by entity."""
+    the events the store has not seen into the stored tiles. The batch's partials are computed once; only when
+    the store has seen some of its events already are they computed again, for the others."""
     by_id: dict[str, Event] = {}
     for event in events:
         by_id.setdefault(event.event_id, event)  # a batch repeating an id: its first event counts
-    refs = list(tile_partials(list(aggregations.values()), by_id.values()))
+    listed = list(aggregations.values())
+    everything = tile_partials(listed, by_id.values())
 
     def fold_new(new: set[str], stored: Mapping[TileKey, bytes]) -> dict[TileKey, bytes]:
-        by_entity: dict[str, list[Event]] = {}
-        for event_id in new:
-            event = by_id[event_id]
-            by_entity.setdefault(event.entity, []).append(event)
+        partials = everything if len(new) == len(by_id) else tile_partials(listed, [by_id[i] for i in new])
         out: dict[TileKey, bytes] = {}
-        for entity, mine in by_entity.items():
-            own = {(size, start): blob for (e, size, start), blob in stored.items() if e == entity}
-            for (size, start), blob in fold(aggregations, mine, own).items():
-                out[(entity, size, start)] = blob
+        for ref, batch in partials.items():
+            old = stored.get(ref)
+            out[ref] = encode_partials(
+                merge_partials(aggregations, None if old is None else decode_partials(old), batch)
+            )
         return out
 
-    return list(by_id), refs, fold_new
+    return list(by_id), list(everything), fold_new

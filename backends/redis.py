@@ -17,13 +17,26 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import WatchError
+from redis.exceptions import NoScriptError, WatchError
 
 from app.registry.model import BackendSpec, Group
 from backends import options as check
 from backends.base import BackendKind, FeatureBackend, Fold, Option, TileRef, WriteResult, WriteRow
 from backends.redis_common import WRITE_IF_NEWER, script_args, server_answered
 from backends.resp import PipelinedReader
+
+# KEYS: the new event ids' keys (ARGV[1] of them), then the tiles'; ARGV[2]: the ids' ttl (ms); then per tile its
+# ttl (ms) and blob
+_WRITE_TILES = """
+local ids = tonumber(ARGV[1])
+for i = 1, ids do redis.call('SET', KEYS[i], '1', 'PX', ARGV[2]) end
+local a = 3
+for i = ids + 1, #KEYS do
+  redis.call('SET', KEYS[i], ARGV[a + 1], 'PX', ARGV[a])
+  a = a + 2
+end
+return #KEYS
+"""
 
 # Optimistic transactions per tile batch before giving up (each one lost means another batch got through)
 _APPLY_ATTEMPTS = 20
@@ -51,6 +64,8 @@ class RedisBackend:
         )
         self.client = Redis(connection_pool=pool)
         self._write_script = self.client.register_script(WRITE_IF_NEWER)
+        self._tiles_script = self.client.register_script(_WRITE_TILES)
+        self._tiles_loaded = False
         self.reader = PipelinedReader(
             options["url"],
             timeout_s=options["timeout_ms"] / 1000,
@@ -97,6 +112,9 @@ class RedisBackend:
         id_keys = [f"{self.prefix}evt:{group}:{i}" for i in ids]
         tile_keys = {ref: self.tile_key(group, ref) for ref in refs}
         keep_ms = max(1, keep_us // 1000)
+        if not self._tiles_loaded:  # EVALSHA inside MULTI cannot fall back to EVAL: have the script there first
+            await self.client.script_load(_WRITE_TILES)
+            self._tiles_loaded = True
         async with self.client.pipeline(transaction=True) as pipe:
             for _ in range(_APPLY_ATTEMPTS):
                 try:
@@ -110,13 +128,20 @@ class RedisBackend:
                     old = {ref: blob for ref, blob in zip(refs, blobs, strict=True) if isinstance(blob, bytes)}
                     written = fold(new, old)
                     now_us = time.time_ns() // 1000
-                    pipe.multi()  # type: ignore[no-untyped-call]
-                    for event_id in new:
-                        pipe.set(f"{self.prefix}evt:{group}:{event_id}", b"1", px=keep_ms)
+                    keys = [f"{self.prefix}evt:{group}:{event_id}" for event_id in new]
+                    args: list[Any] = [len(keys), keep_ms]
                     for ref, blob in written.items():
-                        expires_ms = (ref[2] + ref[1] * 1_000_000 + keep_us - now_us) // 1000
-                        pipe.set(tile_keys[ref], blob, px=max(1, expires_ms))
-                    await pipe.execute()
+                        keys.append(tile_keys[ref])
+                        args += (max(1, (ref[2] + ref[1] * 1_000_000 + keep_us - now_us) // 1000), blob)
+                    pipe.multi()  # type: ignore[no-untyped-call]
+                    # One script call in the transaction, not a SET per key: packing thousands of commands in
+                    # the client cost more than Redis running them
+                    pipe.evalsha(self._tiles_script.sha, len(keys), *keys, *args)
+                    try:
+                        await pipe.execute()
+                    except NoScriptError:  # a restarted Redis forgot it: load it and go round again
+                        await self.client.script_load(_WRITE_TILES)
+                        continue
                     return len(new)
                 except WatchError:
                     continue  # another batch touched the same ids or tiles: read again

@@ -212,6 +212,9 @@ def cmd_consume(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    if not aggregation_groups(registry, stream.name):
+        print(f"error: no aggregation group reads stream {stream.name}: nothing to consume into", file=sys.stderr)
+        return 2
     name = args.name or f"{socket.gethostname()}:{os.getpid()}"
 
     async def run() -> int:

@@ -98,7 +98,8 @@ class RedisBackend:
 
     def tile_key(self, group: str, tile: TileRef) -> str:
         entity, size, start = tile
-        return f"{self.prefix}tile:{group}:{entity}:{size}:{start}"
+        # `~` cannot start a group name: no stored group's key can reach these
+        return f"{self.prefix}~tile:{group}:{entity}:{size}:{start}"
 
     async def apply(
         self, group: str, event_ids: Sequence[str], tiles: Sequence[TileRef], fold: Fold, keep_us: int
@@ -109,7 +110,7 @@ class RedisBackend:
         a key expiring after `keep_us`."""
         ids = list(dict.fromkeys(event_ids))
         refs = list(dict.fromkeys(tiles))
-        id_keys = [f"{self.prefix}evt:{group}:{i}" for i in ids]
+        id_keys = [f"{self.prefix}~evt:{group}:{i}" for i in ids]
         tile_keys = {ref: self.tile_key(group, ref) for ref in refs}
         keep_ms = max(1, keep_us // 1000)
         if not self._tiles_loaded:  # EVALSHA inside MULTI cannot fall back to EVAL: have the script there first
@@ -128,7 +129,7 @@ class RedisBackend:
                     old = {ref: blob for ref, blob in zip(refs, blobs, strict=True) if isinstance(blob, bytes)}
                     written = fold(new, old)
                     now_us = time.time_ns() // 1000
-                    keys = [f"{self.prefix}evt:{group}:{event_id}" for event_id in new]
+                    keys = [f"{self.prefix}~evt:{group}:{event_id}" for event_id in new]
                     args: list[Any] = [len(keys), keep_ms]
                     for ref, blob in written.items():
                         keys.append(tile_keys[ref])

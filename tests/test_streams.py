@@ -189,6 +189,11 @@ async def test_one_bad_event_refuses_its_batch_and_nothing_is_counted(gateway: G
         (("allowed_lateness: 1h", "allowed_lateness: soon"), "groups.orders_agg.allowed_lateness"),
         (("fields: {value: float64", "fields: {value: bytes"), "streams.orders.fields.value"),
         (("event_time: ts", "event_time: 3"), "streams.orders.event_time"),
+        (("event_time: ts", "event_time: consumer_id"), "streams.orders.event_time"),
+        (
+            ("windows: [10m, 1h], default: 0", "windows: [1.5h], default: 0"),
+            "groups.orders_agg.aggregations.n.windows[0]",
+        ),
     ],
 )
 def test_registry_mistakes_name_their_path(names: Names, change: tuple[str, str], path: str) -> None:
@@ -217,3 +222,38 @@ async def test_a_key_limited_to_other_groups_may_not_send_events(gateway: Gatewa
             headers={"Authorization": f"Bearer {token}"},
         )
     assert refused.status_code == 403
+
+
+async def test_what_no_store_can_hold_is_refused_or_kept_storable(gateway: GatewayFactory, names: Names) -> None:
+    """An event id with NUL or a lone surrogate is a 422 (it could never be stored, and a consumer would retry it
+    forever); int64 sums past 64 bits go on as floats rather than make the tile unwritable."""
+    async with gateway(registry(names, "cockroach")) as client:
+        nul = await client.post("/v1/events/orders", json={"events": [order("a\x00b", 1, 1, 1.0, "x")]})
+        surrogate = await client.post(
+            "/v1/events/orders",
+            content=b'{"events": [{"event_id": "\\ud800", "consumer_id": 1, "ts": "' + at(1).encode() + b'"}]}',
+            headers={"content-type": "application/json"},
+        )
+        huge = [order(f"h{i}", 1, 1, 1.0, "x", items=2**63 - 1) for i in range(3)]
+        stored = await client.post("/v1/events/orders", json={"events": huge})
+        answer = await fetch(client, features=["orders_agg:items_1h", "orders_agg:n_1h"], entities={"consumer_id": [1]})
+    assert nul.status_code == 422
+    assert nul.json()["field"] == "events[0].event_id"
+    assert surrogate.status_code in (400, 422)
+    assert stored.status_code == 200, stored.text
+    assert answer["rows"][0]["values"] == [3 * float(2**63 - 1), 3]
+
+
+async def test_a_limited_key_cannot_tell_streams_apart(gateway: GatewayFactory, names: Names) -> None:
+    token = new_token()
+    keys = json.dumps([key_entry("live_writer", token, ["write"], ["live"])])
+    async with gateway(registry(names, "sqlite"), api_keys=keys) as client:
+        answers = [
+            await client.post(f"/v1/events/{name}", json={"events": []}, headers={"Authorization": f"Bearer {token}"})
+            for name in ("orders", "no_such_stream")
+        ]
+    assert [a.status_code for a in answers] == [403, 403]
+    assert [a.json()["detail"] for a in answers] == [
+        "this API key may not send events of stream 'orders'",
+        "this API key may not send events of stream 'no_such_stream'",
+    ]

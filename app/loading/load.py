@@ -173,6 +173,11 @@ def open_load(
     group = registry.groups.get(group_name)
     if group is None:
         raise MaterializeError(f"unknown group {group_name!r}; groups: {', '.join(registry.groups)}")
+    if group.streaming is not None:
+        raise MaterializeError(
+            f"{group.name} aggregates stream {group.streaming.stream}: load its events with POST "
+            f"/v1/events/{group.streaming.stream} or a stream consumer, not rows"
+        )
     if batch_size < 1:
         raise MaterializeError("--batch-size must be at least 1")
     fmt = fmt or detect_format(path)

@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 STREAM_FIELD_KINDS = ("int64", "float64", "bool", "string")
+_WINDOW = re.compile(r"^[1-9][0-9]*(s|m|h|d|w)$")  # it ends feature names: no dots, no bare numbers
 _FUNCTION = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
@@ -447,6 +448,8 @@ class _Builder:
             covered = [r for r in stored if r.partition(":")[0] == source and (not sep or r == key)]
             if group is None or not covered:
                 raise self.fail(where, "not a group (or group:feature) this service reads")
+            if group.streaming is not None:
+                raise self.fail(where, "an aggregation group's windows are as fresh as its stream: no max_age")
             try:
                 seconds = parse_duration(value)
             except ValueError as exc:
@@ -485,13 +488,17 @@ class _Builder:
         event_time = spec.get("event_time")
         if not isinstance(event_time, str) or not _NAME.match(event_time):
             raise self.fail(f"{path}.event_time", "expected the name of the field holding the event time")
+        if event_time in (entity.join_key, "event_id"):
+            raise self.fail(f"{path}.event_time", f"{event_time} is the event's entity or id, not its time")
         fields: dict[str, DType] = {}
         for field, dtype in self.mapping(spec.get("fields"), f"{path}.fields", required=False).items():
             parsed = self.context_dtype(f"{path}.fields.{field}", dtype)
             if parsed.kind not in STREAM_FIELD_KINDS:
                 raise self.fail(f"{path}.fields.{field}", f"a stream field is one of {', '.join(STREAM_FIELD_KINDS)}")
-            if field in (event_time, entity.join_key, "event_id"):
-                raise self.fail(f"{path}.fields.{field}", "is the event's id, entity or time, not one of its fields")
+            if field in (event_time, entity.join_key, "event_id", "json"):
+                raise self.fail(
+                    f"{path}.fields.{field}", "is the event's id, entity or time (or a Redis entry's json), not a field"
+                )
             fields[field] = parsed
         source = spec.get("source")
         if source is not None:
@@ -548,6 +555,8 @@ class _Builder:
             aggregation, outputs = self.aggregation(f"{path}.aggregations.{agg_name}", agg_name, agg_spec, stream)
             aggregations.append(aggregation)
             for feature_name, dtype, default in outputs:
+                if not _NAME.match(feature_name):
+                    raise self.fail(f"{path}.aggregations.{agg_name}", f"{feature_name} is longer than a name may be")
                 if any(f.name == feature_name for f in features):
                     raise self.fail(f"{path}.aggregations.{agg_name}", f"feature {feature_name} is made twice")
                 features.append(Feature(feature_name, f"{name}:{feature_name}", dtype, default, len(features)))
@@ -604,8 +613,10 @@ class _Builder:
             raise self.fail(f"{path}.windows", "expected a list of windows such as [10m, 1h, 1d, 7d]")
         parsed: list[Window] = []
         for i, window in enumerate(windows):
+            if not isinstance(window, str) or not _WINDOW.match(window):
+                raise self.fail(f"{path}.windows[{i}]", "a window is a whole number and a unit: 90s, 10m, 1h, 1d, 7d")
             try:
-                parsed.append(Window.of(str(window), parse_duration(window)))
+                parsed.append(Window.of(window, parse_duration(window)))
             except ValueError as exc:
                 raise self.fail(f"{path}.windows[{i}]", str(exc).replace("a ttl", "a window")) from None
         default = spec.get("default")

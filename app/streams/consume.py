@@ -85,7 +85,7 @@ def entry_event(stream: Stream, entry_id: str, fields: Mapping[bytes, bytes]) ->
 
 
 async def store_items(
-    gw: Gateway, stream: Stream, items: list[tuple[str, dict[str, Any] | Exception]], stop: asyncio.Event
+    gw: Gateway, stream: Stream, items: list[tuple[str, dict[str, Any] | BaseException]], stop: asyncio.Event
 ) -> list[tuple[int, str]] | None:
     """Check and store a batch of messages as events ((its position, the event or why it could not be read));
     retried while the stores fail, unless `stop` is set (then None: acknowledge nothing). Answers the messages
@@ -94,12 +94,14 @@ async def store_items(
     dead: list[tuple[int, str]] = []
     for i, (_, item) in enumerate(items):
         try:
-            if isinstance(item, Exception):
+            if isinstance(item, BaseException):
                 raise item
             events += parse_events(stream, [item], gw.limits)
-        except (ValidationFailed, ValueError) as exc:
-            reason = f"{exc.field}: {exc.detail}" if isinstance(exc, ValidationFailed) else str(exc)
-            dead.append((i, reason.replace("events[0].", "")))
+        except (ValidationFailed, ValueError, RecursionError) as exc:
+            reason = (
+                f"{exc.field}: {exc.detail}" if isinstance(exc, ValidationFailed) else f"{type(exc).__name__}: {exc}"
+            )
+            dead.append((i, reason.replace("events[0].", "")[:500]))
     delay = 0.1
     while events:
         try:
@@ -151,7 +153,8 @@ class RedisStreamConsumer:
             claimed = await self.client.xautoclaim(
                 key, group, self.name, self.claim_idle_ms, start_id=claim_from, count=self.batch
             )
-            claim_from, entries = claimed[0], claimed[1]
+            # (Redis 6.2 answers deleted pending entries as nil: nothing to store, they are gone)
+            claim_from, entries = claimed[0], [e for e in claimed[1] if e and e[0] is not None]
             if not entries:
                 read: Any = await self.client.xreadgroup(
                     group, self.name, {key: ">"}, count=self.batch, block=self.block_ms
@@ -161,11 +164,11 @@ class RedisStreamConsumer:
                 await self._handle(entries, stop)
 
     async def _handle(self, entries: list[tuple[bytes, dict[bytes, bytes]]], stop: asyncio.Event) -> None:
-        items: list[tuple[str, dict[str, Any] | Exception]] = []
+        items: list[tuple[str, dict[str, Any] | BaseException]] = []
         for entry_id, fields in entries:
             try:
                 items.append((entry_id.decode(), entry_event(self.stream, entry_id.decode(), fields)))
-            except (ValidationFailed, ValueError) as exc:
+            except (ValidationFailed, ValueError, RecursionError) as exc:
                 items.append((entry_id.decode(), exc))
         dead = await store_items(self.gw, self.stream, items, stop)
         if dead is None:
@@ -240,7 +243,7 @@ class NatsConsumer:
             await self._handle(messages, stop)
 
     async def _handle(self, messages: list[Any], stop: asyncio.Event) -> None:
-        items: list[tuple[str, dict[str, Any] | Exception]] = []
+        items: list[tuple[str, dict[str, Any] | BaseException]] = []
         for message in messages:
             sequence = str(message.metadata.sequence.stream)
             try:
@@ -249,7 +252,7 @@ class NatsConsumer:
                     raise ValueError("a message is an event: a JSON object")
                 item.setdefault("event_id", sequence)
                 items.append((sequence, item))
-            except ValueError as exc:
+            except (ValueError, RecursionError) as exc:
                 items.append((sequence, exc))
         dead = await store_items(self.gw, self.stream, items, stop)
         if dead is None:

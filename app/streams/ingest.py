@@ -71,9 +71,10 @@ def parse_events(stream: Stream, raw: Sequence[Any], limits: Limits) -> list[Eve
                     f"unknown field; stream {stream.name} has {', '.join(sorted(known))}", field=f"{path}.{name}"
                 )
         event_id = item.get("event_id")
-        if not isinstance(event_id, str) or not 0 < len(event_id) <= MAX_EVENT_ID:
+        if not isinstance(event_id, str) or not 0 < len(event_id) <= MAX_EVENT_ID or not _storable(event_id):
             raise ValidationFailed(
-                f"an event id is a string of 1 to {MAX_EVENT_ID} characters", field=f"{path}.event_id"
+                f"an event id is a string of 1 to {MAX_EVENT_ID} characters (valid UTF-8, no NUL)",
+                field=f"{path}.event_id",
             )
         if join_key not in item:
             raise ValidationFailed("the event's entity id is required", field=f"{path}.{join_key}")
@@ -92,9 +93,23 @@ def parse_events(stream: Stream, raw: Sequence[Any], limits: Limits) -> list[Eve
                     value = dtype.output(dtype.check(value))
                 except CodecError as exc:
                     raise ValidationFailed(str(exc), field=f"{path}.{name}") from None
+                if isinstance(value, str) and not _storable(value):
+                    raise ValidationFailed("not valid UTF-8 text (a lone surrogate)", field=f"{path}.{name}")
             fields[name] = value
         events.append(Event(event_id, key, event_us, fields))
     return events
+
+
+def _storable(text: str) -> bool:
+    """Text every store takes: encodable as UTF-8 (JSON may carry lone surrogates) and without NUL (PostgreSQL
+    TEXT refuses it). A message that can never be stored would otherwise be retried forever."""
+    if "\x00" in text:
+        return False
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def event_time(value: Any, field: str) -> int:
@@ -140,13 +155,16 @@ async def _apply(gw: Gateway, group: Group, events: Sequence[Event], now_us: int
         return counts
     aggregations: Mapping[str, Any] = streaming.by_name
     ids, tiles, fold = batch_for_store(aggregations, fresh)
+    keep_us = streaming.keep_us + int(gw.limits.max_future_event_ms * 1000)
     store = cast("TileStore", gw.backends[group.backend])
     new = await guarded_write(
         gw,
         group,
         len(fresh),
         "an event counts once, by its id",
-        lambda: store.apply(group.name, ids, tiles, fold, streaming.keep_us),
+        # Ids outlive the longest window and the lateness by the future margin too: an event stamped ahead of the
+        # clock and resent later must still be known when it is not yet late
+        lambda: store.apply(group.name, ids, tiles, fold, keep_us),
     )
     counts.accepted = new
     counts.duplicates = len(fresh) - new

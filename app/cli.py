@@ -138,6 +138,15 @@ class ProgressBar:
             self.drawn = False
 
 
+def _registry_of(args: argparse.Namespace, settings: Settings) -> Registry | None:
+    """The registry of `--registry`, else GATEWAY_REGISTRY; None (said on stderr) when neither is given."""
+    path = args.registry or settings.registry
+    if path is None:
+        print("error: give --registry FILE (or set GATEWAY_REGISTRY)", file=sys.stderr)
+        return None
+    return _load(path)
+
+
 def cmd_materialize(args: argparse.Namespace) -> int:
     """Exit 0: every row stored (or stale); 3: finished, some rows rejected; 1: backend failed (rerun resumes);
     2: arguments, registry, file or checkpoint are wrong (nothing written, unless the file is unreadable
@@ -145,14 +154,11 @@ def cmd_materialize(args: argparse.Namespace) -> int:
     from app.errors import BackendFailed
     from app.loading.errors import MaterializeError
     from app.loading.load import open_load, run_load
-    from app.settings import Settings
 
     settings = Settings()
-    registry_path = args.registry or settings.registry
-    if registry_path is None:
-        print("error: give --registry FILE (or set GATEWAY_REGISTRY)", file=sys.stderr)
+    registry = _registry_of(args, settings)
+    if registry is None:
         return 2
-    registry = _load(registry_path)
     path = Path(args.file)
     try:
         load = open_load(
@@ -187,17 +193,14 @@ def cmd_consume(args: argparse.Namespace) -> int:
     import socket
 
     from app.serving.gateway import Gateway
-    from app.settings import Settings
     from app.streams.consume import NatsConsumer, RedisStreamConsumer
     from app.streams.ingest import aggregation_groups
     from backends import open_backend
 
     settings = Settings()
-    registry_path = args.registry or settings.registry
-    if registry_path is None:
-        print("error: give --registry FILE (or set GATEWAY_REGISTRY)", file=sys.stderr)
+    registry = _registry_of(args, settings)
+    if registry is None:
         return 2
-    registry = _load(registry_path)
     stream = registry.streams.get(args.stream)
     if stream is None:
         print(

@@ -314,13 +314,15 @@ def plan_for(gw: Gateway, request: FetchRequest, groups: Collection[str] | None)
         if request.features is not None:
             raise ValidationFailed("give either features or service, not both", field="service")
         service = gw.registry.services.get(request.service)
-        if groups is not None:  # a limited key: an unknown service and one it may not use look alike
-            if service is None or not gw.registry.service_groups(service) <= set(groups):
+        if service is None:
+            if groups is not None:  # a limited key: an unknown service and one it may not use look alike
                 raise Forbidden(f"this API key may not use service {request.service!r}", field="service")
-        elif service is None:
             known = ", ".join(gw.registry.services) or "none"
             raise ValidationFailed(f"unknown service {request.service!r}; services: {known}", field="service")
-        return gw.service_plan(service)
+        plan = gw.service_plan(service)  # cached: the groups it reads are known once
+        if groups is not None and not all(gp.group.name in groups for gp in plan.groups):
+            raise Forbidden(f"this API key may not use service {request.service!r}", field="service")
+        return plan
     if request.features is None:
         raise ValidationFailed("give the features to fetch (a list of refs) or a service", field="features")
     if groups is not None:

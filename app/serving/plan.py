@@ -159,11 +159,7 @@ class Plan:
     transforms: tuple[TransformPlan, ...] = ()
     context: Mapping[str, DType] = field(default_factory=dict)  # the request fields the transforms need
     service: Service | None = None
-
-    @property
-    def widths(self) -> tuple[int, ...]:
-        """Values per column of a merged row: each group's, then each transform's."""
-        return (*(len(gp.positions) for gp in self.groups), *(tp.width for tp in self.transforms))
+    widths: tuple[int, ...] = ()  # values per column of a merged row: each group's, then each transform's
 
 
 def make_plan(registry: Registry, features: Sequence[str], max_features: int, service: Service | None = None) -> Plan:
@@ -233,6 +229,7 @@ def make_plan(registry: Registry, features: Sequence[str], max_features: int, se
         transforms=transforms,
         context=MappingProxyType(context),
         service=service,
+        widths=(*(len(gp.positions) for gp in group_plans), *(tp.width for tp in transforms)),
     )
 
 

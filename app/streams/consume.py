@@ -116,7 +116,9 @@ async def store_items(
     return dead
 
 
-class RedisStreamConsumer:
+class Consumer:
+    """What every consumer is given and counts; subclasses read their server."""
+
     def __init__(
         self,
         gw: Gateway,
@@ -129,16 +131,27 @@ class RedisStreamConsumer:
     ) -> None:
         self.gw = gw
         self.stream = stream
-        self.source = RedisSource.of(stream)
         self.name = name
         self.batch = batch
         self.block_ms = block_ms
         self.claim_idle_ms = claim_idle_ms
+        self.stored = 0  # messages stored (new, duplicate or late alike) and acknowledged
+        self.dead = 0  # messages that were not events, set aside
+
+    async def run(self, stop: asyncio.Event) -> None:
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        raise NotImplementedError
+
+
+class RedisStreamConsumer(Consumer):
+    def __init__(self, gw: Gateway, stream: Stream, name: str, **options: int) -> None:
+        super().__init__(gw, stream, name, **options)
+        self.source = RedisSource.of(stream)
         self.client = Redis.from_url(
-            self.source.url, socket_timeout=block_ms / 1000 + 10, client_name=f"fg-consume:{name}"
+            self.source.url, socket_timeout=self.block_ms / 1000 + 10, client_name=f"fg-consume:{name}"
         )
-        self.stored = 0  # entries stored (new, duplicate or late alike) and acknowledged
-        self.dead = 0
 
     async def run(self, stop: asyncio.Event) -> None:
         key, group = self.source.key, self.source.group
@@ -192,33 +205,17 @@ class RedisStreamConsumer:
         await self.client.aclose()
 
 
-class NatsConsumer:
+class NatsConsumer(Consumer):
     """A durable JetStream pull consumer on the stream's subject (nats-py, the `nats` extra)."""
 
-    def __init__(
-        self,
-        gw: Gateway,
-        stream: Stream,
-        name: str,
-        *,
-        batch: int = 500,
-        block_ms: int = 1000,
-        claim_idle_ms: int = 30_000,
-    ) -> None:
+    def __init__(self, gw: Gateway, stream: Stream, name: str, **options: int) -> None:
+        super().__init__(gw, stream, name, **options)
         source = stream.source or {}
         if source.get("type") != "nats":
             raise ValueError(f"stream {stream.name} has no nats source (source.type: {source.get('type')!r})")
-        self.gw = gw
-        self.stream = stream
-        self.name = name
         self.url = str(source["url"])
         self.subject = str(source.get("subject", stream.name))
         self.durable = str(source.get("durable", "feature-gateway"))
-        self.batch = batch
-        self.block_s = block_ms / 1000
-        self.ack_wait_s = claim_idle_ms / 1000
-        self.stored = 0
-        self.dead = 0
         self._nc: Any = None
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -233,11 +230,13 @@ class NatsConsumer:
         except NotFoundError:
             await js.add_stream(name=f"FG_{self.stream.name}", subjects=[self.subject])
         subscription = await js.pull_subscribe(
-            self.subject, durable=self.durable, config=ConsumerConfig(ack_wait=self.ack_wait_s, max_ack_pending=-1)
+            self.subject,
+            durable=self.durable,
+            config=ConsumerConfig(ack_wait=self.claim_idle_ms / 1000, max_ack_pending=-1),
         )
         while not stop.is_set():
             try:
-                messages = await subscription.fetch(self.batch, timeout=self.block_s)
+                messages = await subscription.fetch(self.batch, timeout=self.block_ms / 1000)
             except TimeoutError:
                 continue
             await self._handle(messages, stop)

@@ -81,6 +81,22 @@ class Histogram:
     def dump(self) -> list[Any]:
         return [self.counts, self.sum, self.exemplars]
 
+    def quantile(self, q: float) -> float | None:
+        """The upper bound of the bucket holding the q-quantile (None: no observation; inf: past the last)."""
+        return bucket_quantile(self.counts, q)
+
+
+def bucket_quantile(counts: list[int], q: float) -> float | None:
+    total = sum(counts)
+    if not total:
+        return None
+    rank, seen = q * total, 0
+    for bound, count in zip((*LATENCY_BUCKETS_S, float("inf")), counts, strict=True):
+        seen += count
+        if seen >= rank:
+            return bound
+    return float("inf")
+
 
 class Metrics:
     def __init__(self, directory: str | None = None) -> None:
@@ -100,6 +116,9 @@ class Metrics:
         # backend -> {window start: [count, sum_ms, max_ms]}, for the status page's chart
         self.series: dict[str, dict[int, list[float]]] = defaultdict(dict)
         self.loop_lag = Histogram()  # how late the event loop woke a timer (app/resilience/loop_lag.py)
+        # stream -> POST /v1/events: from its arrival until its events were servable; (stream, outcome) -> events
+        self.ingest_latency: dict[str, Histogram] = defaultdict(Histogram)
+        self.events: dict[tuple[str, str], int] = defaultdict(int)
         # This worker's load now: admission limit, in flight, shed counts, recent lag (Gateway.load)
         self.load: Callable[[], dict[str, float]] = dict
         self.directory = Path(directory) if directory else None
@@ -141,6 +160,12 @@ class Metrics:
         if ms > point[2]:
             point[2] = ms
 
+    def ingested(self, stream: str, seconds: float, accepted: int, duplicates: int, late: int) -> None:
+        self.ingest_latency[stream].observe(seconds)
+        self.events[(stream, "accepted")] += accepted
+        self.events[(stream, "duplicate")] += duplicates
+        self.events[(stream, "late")] += late
+
     def request(self, route: str, method: str, status: int, seconds: float, trace_id: str | None = None) -> None:
         self.requests[(route, method, status)] += 1
         self.request_latency[route].observe(seconds, trace_id)
@@ -158,6 +183,8 @@ class Metrics:
             "models": [[s, k, counts.to_list()] for (s, k), counts in self.models.items()],
             "series": {b: [[w, *point] for w, point in points.items()] for b, points in self.series.items()},
             "loop_lag": [self.loop_lag.counts, self.loop_lag.sum],
+            "ingest_latency": {k: [h.counts, h.sum] for k, h in self.ingest_latency.items()},
+            "events": [[*k, v] for k, v in self.events.items()],
             "load": self.load(),
         }
 
@@ -196,6 +223,8 @@ class Merged:
         self.models: dict[tuple[str, str], UsageCounts] = defaultdict(UsageCounts)
         self.series: dict[str, dict[int, list[float]]] = defaultdict(dict)
         self.loop_lag = Histogram()
+        self.ingest_latency: dict[str, Histogram] = defaultdict(Histogram)
+        self.events: dict[tuple[str, str], int] = defaultdict(int)
         self.loads: list[dict[str, float]] = []  # one per worker
         for snap in snapshots:
             for route, method, status, count in snap["requests"]:
@@ -208,6 +237,10 @@ class Merged:
                     target[name].add(*dumped)
             if "loop_lag" in snap:  # a snapshot written by an older version has neither
                 self.loop_lag.add(*snap["loop_lag"])
+            for stream, dumped in snap.get("ingest_latency", {}).items():
+                self.ingest_latency[stream].add(*dumped)
+            for stream, outcome, count in snap.get("events", ()):
+                self.events[(stream, outcome)] += count
             if "load" in snap:
                 self.loads.append(snap["load"])
             for backend, outcome, count in snap["backend_outcomes"]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import msgspec
 from fastapi import APIRouter, Request, Response
 
@@ -42,8 +44,13 @@ async def post_events(request: Request) -> Response:
     if stream is None:
         known = ", ".join(gateway.registry.streams) or "none"
         raise ValidationFailed(f"unknown stream {name!r}; streams: {known}", field="stream")
+    started = time.perf_counter()
     with gateway.server_span("POST /v1/events/{stream}", request.headers) as span:
         body = decode_body(await read_body(request, request.app.state.max_body_bytes), Events)
         events = parse_events(stream, body.events, gateway.limits)
         ingested = await ingest(gateway, stream, events)
+    # Event to servable, for events sent over HTTP: their tiles are stored when the answer leaves
+    gateway.metrics.ingested(
+        stream.name, time.perf_counter() - started, ingested.accepted, ingested.duplicates, ingested.late
+    )
     return Response(content=msgspec.json.encode(ingested), media_type="application/json", headers=with_trace({}, span))

@@ -476,6 +476,43 @@ class ServiceStatus(GroupStatus):
     requests: int
 
 
+class LatencySummary(BaseModel):
+    count: int
+    mean_ms: float | None
+    p50_ms_at_most: float | None = Field(description="Upper bound of the latency bucket holding the median")
+    p99_ms_at_most: float | None
+
+
+class StreamConsumerStatus(BaseModel):
+    name: str
+    seconds_since_report: float = Field(description="A running consumer reports every second")
+    stored: int = Field(description="Messages stored and acknowledged under this name, across its runs")
+    dead: int = Field(description="Messages that were not events, set aside")
+
+
+class StreamGroupStatus(BaseModel):
+    name: str
+    max_lag_seconds: float | None
+    expired: bool = Field(description="Served EXPIRED (defaults) now: the stream is further behind than max_lag")
+
+
+class StreamStatus(BaseModel):
+    source: str | None = Field(description="redis_stream, nats, or null: events come over HTTP only")
+    lag_events: int | None = Field(description="Messages at the source not yet stored (null: unknown)")
+    lag_seconds: float | None = Field(
+        description="Age of the oldest of them (0: caught up); grows while the source cannot be asked"
+    )
+    source_error: str | None
+    consumers: list[StreamConsumerStatus]
+    live_consumers: int | None = None
+    event_to_servable: dict[str, LatencySummary] = Field(
+        description="From the message's append to the source (`consumer`), or the request's arrival (`http`), "
+        "until its aggregates are servable"
+    )
+    http_events: dict[str, int] = Field(description="Events sent over HTTP: accepted, duplicate, late")
+    groups: list[StreamGroupStatus]
+
+
 class StatusReport(BaseModel):
     model_config = ConfigDict(
         json_schema_extra={
@@ -522,3 +559,4 @@ class StatusReport(BaseModel):
     services: dict[str, ServiceStatus] = Field(
         default_factory=dict, description="Per feature service, and `(features)` for fetches by feature list"
     )
+    streams: dict[str, StreamStatus] = Field(default_factory=dict, description="Per stream: freshness")

@@ -4,6 +4,7 @@ and the ASGI middleware that times every request."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -15,6 +16,7 @@ from app.metrics import LATENCY_BUCKETS_S, Histogram, Merged
 from app.resilience.breaker import CircuitState
 from app.serving.gateway import Gateway
 from app.serving.usage import UsageCounts
+from app.streams.report import consumer_latency
 from app.tracing.spans import SPAN_COUNTS
 from routers.deps import GatewayDep, ReadKey
 from routers.models import AUTH_RESPONSES, UsageReport
@@ -162,9 +164,57 @@ def render_prometheus(gateway: Gateway, merged: Merged, openmetrics: bool = Fals
     for (service, caller), counts in models:
         for value_status, count in counts.by_status().items():
             lines.append(f"{served}{_labels(service=service, key=caller, status=value_status)} {count}")
+    _stream_families(gateway, merged, family, lines)
     if openmetrics:
         lines.append("# EOF")
     return "\n".join(lines) + "\n"
+
+
+def _stream_families(
+    gateway: Gateway, merged: Merged, family: Callable[[str, str, str], str], lines: list[str]
+) -> None:
+    """Freshness per stream (app/streams/report.py). The lag and the consumers' reports are the source's, the same
+    in every worker; the HTTP figures are summed over workers."""
+    registry, monitor = gateway.registry, gateway.freshness
+    if not registry.streams:
+        return
+    states = {name: state for name, state in monitor.streams.items() if name in registry.streams}
+    name = family("stream_lag_seconds", "gauge", "Age of the oldest message at the source not yet stored.")
+    for stream, state in sorted(states.items()):
+        lines.append(f"{name}{_labels(stream=stream)} {state.lag_seconds():.3f}")
+    name = family("stream_lag_events", "gauge", "Messages at the source not yet stored (pending or undelivered).")
+    for stream, state in sorted(states.items()):
+        if state.lag is not None and state.lag.events is not None:
+            lines.append(f"{name}{_labels(stream=stream)} {state.lag.events}")
+    name = family("stream_source_up", "gauge", "1 when the last probe of the stream's source answered.")
+    for stream, state in sorted(states.items()):
+        lines.append(f"{name}{_labels(stream=stream)} {int(state.error is None and state.lag is not None)}")
+    name = family("stream_consumers", "gauge", "Consumers that reported in the last 10 seconds.")
+    for stream, state in sorted(states.items()):
+        lines.append(f"{name}{_labels(stream=stream)} {len(state.live_consumers())}")
+    name = family("stream_messages_total", "counter", "Messages consumers stored, or set aside as not events.")
+    for stream, state in sorted(states.items()):
+        for outcome in ("stored", "dead"):
+            total = sum(getattr(r, outcome) for r in state.consumers)
+            lines.append(f"{name}{_labels(stream=stream, outcome=outcome)} {total}")
+    name = family(
+        "stream_event_to_servable_seconds",
+        "histogram",
+        "From a message's append to the source (via consumer), or a POST's arrival (via http), until servable.",
+    )
+    for stream, state in sorted(states.items()):
+        _histogram(lines, name, consumer_latency(state.consumers), stream=stream, via="consumer")
+    for stream, histogram in sorted(merged.ingest_latency.items()):
+        _histogram(lines, name, histogram, stream=stream, via="http")
+    name = family("stream_http_events_total", "counter", "Events sent over HTTP, by outcome, summed over groups.")
+    for (stream, outcome), count in sorted(merged.events.items()):
+        lines.append(f"{name}{_labels(stream=stream, outcome=outcome)} {count}")
+    name = family("aggregation_group_expired", "gauge", "1 while max_lag serves the group's aggregates EXPIRED.")
+    for group in registry.groups.values():
+        streaming = group.streaming
+        if streaming is not None and streaming.max_lag_s is not None:
+            behind = monitor.behind(streaming.stream, streaming.max_lag_s)
+            lines.append(f"{name}{_labels(group=group.name)} {int(behind)}")
 
 
 def usage_report(gateway: Gateway, merged: Merged) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from fastapi.responses import HTMLResponse
 
 from app.auth import check_every_group
 from app.serving.usage import UsageCounts
+from app.streams.report import streams_report
 from routers.deps import GatewayDep, ReadKey
 from routers.models import AUTH_RESPONSES, StatusReport
 
@@ -87,6 +88,7 @@ async def get_status(gateway: GatewayDep, key: ReadKey) -> dict[str, Any]:
             }
             for name, counts in services.items()
         },
+        "streams": streams_report(registry, gateway.freshness, merged),
     }
 
 

@@ -3,6 +3,7 @@ SIGKILL mid-stream, the others claim what it left pending, and every event is co
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -14,6 +15,8 @@ from typing import Any
 
 import redis.asyncio as redis
 
+from app.registry.load import parse_registry
+from app.streams.sources import NatsSource
 from tests.support.clients import fetch
 from tests.support.gateways import GatewayFactory
 from tests.support.registries import REDIS_URL, Names
@@ -200,6 +203,8 @@ async def test_nats_jetstream_consumers_share_a_stream_and_survive_a_kill(
     finally:
         try:
             await js.delete_stream(stream_name)
+            with contextlib.suppress(nats.js.errors.NotFoundError):  # the consumers' reports (app/streams/sources.py)
+                await js.delete_key_value(NatsSource(parse_registry(text, "t").streams["orders"], "test").bucket)
         finally:
             await nc.close()
     async with gateway(text) as gw:

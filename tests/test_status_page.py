@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -59,8 +60,12 @@ def test_status_page_shows_registry_and_charts_fetches(demo_server: str) -> None
     }
     for _ in range(4):
         assert httpx.post(f"{demo_server}/v1/features/fetch", json=model, timeout=5).status_code == 200
+    event = {"event_id": "status-page", "consumer_id": 101, "ts": int(time.time() * 1000), "order_value": 12.5}
+    assert httpx.post(f"{demo_server}/v1/events/orders", json={"events": [event]}, timeout=5).status_code == 200
     dom = chromium_dom(f"{demo_server}/")
     assert 'data-loaded="true"' in dom, "the page never rendered /v1/status"
+    # The demo's stream comes over HTTP: no lag to show, the POST's latency as event to servable
+    assert re.search(r'<tr data-stream="orders">.*?HTTP.*?http: .*? ms.*?consumer_orders', dom, re.S)
     for name in ("consumer_live:orders_7d", "consumer_history:favourite_cuisine", "store_stats:open_orders"):
         assert name in dom
     assert re.search(r'<tr data-backend="hot">.*?closed', dom, re.S)

@@ -549,6 +549,14 @@ class _Builder:
             )
         lateness = self.seconds(spec, "allowed_lateness", path, zero=True, default=0.0)
         max_lag = self.seconds(spec, "max_lag", path, zero=False, default=None)
+        if max_lag is not None and (stream.source or {}).get("type") not in ("redis_stream", "nats"):
+            raise self.fail(
+                f"{path}.max_lag",
+                f"the lag is measured at the stream's source, and stream {stream.name} has none (events over HTTP "
+                "are servable when the request answers)",
+            )
+        if max_lag is not None and max_lag < 2:
+            raise self.fail(f"{path}.max_lag", "at least 2s: the lag is measured once a second")
         aggregations: list[Aggregation] = []
         features: list[Feature] = []
         for agg_name, agg_spec in self.mapping(spec.get("aggregations"), f"{path}.aggregations").items():

@@ -55,10 +55,10 @@ async def _read_backend(
         started = time.perf_counter()
         try:
             if limit_s is None:
-                outcome.cells = await _read_cells(backend, plans, keys, now_us, nulls)
+                outcome.cells = await _read_cells(gw, backend, plans, keys, now_us, nulls)
             else:  # the backend's own timeout bounds it when the request's deadline is more generous
                 async with asyncio.timeout(limit_s):
-                    outcome.cells = await _read_cells(backend, plans, keys, now_us, nulls)
+                    outcome.cells = await _read_cells(gw, backend, plans, keys, now_us, nulls)
             outcome.ms = (time.perf_counter() - started) * 1000
             breaker.success()
             gw.answered(backend_name, "read")
@@ -110,6 +110,7 @@ async def _read_backend(
 
 
 async def _read_cells(
+    gw: Gateway,
     backend: FeatureBackend,
     plans: list[GroupPlan],
     keys: list[list[str]],
@@ -128,7 +129,15 @@ async def _read_cells(
             cells[i] = [plan.cell(b, now_us, nulls) for b in group_blobs]
 
     async def read_windowed(i: int) -> None:
-        cells[i] = await read_windows(cast("TileStore", backend), plans[i], keys[i], now_us)
+        plan = plans[i]
+        streaming = plan.group.streaming
+        assert streaming is not None
+        if streaming.max_lag_s is not None and gw.freshness.behind(streaming.stream, streaming.max_lag_s):
+            # The stream's consumers are further behind than the group accepts: a count frozen by a stalled
+            # consumer would look like a quiet entity's, so nothing is read and every value is its default
+            cells[i] = [plan.expired] * len(keys[i])
+            return
+        cells[i] = await read_windows(cast("TileStore", backend), plan, keys[i], now_us)
 
     if not windowed:  # the usual case: no task to gather
         await read_stored()

@@ -24,6 +24,7 @@ from app.resilience.breaker import BreakerPolicy, Circuits
 from app.resilience.loop_lag import LoopLag
 from app.serving.limits import Limits
 from app.serving.plan import Plan, make_plan
+from app.streams.freshness import FreshnessMonitor
 from app.tracing.spans import SPAN_COUNTS, Tracing
 from backends.base import FeatureBackend
 
@@ -81,6 +82,7 @@ class Gateway:
         self.metrics.load = self.load
         # (backend, "read" or "write") -> when it last completed one: proof it was up at that moment
         self._answered: dict[tuple[str, str], float] = {}
+        self.freshness = FreshnessMonitor(registry)  # consumers' lag per stream, for max_lag and the metrics
 
     def span(self, name: str) -> AbstractContextManager[trace.Span]:
         """The span of a backend call under the current request's; with tracing off, or under a request the
@@ -165,6 +167,8 @@ class Gateway:
         self.spawn(self.loop_lag.run(), name="loop-lag")
         if self.metrics.directory is not None:
             self.spawn(self._dump_metrics(), name="metrics")
+        if self.freshness:
+            self.spawn(self.freshness.run(), name="freshness")
         if not self.lifecycle.migrate_on_start:
             self.migrated = dict.fromkeys(self.backends, True)
             return
@@ -234,6 +238,7 @@ class Gateway:
             await asyncio.wait(tasks, timeout=1.0)
         with contextlib.suppress(OSError):
             self.metrics.dump()
+        await self.freshness.aclose()
         for name in reversed(list(self.backends)):
             try:
                 await self.backends[name].aclose()

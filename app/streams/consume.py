@@ -22,16 +22,18 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Mapping
-from dataclasses import dataclass
+import time
+from bisect import bisect_left
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from app.errors import BackendFailed, ValidationFailed
+from app.metrics import LATENCY_BUCKETS_S
 from app.registry.model import Stream
 from app.streams.ingest import ingest, parse_events
+from app.streams.sources import ConsumerReport, NatsSource, RedisStreamSource
 from app.streams.tiles import Event
 
 if TYPE_CHECKING:
@@ -40,22 +42,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _TRUE, _FALSE = {"1", "true", "True"}, {"0", "false", "False"}
-
-
-@dataclass(frozen=True, slots=True)
-class RedisSource:
-    url: str
-    key: str  # the stream's key
-    group: str  # the consumer group
-
-    @classmethod
-    def of(cls, stream: Stream) -> RedisSource:
-        source = stream.source or {}
-        if source.get("type") != "redis_stream":
-            raise ValueError(f"stream {stream.name} has no redis_stream source (source.type: {source.get('type')!r})")
-        return cls(
-            str(source["url"]), str(source.get("stream", stream.name)), str(source.get("group", "feature-gateway"))
-        )
 
 
 def entry_event(stream: Stream, entry_id: str, fields: Mapping[bytes, bytes]) -> dict[str, Any]:
@@ -117,7 +103,12 @@ async def store_items(
 
 
 class Consumer:
-    """What every consumer is given and counts; subclasses read their server."""
+    """What every consumer is given and counts; subclasses read their server.
+
+    Every second it leaves a report at the source (app/streams/sources.py) for the gateways to show: what it
+    stored and how long its messages took from their append to the source until they were servable."""
+
+    REPORT_EVERY_S = 1.0
 
     def __init__(
         self,
@@ -135,26 +126,61 @@ class Consumer:
         self.batch = batch
         self.block_ms = block_ms
         self.claim_idle_ms = claim_idle_ms
-        self.stored = 0  # messages stored (new, duplicate or late alike) and acknowledged
-        self.dead = 0  # messages that were not events, set aside
+        self.stored = 0  # messages stored (new, duplicate or late alike) and acknowledged, in this run
+        self.dead = 0  # messages that were not events, set aside, in this run
+        self.source: RedisStreamSource | NatsSource
+        self.report = ConsumerReport(name, time.time())
+        self._reported = 0.0
 
     async def run(self, stop: asyncio.Event) -> None:
+        previous = await self.source.previous_report(self.name)
+        if previous is not None:  # the counts go on from the last run under this name (Prometheus counters)
+            self.report = previous
+        try:
+            await self.consume(stop)
+        finally:
+            await self._save_report(force=True)
+
+    async def consume(self, stop: asyncio.Event) -> None:
         raise NotImplementedError
 
+    async def done(self, appended_s: Sequence[float], stored: int, dead: int) -> None:
+        """A batch acknowledged: `appended_s`, when each of its stored messages was appended to the source."""
+        now = time.time()
+        report = self.report
+        for appended in appended_s:
+            seconds = max(0.0, now - appended)
+            report.latency[bisect_left(LATENCY_BUCKETS_S, seconds)] += 1
+            report.latency_sum += seconds
+        report.stored += stored
+        report.dead += dead
+        self.stored += stored
+        self.dead += dead
+        await self._save_report()
+
+    async def _save_report(self, force: bool = False) -> None:
+        now = time.time()
+        if not force and now - self._reported < self.REPORT_EVERY_S:
+            return
+        self._reported = now
+        self.report.at = now
+        try:
+            await self.source.save_report(self.report)
+        except Exception as exc:  # the report is for people; the events are what must not stop
+            log.warning("consumer %s: could not leave its report: %s: %s", self.name, type(exc).__name__, exc)
+
     async def aclose(self) -> None:
-        raise NotImplementedError
+        await self.source.aclose()
 
 
 class RedisStreamConsumer(Consumer):
     def __init__(self, gw: Gateway, stream: Stream, name: str, **options: int) -> None:
         super().__init__(gw, stream, name, **options)
-        self.source = RedisSource.of(stream)
-        self.client = Redis.from_url(
-            self.source.url, socket_timeout=self.block_ms / 1000 + 10, client_name=f"fg-consume:{name}"
-        )
+        source = RedisStreamSource(stream, f"fg-consume:{name}", socket_timeout=self.block_ms / 1000 + 10)
+        self.source, self.target, self.client = source, source.target, source.client
 
-    async def run(self, stop: asyncio.Event) -> None:
-        key, group = self.source.key, self.source.group
+    async def consume(self, stop: asyncio.Event) -> None:
+        key, group = self.target.key, self.target.group
         try:
             await self.client.xgroup_create(key, group, id="0", mkstream=True)
         except ResponseError as exc:
@@ -177,6 +203,7 @@ class RedisStreamConsumer(Consumer):
                 await self._handle(entries, stop)
 
     async def _handle(self, entries: list[tuple[bytes, dict[bytes, bytes]]], stop: asyncio.Event) -> None:
+        target = self.target
         items: list[tuple[str, dict[str, Any] | BaseException]] = []
         for entry_id, fields in entries:
             try:
@@ -193,16 +220,15 @@ class RedisStreamConsumer(Consumer):
                 self.name,
                 entry_id.decode(),
                 reason,
-                self.source.key,
+                target.key,
             )
             copy: dict[Any, Any] = {**fields, b"error": reason.encode(), b"entry": entry_id}
-            await self.client.xadd(f"{self.source.key}:dead", copy)
-        await self.client.xack(self.source.key, self.source.group, *(entry_id for entry_id, _ in entries))
-        self.stored += len(entries) - len(dead)
-        self.dead += len(dead)
-
-    async def aclose(self) -> None:
-        await self.client.aclose()
+            await self.client.xadd(f"{target.key}:dead", copy)
+        await self.client.xack(target.key, target.group, *(entry_id for entry_id, _ in entries))
+        rejected = {i for i, _ in dead}
+        # An entry id's first part is the Redis server's clock at XADD, in milliseconds
+        appended = [int(item_id.partition("-")[0]) / 1000 for i, (item_id, _) in enumerate(items) if i not in rejected]
+        await self.done(appended, len(entries) - len(dead), len(dead))
 
 
 class NatsConsumer(Consumer):
@@ -210,28 +236,18 @@ class NatsConsumer(Consumer):
 
     def __init__(self, gw: Gateway, stream: Stream, name: str, **options: int) -> None:
         super().__init__(gw, stream, name, **options)
-        source = stream.source or {}
-        if source.get("type") != "nats":
-            raise ValueError(f"stream {stream.name} has no nats source (source.type: {source.get('type')!r})")
-        self.url = str(source["url"])
-        self.subject = str(source.get("subject", stream.name))
-        self.durable = str(source.get("durable", "feature-gateway"))
-        self._nc: Any = None
+        self.source = NatsSource(stream, f"fg-consume:{name}")
 
-    async def run(self, stop: asyncio.Event) -> None:
-        import nats
+    async def consume(self, stop: asyncio.Event) -> None:
         from nats.js.api import ConsumerConfig
-        from nats.js.errors import NotFoundError
 
-        self._nc = await nats.connect(self.url, name=f"fg-consume:{self.name}")
-        js = self._nc.jetstream()
-        try:
-            await js.find_stream_name_by_subject(self.subject)
-        except NotFoundError:
-            await js.add_stream(name=f"FG_{self.stream.name}", subjects=[self.subject])
+        source = self.source
+        assert isinstance(source, NatsSource)
+        js = await source.connect()
+        await source.stream_name(create=True)
         subscription = await js.pull_subscribe(
-            self.subject,
-            durable=self.durable,
+            source.subject,
+            durable=source.durable,
             config=ConsumerConfig(ack_wait=self.claim_idle_ms / 1000, max_ack_pending=-1),
         )
         while not stop.is_set():
@@ -260,12 +276,9 @@ class NatsConsumer(Consumer):
         for i, reason in dead:
             log.warning("consumer %s: message %s is not an event (%s): terminated", self.name, items[i][0], reason)
             await messages[i].term()
+        appended = []
         for i, message in enumerate(messages):
             if i not in rejected:
                 await message.ack()
-        self.stored += len(messages) - len(dead)
-        self.dead += len(dead)
-
-    async def aclose(self) -> None:
-        if self._nc is not None:
-            await self._nc.close()
+                appended.append(message.metadata.timestamp.timestamp())  # the server's clock at publish
+        await self.done(appended, len(messages) - len(dead), len(dead))

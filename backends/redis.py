@@ -17,6 +17,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 
 from app.registry.model import BackendSpec, Group
 from backends import options as check
@@ -140,10 +141,19 @@ class RedisBackend:
             for ref, blob in written.items():
                 keys.append(tile_keys[ref])
                 args += (max(1, (ref[2] + ref[1] * 1_000_000 + keep_us - now_us) // 1000), blob)
-            if int(await self._tiles_script(keys=keys, args=args)) >= 0:
+            if await self._write_tiles(keys, args) >= 0:
                 return len(new)
             # another batch changed one of its entities' tiles, or sent one of its events: read again
         raise RuntimeError(f"tile batch of {group} lost {_APPLY_ATTEMPTS} optimistic transactions in a row")
+
+    async def _write_tiles(self, keys: list[str], args: list[Any]) -> int:
+        try:
+            return int(await self.reader.call("EVALSHA", self._tiles_script.sha, len(keys), *keys, *args))
+        except ResponseError as exc:
+            if not str(exc).startswith("NOSCRIPT"):
+                raise
+        await self.reader.call("SCRIPT", "LOAD", _WRITE_TILES)  # a restarted Redis forgot it
+        return int(await self.reader.call("EVALSHA", self._tiles_script.sha, len(keys), *keys, *args))
 
     async def read_tiles(self, group: str, tiles: Sequence[TileRef]) -> list[bytes | None]:
         return await self.reader.mget([self.tile_key(group, t) for t in tiles])

@@ -67,6 +67,26 @@ async def apply(store: Any, batch: list[Event]) -> int:
     return int(await store.apply("orders", list(by_id), tiles, fold_new, KEEP_US))
 
 
+async def test_a_redis_that_forgot_the_tile_script_gets_it_again(names: Names) -> None:
+    """A restarted Redis has no scripts: the tile batch loads its own and goes on (nothing counted twice)."""
+    import redis.asyncio as redis
+
+    from tests.support.registries import REDIS_URL
+
+    registry = parse_registry(names.registry(names.backend("redis")), "test-registry", env={})
+    store = open_backend(registry.backends["hot"], registry)
+    admin = redis.Redis.from_url(REDIS_URL)
+    try:
+        sent = events(40, seed=3)
+        assert await apply(store, sent[:20]) == 20
+        await admin.script_flush()
+        assert await apply(store, sent) == 20
+        assert await apply(store, sent) == 0
+    finally:
+        await admin.aclose()
+        await store.aclose()
+
+
 @pytest.mark.parametrize("kind", ["sqlite", "redis", "cockroach"])
 async def test_overlapping_and_repeated_batches_count_each_event_once(names: Names, kind: str) -> None:
     text = names.registry(names.backend(kind))

@@ -47,12 +47,16 @@ class TileStore(Protocol):
 
     `apply` is atomic and idempotent: in one transaction it records which of the batch's event ids it has not
     seen (kept `keep_us`), reads the touched tiles, folds the new events in and writes them, so a batch sent
-    twice, or two consumers sending overlapping batches at once, count each event once; a batch that fails
-    leaves nothing behind. It answers how many events were new.
+    twice, or two consumers sending overlapping batches at once, count each event once. `events` maps each event
+    id of the batch to its entity's key. It answers how many events were new.
+
+    Atomic per entity at least: an entity's new ids are recorded together with its tiles, or neither is. The SQL
+    stores write a whole batch or nothing; Redis commits entity by entity (a batch that fails half-way has
+    stored some entities' events, which a resend then counts once).
     """
 
     async def apply(
-        self, group: str, event_ids: Sequence[str], tiles: Sequence[TileRef], fold: Fold, keep_us: int
+        self, group: str, events: Mapping[str, str], tiles: Sequence[TileRef], fold: Fold, keep_us: int
     ) -> int: ...
 
     async def read_tiles(self, group: str, tiles: Sequence[TileRef]) -> list[bytes | None]: ...

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -227,7 +227,7 @@ class CockroachBackend:
         return deleted
 
     async def apply(
-        self, group: str, event_ids: Sequence[str], tiles: Sequence[TileRef], fold: Fold, keep_us: int
+        self, group: str, events: Mapping[str, str], tiles: Sequence[TileRef], fold: Fold, keep_us: int
     ) -> int:
         """TileStore.apply in one transaction. Event ids and tiles are taken in sorted order, and tiles no one has
         written yet get a placeholder row first, so that `FOR UPDATE` locks every tile the batch touches: two
@@ -246,7 +246,7 @@ class CockroachBackend:
                         "SELECT $1, e, $3 FROM unnest($2::text[]) AS e ORDER BY e "
                         "ON CONFLICT DO NOTHING RETURNING event_id",
                         group,
-                        sorted(set(event_ids)),
+                        sorted(events),
                         now + timedelta(microseconds=keep_us),
                     )
                     new = {r[0] for r in rows}

@@ -25,26 +25,38 @@ from backends.base import BackendKind, FeatureBackend, Fold, Option, TileRef, Wr
 from backends.redis_common import WRITE_IF_NEWER, script_args, server_answered
 from backends.resp import PipelinedReader
 
-# Writes a tile batch if nothing it read has changed since: no entity's version moved (every tile write bumps
-# its entity's) and none of its new event ids appeared. KEYS: the entities' version keys (ARGV[1] of them), the new
-# event ids' keys (ARGV[2] of them), then the tiles'. ARGV: [3] how long ids and versions are kept (ms), then the
-# versions as read, then per tile its ttl (ms) and blob. Answers -1 when the batch must be read again.
+# Writes a tile batch entity by entity, each only if nothing of it changed since it was read: its version did not
+# move (every tile write bumps its entity's) and none of its new event ids appeared. KEYS, per entity: its version
+# key, its new event ids' keys, its tiles' keys. ARGV: [1] how long ids and versions are kept (ms), [2] entities,
+# then per entity: the version read, its number of ids, of tiles, and per tile its ttl (ms) and blob. Answers the
+# events written and the entities (1-based) to read again.
 _WRITE_TILES = """
-local versions, ids, keep = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
-for i = 1, versions do
-  if (redis.call('GET', KEYS[i]) or '0') ~= ARGV[3 + i] then return -1 end
+local keep, k, a = ARGV[1], 1, 3
+local written, again = 0, {}
+for e = 1, tonumber(ARGV[2]) do
+  local version, ids, tiles = ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+  a = a + 3
+  local ok = (redis.call('GET', KEYS[k]) or '0') == version
+  if ok then
+    for i = k + 1, k + ids do
+      if redis.call('EXISTS', KEYS[i]) == 1 then ok = false break end
+    end
+  end
+  if ok then
+    redis.call('SET', KEYS[k], tonumber(version) + 1, 'PX', keep)
+    for i = k + 1, k + ids do redis.call('SET', KEYS[i], '1', 'PX', keep) end
+    for i = k + ids + 1, k + ids + tiles do
+      redis.call('SET', KEYS[i], ARGV[a + 1], 'PX', ARGV[a])
+      a = a + 2
+    end
+    written = written + ids
+  else
+    again[#again + 1] = e
+    a = a + 2 * tiles
+  end
+  k = k + 1 + ids + tiles
 end
-for i = versions + 1, versions + ids do
-  if redis.call('EXISTS', KEYS[i]) == 1 then return -1 end
-end
-for i = 1, versions do redis.call('SET', KEYS[i], tonumber(ARGV[3 + i]) + 1, 'PX', keep) end
-for i = versions + 1, versions + ids do redis.call('SET', KEYS[i], '1', 'PX', keep) end
-local a = 4 + versions
-for i = versions + ids + 1, #KEYS do
-  redis.call('SET', KEYS[i], ARGV[a + 1], 'PX', ARGV[a])
-  a = a + 2
-end
-return ids
+return {written, again}
 """
 
 # Optimistic transactions per tile batch before giving up (each one lost means another batch got through)
@@ -110,50 +122,80 @@ class RedisBackend:
         return f"{self.prefix}~tile:{group}:{entity}:{size}:{start}"
 
     async def apply(
-        self, group: str, event_ids: Sequence[str], tiles: Sequence[TileRef], fold: Fold, keep_us: int
+        self, group: str, events: Mapping[str, str], tiles: Sequence[TileRef], fold: Fold, keep_us: int
     ) -> int:
-        """TileStore.apply as an optimistic transaction without WATCH: one MGET reads the batch's event ids, its
-        tiles and a version per entity it touches; the fold runs here; one script writes the new ids and tiles
-        only if no version moved and no new id appeared meanwhile (else the batch is read again). Each tile is a
-        key of its own expiring with its tile; each event id a key expiring after `keep_us`.
+        """TileStore.apply as optimistic transactions per entity, without WATCH: one MGET reads the batch's event
+        ids, its tiles and a version per entity; the fold runs here; one script writes each entity's new ids and
+        tiles if neither its version moved nor one of its new ids appeared meanwhile. The entities another batch
+        got to first are read and folded again, alone: concurrent batches over the same entities (HTTP clients,
+        consumers) redo only what they share. Each tile is a key of its own expiring with its tile; each event id
+        a key expiring after `keep_us`.
 
         Not WATCH: Redis (7.0) checks each watched key against every key the client already watches, so watching
         a batch's ~5,000 keys took 112 ms of the server's time per batch, 20 times the rest of the batch."""
-        ids = list(dict.fromkeys(event_ids))
-        refs = list(dict.fromkeys(tiles))
-        entities = list(dict.fromkeys(ref[0] for ref in refs))
-        version_keys = [f"{self.prefix}~ver:{group}:{entity}" for entity in entities]
-        id_keys = [f"{self.prefix}~evt:{group}:{i}" for i in ids]
-        tile_keys = {ref: self.tile_key(group, ref) for ref in refs}
+        by_entity: dict[str, list[str]] = {}
+        for event_id, entity in events.items():
+            by_entity.setdefault(entity, []).append(event_id)
+        tiles_of: dict[str, list[TileRef]] = {}
+        for ref in dict.fromkeys(tiles):
+            tiles_of.setdefault(ref[0], []).append(ref)
         keep_ms = max(1, keep_us // 1000)
-        nv, ni = len(version_keys), len(id_keys)
+        pending, written_events = list(by_entity), 0
         for _ in range(_APPLY_ATTEMPTS):
-            found = await self.reader.mget([*version_keys, *id_keys, *tile_keys.values()])
-            versions = [b"0" if v is None else v for v in found[:nv]]
-            new = {i for i, hit in zip(ids, found[nv : nv + ni], strict=True) if hit is None}
-            if not new:
-                return 0
-            old = {ref: blob for ref, blob in zip(refs, found[nv + ni :], strict=True) if blob is not None}
-            written = fold(new, old)
-            now_us = time.time_ns() // 1000
-            keys = [*version_keys, *(f"{self.prefix}~evt:{group}:{event_id}" for event_id in new)]
-            args: list[Any] = [nv, len(new), keep_ms, *versions]
+            keys: list[str] = []
+            for entity in pending:
+                keys.append(f"{self.prefix}~ver:{group}:{entity}")
+                keys += (f"{self.prefix}~evt:{group}:{i}" for i in by_entity[entity])
+                keys += (self.tile_key(group, ref) for ref in tiles_of.get(entity, ()))
+            found = await self.reader.mget(keys)
+            read: list[tuple[str, bytes, list[str]]] = []  # entity, version, new ids
+            old: dict[TileRef, bytes] = {}
+            at = 0
+            for entity in pending:
+                ids, refs = by_entity[entity], tiles_of.get(entity, ())
+                version = found[at] or b"0"
+                new = [i for i, hit in zip(ids, found[at + 1 : at + 1 + len(ids)], strict=True) if hit is None]
+                at += 1 + len(ids)
+                for ref, blob in zip(refs, found[at : at + len(refs)], strict=True):
+                    if blob is not None:
+                        old[ref] = blob
+                at += len(refs)
+                if new:
+                    read.append((entity, version, new))
+            if not read:
+                return written_events
+            written = fold({i for _, _, new in read for i in new}, old)
+            out: dict[str, list[tuple[TileRef, bytes]]] = {}
             for ref, blob in written.items():
-                keys.append(tile_keys[ref])
-                args += (max(1, (ref[2] + ref[1] * 1_000_000 + keep_us - now_us) // 1000), blob)
-            if await self._write_tiles(keys, args) >= 0:
-                return len(new)
-            # another batch changed one of its entities' tiles, or sent one of its events: read again
+                out.setdefault(ref[0], []).append((ref, blob))
+            now_us = time.time_ns() // 1000
+            script_keys: list[str] = []
+            args: list[Any] = [keep_ms, len(read)]
+            for entity, version, new in read:
+                mine = out.get(entity, [])
+                script_keys.append(f"{self.prefix}~ver:{group}:{entity}")
+                script_keys += (f"{self.prefix}~evt:{group}:{i}" for i in new)
+                script_keys += (self.tile_key(group, ref) for ref, _ in mine)
+                args += (version, len(new), len(mine))
+                for ref, blob in mine:
+                    args += (max(1, (ref[2] + ref[1] * 1_000_000 + keep_us - now_us) // 1000), blob)
+            count, again = await self._write_tiles(script_keys, args)
+            written_events += count
+            if not again:
+                return written_events
+            pending = [read[i - 1][0] for i in again]  # another batch got to these first: read them again
         raise RuntimeError(f"tile batch of {group} lost {_APPLY_ATTEMPTS} optimistic transactions in a row")
 
-    async def _write_tiles(self, keys: list[str], args: list[Any]) -> int:
+    async def _write_tiles(self, keys: list[str], args: list[Any]) -> tuple[int, list[int]]:
+        command = ("EVALSHA", self._tiles_script.sha, len(keys), *keys, *args)
         try:
-            return int(await self.reader.call("EVALSHA", self._tiles_script.sha, len(keys), *keys, *args))
+            answer = await self.reader.call(*command)
         except ResponseError as exc:
             if not str(exc).startswith("NOSCRIPT"):
                 raise
-        await self.reader.call("SCRIPT", "LOAD", _WRITE_TILES)  # a restarted Redis forgot it
-        return int(await self.reader.call("EVALSHA", self._tiles_script.sha, len(keys), *keys, *args))
+            await self.reader.call("SCRIPT", "LOAD", _WRITE_TILES)  # a restarted Redis forgot it
+            answer = await self.reader.call(*command)
+        return int(answer[0]), [int(e) for e in answer[1]]
 
     async def read_tiles(self, group: str, tiles: Sequence[TileRef]) -> list[bytes | None]:
         return await self.reader.mget([self.tile_key(group, t) for t in tiles])

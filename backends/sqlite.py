@@ -12,7 +12,7 @@ import contextlib
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
@@ -162,10 +162,11 @@ class SqliteBackend:
         return WriteResult(written, len(rows) - written)
 
     async def apply(
-        self, group: str, event_ids: Sequence[str], tiles: Sequence[TileRef], fold: Fold, keep_us: int
+        self, group: str, events: Mapping[str, str], tiles: Sequence[TileRef], fold: Fold, keep_us: int
     ) -> int:
         """TileStore.apply: one IMMEDIATE transaction, which SQLite runs one at a time."""
         self._start_cleanup()
+        event_ids = list(events)
         now_us = time.time_ns() // 1000
 
         def apply_all(conn: sqlite3.Connection) -> int:

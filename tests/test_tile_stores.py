@@ -64,7 +64,7 @@ async def apply(store: Any, batch: list[Event]) -> int:
             out.update({(entity, s, t): b for (s, t), b in fold(BY_NAME, mine, mine_stored).items()})
         return out
 
-    return int(await store.apply("orders", list(by_id), tiles, fold_new, KEEP_US))
+    return int(await store.apply("orders", {i: e.entity for i, e in by_id.items()}, tiles, fold_new, KEEP_US))
 
 
 async def test_a_redis_that_forgot_the_tile_script_gets_it_again(names: Names) -> None:

@@ -102,8 +102,10 @@ def _add_last(state: Any, event_us: int, event_id: str, value: Any) -> Any:
 
 
 def _add_distinct(state: Any, event_us: int, event_id: str, value: Any) -> Any:
+    """`value` is the event's value's HLL position (`hll_position`, see PREPARE): hashed once per event, however
+    many tiles it goes into."""
     registers: dict[int, int] = {} if state is None else state
-    index, rank = hll_position(value)
+    index, rank = value
     if rank > registers.get(index, 0):
         registers[index] = rank
     return registers
@@ -149,7 +151,9 @@ ADD: dict[Function, Callable[[Any, int, str, Any], Any]] = {
     Function.LAST: _add_last,
     Function.COUNT_DISTINCT: _add_distinct,
 }
-_MERGE: dict[Function, Callable[[Any, Any], Any]] = {
+# What an event's field value becomes before it is added (once per event, not once per tile it goes into)
+PREPARE: dict[Function, Callable[[Any], Any]] = {Function.COUNT_DISTINCT: hll_position}
+MERGE: dict[Function, Callable[[Any, Any], Any]] = {
     Function.COUNT: _merge_sum,
     Function.SUM: _merge_sum,
     Function.MEAN: _merge_mean,
@@ -166,7 +170,7 @@ def merge(function: Function, a: Any, b: Any) -> Any:
         return b
     if b is None:
         return a
-    return _MERGE[function](a, b)
+    return MERGE[function](a, b)
 
 
 def finish(function: Function, state: Any) -> Any:

@@ -13,8 +13,8 @@ from typing import Any
 
 import msgspec
 
-from app.streams.aggregates import ADD, Function, finish, merge
-from app.streams.windows import Window, tile_start
+from app.streams.aggregates import ADD, MERGE, PREPARE, Function, finish, merge
+from app.streams.windows import Window
 
 TileKey = tuple[str, int, int]  # entity key, tile size (s), tile start (us)
 Partials = dict[str, Any]  # aggregation name -> partial
@@ -49,31 +49,48 @@ class Event:
 
 def tile_partials(aggregations: Sequence[Aggregation], events: Iterable[Event]) -> dict[TileKey, Partials]:
     """The partials a batch of (accepted, deduplicated) events adds to each tile. An event whose aggregated field
-    is null adds nothing to that aggregation (a count counts every event)."""
+    is null adds nothing to that aggregation (a count counts every event).
+
+    The hot loop of ingestion: per event, each tile it falls in is looked up once for all the aggregations that
+    tile size serves, and each field value is prepared (hashed, for count_distinct) once."""
     tiles: dict[TileKey, Partials] = {}
-    layers = [(a, ADD[a.function], a.tile_sizes) for a in aggregations]
+    fields = [(a.field, PREPARE.get(a.function)) for a in aggregations]
+    by_size: dict[int, list[tuple[int, str, Callable[[Any, int, str, Any], Any]]]] = {}
+    for i, aggregation in enumerate(aggregations):
+        for size in aggregation.tile_sizes:
+            by_size.setdefault(size, []).append((i, aggregation.name, ADD[aggregation.function]))
+    layers = [(size, size * 1_000_000, adds) for size, adds in sorted(by_size.items())]
     for event in events:
-        for aggregation, add, sizes in layers:
-            value = None
-            if aggregation.field is not None:
-                value = event.fields.get(aggregation.field)
-                if value is None:
-                    continue
-            for size in sizes:
-                key = (event.entity, size, tile_start(event.event_us, size))
-                partials = tiles.get(key)
-                if partials is None:
-                    partials = tiles[key] = {}
-                partials[aggregation.name] = add(partials.get(aggregation.name), event.event_us, event.event_id, value)
-    return tiles
+        event_us, event_id, entity = event.event_us, event.event_id, event.entity
+        values: list[Any] = []
+        for field, prepare in fields:
+            if field is None:
+                values.append(True)  # a count: every event
+                continue
+            value = event.fields.get(field)
+            values.append(None if value is None else value if prepare is None else prepare(value))
+        for size, size_us, adds in layers:
+            key = (entity, size, event_us - event_us % size_us)  # windows.tile_start, inlined
+            partials = tiles.get(key)
+            if partials is None:
+                partials = tiles[key] = {}
+            for i, name, add in adds:
+                value = values[i]
+                if value is not None:
+                    partials[name] = add(partials.get(name), event_us, event_id, value)
+        # (a tile none of whose aggregations took the event stays empty: only counts and null fields do that)
+    return {key: partials for key, partials in tiles.items() if partials}
 
 
 def merge_partials(aggregations: Mapping[str, Aggregation], old: Partials | None, new: Partials) -> Partials:
-    """A stored tile's partials with a batch's (what a store does atomically)."""
-    merged = dict(old or {})
+    """A stored tile's partials with a batch's (what a store does atomically). `old` is updated in place and
+    returned (callers give a freshly decoded tile); with no `old`, `new` itself is the answer."""
+    if old is None:
+        return new
     for name, partial in new.items():
-        merged[name] = merge(aggregations[name].function, merged.get(name), partial)
-    return merged
+        prior = old.get(name)
+        old[name] = partial if prior is None else MERGE[aggregations[name].function](prior, partial)
+    return old
 
 
 def window_values(
@@ -123,8 +140,9 @@ def fold(
 
 def batch_for_store(
     aggregations: Mapping[str, Aggregation], events: Sequence[Event]
-) -> tuple[list[str], list[TileKey], Callable[[set[str], Mapping[TileKey, bytes]], dict[TileKey, bytes]]]:
-    """A batch as a tile store's `apply` takes it: its event ids, every tile it touches, and the fold that merges
+) -> tuple[dict[str, str], list[TileKey], Callable[[set[str], Mapping[TileKey, bytes]], dict[TileKey, bytes]]]:
+    """A batch as a tile store's `apply` takes it: its event ids (to their entities), every tile it touches, and
+    the fold that merges
     the events the store has not seen into the stored tiles. The batch's partials are computed once; only when
     the store has seen some of its events already are they computed again, for the others."""
     by_id: dict[str, Event] = {}
@@ -143,4 +161,4 @@ def batch_for_store(
             )
         return out
 
-    return list(by_id), list(everything), fold_new
+    return {i: e.entity for i, e in by_id.items()}, list(everything), fold_new

@@ -190,6 +190,7 @@ def cmd_materialize(args: argparse.Namespace) -> int:
 
 def cmd_consume(args: argparse.Namespace) -> int:
     """Runs until SIGTERM or SIGINT; entries taken and not yet stored stay pending for the other consumers."""
+    import gc
     import socket
 
     from app.serving.gateway import Gateway
@@ -233,6 +234,10 @@ def cmd_consume(args: argparse.Namespace) -> int:
         try:
             for backend in backends.values():
                 await backend.migrate()
+            # What start-up built lives as long as the process: out of the collector's way, whose full
+            # collections would otherwise walk every module's objects again and again under load
+            gc.collect()
+            gc.freeze()
             print(f"consumer {name}: reading stream {stream.name} from {source_type}", flush=True)
             await consumer.run(stop)
         finally:
@@ -397,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     consume.add_argument("--registry", help="registry YAML (default: $GATEWAY_REGISTRY)")
     consume.add_argument("--stream", required=True, help="the registry's stream (its source says where it is)")
     consume.add_argument("--name", help="this consumer's name in the consumer group [host:pid]")
-    consume.add_argument("--batch", type=int, default=500, help="entries read at once [500]")
+    consume.add_argument("--batch", type=int, default=1000, help="entries read at once [1000]")
     consume.add_argument("--block-ms", type=int, default=1000, help="how long a read waits for entries [1000]")
     consume.add_argument(
         "--claim-idle-ms",

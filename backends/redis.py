@@ -140,13 +140,19 @@ class RedisBackend:
         for ref in dict.fromkeys(tiles):
             tiles_of.setdefault(ref[0], []).append(ref)
         keep_ms = max(1, keep_us // 1000)
+        # Every key once (as bytes: what the connection sends), for the read and the write and any retry
+        prefix = self.prefix.encode()
+        versions_base, ids_base = prefix + b"~ver:%s:" % group.encode(), prefix + b"~evt:%s:" % group.encode()
+        version_key = {entity: versions_base + entity.encode() for entity in by_entity}
+        id_key = {event_id: ids_base + event_id.encode() for event_id in events}
+        tile_key = {ref: self.tile_key(group, ref).encode() for refs in tiles_of.values() for ref in refs}
         pending, written_events = list(by_entity), 0
         for _ in range(_APPLY_ATTEMPTS):
-            keys: list[str] = []
+            keys: list[bytes] = []
             for entity in pending:
-                keys.append(f"{self.prefix}~ver:{group}:{entity}")
-                keys += (f"{self.prefix}~evt:{group}:{i}" for i in by_entity[entity])
-                keys += (self.tile_key(group, ref) for ref in tiles_of.get(entity, ()))
+                keys.append(version_key[entity])
+                keys += [id_key[i] for i in by_entity[entity]]
+                keys += [tile_key[ref] for ref in tiles_of.get(entity, ())]
             found = await self.reader.mget(keys)
             read: list[tuple[str, bytes, list[str]]] = []  # entity, version, new ids
             old: dict[TileRef, bytes] = {}
@@ -169,13 +175,13 @@ class RedisBackend:
             for ref, blob in written.items():
                 out.setdefault(ref[0], []).append((ref, blob))
             now_us = time.time_ns() // 1000
-            script_keys: list[str] = []
+            script_keys: list[bytes] = []
             args: list[Any] = [keep_ms, len(read)]
             for entity, version, new in read:
                 mine = out.get(entity, [])
-                script_keys.append(f"{self.prefix}~ver:{group}:{entity}")
-                script_keys += (f"{self.prefix}~evt:{group}:{i}" for i in new)
-                script_keys += (self.tile_key(group, ref) for ref, _ in mine)
+                script_keys.append(version_key[entity])
+                script_keys += [id_key[i] for i in new]
+                script_keys += [tile_key[ref] for ref, _ in mine]
                 args += (version, len(new), len(mine))
                 for ref, blob in mine:
                     args += (max(1, (ref[2] + ref[1] * 1_000_000 + keep_us - now_us) // 1000), blob)
@@ -186,7 +192,7 @@ class RedisBackend:
             pending = [read[i - 1][0] for i in again]  # another batch got to these first: read them again
         raise RuntimeError(f"tile batch of {group} lost {_APPLY_ATTEMPTS} optimistic transactions in a row")
 
-    async def _write_tiles(self, keys: list[str], args: list[Any]) -> tuple[int, list[int]]:
+    async def _write_tiles(self, keys: list[bytes], args: list[Any]) -> tuple[int, list[int]]:
         command = ("EVALSHA", self._tiles_script.sha, len(keys), *keys, *args)
         try:
             answer = await self.reader.call(*command)

@@ -15,6 +15,7 @@ import contextlib
 import ssl
 import time
 from collections import deque
+from collections.abc import Sequence
 from typing import Any
 
 import hiredis
@@ -160,7 +161,7 @@ class PipelinedReader:
         finally:
             self._connecting = None
 
-    async def mget(self, keys: list[str]) -> list[bytes | None]:
+    async def mget(self, keys: Sequence[str | bytes]) -> list[bytes | None]:
         payload = pack("MGET", *keys)
         for attempt in (1, 2):
             protocol = await self._ready()

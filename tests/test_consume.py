@@ -216,3 +216,40 @@ async def test_nats_jetstream_consumers_share_a_stream_and_survive_a_kill(
     )
     assert at_kill.delivered.stream_seq < 2203
     assert counted == len(sent) == 2100
+
+
+def test_a_batch_sets_aside_each_bad_message_and_keeps_every_good_one() -> None:
+    """Messages are checked together; each bad one is set aside with its reason (the field, not its position in
+    the batch), the check going on after it."""
+    from app.serving.limits import Limits
+    from app.streams.consume import _checked
+
+    text = """
+entities:
+  consumer: {join_key: consumer_id, dtype: int64}
+backends:
+  hot: {type: sqlite, path: /tmp/unused.sqlite}
+streams:
+  orders: {entity: consumer, event_time: ts, fields: {value: float64}}
+groups:
+  agg: {backend: hot, stream: orders, aggregations: {n: {function: count, windows: [1h]}}}
+"""
+    stream = parse_registry(text, "t", env={}).streams["orders"]
+    now_ms = int(time.time() * 1000)
+
+    def good(i: int) -> dict[str, Any]:
+        return {"event_id": f"e{i}", "consumer_id": i, "ts": now_ms, "value": 1.0}
+
+    items: list[tuple[str, dict[str, Any] | BaseException]] = [(str(i), good(i)) for i in range(8)]
+    items[0] = ("0", {**good(0), "value": "abc"})
+    items[2] = ("2", ValueError("not JSON"))
+    items[5] = ("5", {**good(5), "colour": "red"})
+    items[7] = ("7", {"event_id": "e7", "ts": now_ms})
+    events, dead = _checked(stream, items, Limits())
+    assert [e.event_id for e in events] == ["e1", "e3", "e4", "e6"]
+    assert [i for i, _ in dead] == [0, 2, 5, 7]
+    reasons = dict(dead)
+    assert reasons[0].startswith("value: ")
+    assert reasons[2] == "ValueError: not JSON"
+    assert reasons[5].startswith("colour: unknown field")
+    assert reasons[7].startswith("consumer_id: ")

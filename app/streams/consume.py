@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 from bisect import bisect_left
 from collections.abc import Mapping, Sequence
@@ -32,6 +33,7 @@ from redis.exceptions import ResponseError
 from app.errors import BackendFailed, ValidationFailed
 from app.metrics import LATENCY_BUCKETS_S
 from app.registry.model import Stream
+from app.serving.limits import Limits
 from app.streams.ingest import ingest, parse_events
 from app.streams.sources import ConsumerReport, NatsSource, RedisStreamSource
 from app.streams.tiles import Event
@@ -70,24 +72,52 @@ def entry_event(stream: Stream, entry_id: str, fields: Mapping[bytes, bytes]) ->
     return item
 
 
+_INDEX = re.compile(r"events\[(\d+)\]\.?")
+
+
+def _reason(exc: BaseException) -> str:
+    text = f"{exc.field}: {exc.detail}" if isinstance(exc, ValidationFailed) else f"{type(exc).__name__}: {exc}"
+    return _INDEX.sub("", text, count=1)[:500]
+
+
+def _checked(
+    stream: Stream, items: list[tuple[str, dict[str, Any] | BaseException]], limits: Limits
+) -> tuple[list[Event], list[tuple[int, str]]]:
+    """The valid events of a batch, checked together (one pass, as `POST /v1/events` does), and the messages
+    that are not events (index, why): each bad one found is set aside and the check goes on after it."""
+    events: list[Event] = []
+    dead = [(i, _reason(item)) for i, (_, item) in enumerate(items) if isinstance(item, BaseException)]
+    valid = [(i, item) for i, (_, item) in enumerate(items) if not isinstance(item, BaseException)]
+    start = 0
+    while start < len(valid):
+        rest = [item for _, item in valid[start:]]
+        try:
+            events += parse_events(stream, rest, limits)
+            break
+        except (ValidationFailed, ValueError, RecursionError) as exc:
+            found = _INDEX.match(exc.field or "") if isinstance(exc, ValidationFailed) else None
+            if found is None:  # not about one event (the batch as a whole): every message on its own
+                for i, item in valid[start:]:
+                    try:
+                        events += parse_events(stream, [item], limits)
+                    except (ValidationFailed, ValueError, RecursionError) as one:
+                        dead.append((i, _reason(one)))
+                break
+            bad = int(found.group(1))
+            if bad:
+                events += parse_events(stream, rest[:bad], limits)  # (checked already, and good)
+            dead.append((valid[start + bad][0], _reason(exc)))
+            start += bad + 1
+    return events, sorted(dead)
+
+
 async def store_items(
     gw: Gateway, stream: Stream, items: list[tuple[str, dict[str, Any] | BaseException]], stop: asyncio.Event
 ) -> list[tuple[int, str]] | None:
     """Check and store a batch of messages as events ((its position, the event or why it could not be read));
     retried while the stores fail, unless `stop` is set (then None: acknowledge nothing). Answers the messages
     that are not valid events (index, why), which the caller sets aside."""
-    events: list[Event] = []
-    dead: list[tuple[int, str]] = []
-    for i, (_, item) in enumerate(items):
-        try:
-            if isinstance(item, BaseException):
-                raise item
-            events += parse_events(stream, [item], gw.limits)
-        except (ValidationFailed, ValueError, RecursionError) as exc:
-            reason = (
-                f"{exc.field}: {exc.detail}" if isinstance(exc, ValidationFailed) else f"{type(exc).__name__}: {exc}"
-            )
-            dead.append((i, reason.replace("events[0].", "")[:500]))
+    events, dead = _checked(stream, items, gw.limits)
     delay = 0.1
     while events:
         try:
@@ -116,9 +146,10 @@ class Consumer:
         stream: Stream,
         name: str,
         *,
-        batch: int = 500,
+        batch: int = 1000,
         block_ms: int = 1000,
         claim_idle_ms: int = 30_000,
+        inflight: int = 2,
     ) -> None:
         self.gw = gw
         self.stream = stream
@@ -126,6 +157,7 @@ class Consumer:
         self.batch = batch
         self.block_ms = block_ms
         self.claim_idle_ms = claim_idle_ms
+        self.inflight = inflight  # batches stored at once (Redis Streams; JetStream takes one at a time)
         self.stored = 0  # messages stored (new, duplicate or late alike) and acknowledged, in this run
         self.dead = 0  # messages that were not events, set aside, in this run
         self.source: RedisStreamSource | NatsSource
@@ -178,22 +210,25 @@ class RedisStreamConsumer(Consumer):
         super().__init__(gw, stream, name, **options)
         source = RedisStreamSource(stream, f"fg-consume:{name}", socket_timeout=self.block_ms / 1000 + 10)
         self.source, self.target, self.client = source, source.target, source.client
+        self._claim_from = "0-0"  # where the scan of pending entries goes on (0-0: it is through)
+        self._claimed_at = -float("inf")  # when it last went through
+        self._claiming = False
 
     async def consume(self, stop: asyncio.Event) -> None:
-        key, group = self.target.key, self.target.group
         try:
-            await self.client.xgroup_create(key, group, id="0", mkstream=True)
+            await self.client.xgroup_create(self.target.key, self.target.group, id="0", mkstream=True)
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
-        claim_from = "0-0"
+        # Two batches in flight: one is checked and folded here while the other waits on Redis (its reads and its
+        # script); the tile store redoes only the entities both touched (backends/redis.py)
+        await asyncio.gather(*(self._lane(stop) for _ in range(self.inflight)))
+
+    async def _lane(self, stop: asyncio.Event) -> None:
+        key, group = self.target.key, self.target.group
         while not stop.is_set():
             # Entries a consumer took and never acknowledged (it died, or its store failed), then new ones
-            claimed = await self.client.xautoclaim(
-                key, group, self.name, self.claim_idle_ms, start_id=claim_from, count=self.batch
-            )
-            # (Redis 6.2 answers deleted pending entries as nil: nothing to store, they are gone)
-            claim_from, entries = claimed[0], [e for e in claimed[1] if e and e[0] is not None]
+            entries = await self._claim()
             if not entries:
                 read: Any = await self.client.xreadgroup(
                     group, self.name, {key: ">"}, count=self.batch, block=self.block_ms
@@ -201,6 +236,32 @@ class RedisStreamConsumer(Consumer):
                 entries = read[0][1] if read else []  # RESP2: [[key, entries]]
             if entries:
                 await self._handle(entries, stop)
+
+    async def _claim(self) -> list[Any]:
+        """Entries idle past `claim_idle_ms` in any consumer's pending list, taken over (XAUTOCLAIM). A scan of
+        the pending lists goes on batch after batch until it is through, then starts again after half the idle
+        time: nothing can become claimable sooner than that after the scan passed it."""
+        now = time.monotonic()
+        if self._claiming or (self._claim_from == "0-0" and now - self._claimed_at < self.claim_idle_ms / 2000):
+            return []
+        self._claiming = True
+        try:
+            claimed = await self.client.xautoclaim(
+                self.target.key,
+                self.target.group,
+                self.name,
+                self.claim_idle_ms,
+                start_id=self._claim_from,
+                count=self.batch,
+            )
+        finally:
+            self._claiming = False
+        cursor = claimed[0].decode() if isinstance(claimed[0], bytes) else str(claimed[0])
+        if cursor == "0-0":
+            self._claimed_at = now
+        self._claim_from = cursor
+        # (Redis 6.2 answers deleted pending entries as nil: nothing to store, they are gone)
+        return [e for e in claimed[1] if e and e[0] is not None]
 
     async def _handle(self, entries: list[tuple[bytes, dict[bytes, bytes]]], stop: asyncio.Event) -> None:
         target = self.target

@@ -3,11 +3,11 @@ the request (the rule in windows.py), one cell per entity as for any stored grou
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from app.serving.statuses import MISSING, PRESENT, Cell
-from app.streams.tiles import decode_partials, tiles_needed, window_values
+from app.streams.tiles import decode_partials, layout_values, read_layout
 
 if TYPE_CHECKING:
     from app.serving.plan import GroupPlan
@@ -24,20 +24,19 @@ async def read_windows(store: TileStore, plan: GroupPlan, keys: Sequence[str], n
     group = plan.group
     streaming = group.streaming
     assert streaming is not None
-    aggregations = streaming.aggregations
-    needed = sorted(tiles_needed(aggregations, now_us))
+    layout = read_layout(streaming.aggregations, now_us)
+    needed = layout.tiles
     blobs = await store.read_tiles(group.name, [(key, size, start) for key in keys for size, start in needed])
     features = [group.by_index[p] for p in plan.positions]
     cells = []
+    width = len(needed)
     for k in range(len(keys)):
-        found = blobs[k * len(needed) : (k + 1) * len(needed)]
-        tiles = {ref: decode_partials(b) for ref, b in zip(needed, found, strict=True) if b is not None}
-        cells.append(_cell(plan, features, tiles, aggregations, now_us))
+        found = [None if b is None else decode_partials(b) for b in blobs[k * width : (k + 1) * width]]
+        cells.append(_cell(plan, features, layout_values(layout, found)))
     return cells
 
 
-def _cell(plan: GroupPlan, features: Sequence[Any], tiles: Any, aggregations: Any, now_us: int) -> Cell:
-    values = window_values(aggregations, tiles, now_us)
+def _cell(plan: GroupPlan, features: Sequence[Any], values: Mapping[str, Any]) -> Cell:
     served, statuses = [], []
     for feature, default in zip(features, plan.defaults, strict=True):
         value = values[feature.name]

@@ -13,7 +13,7 @@ from typing import Any
 
 import msgspec
 
-from app.streams.aggregates import ADD, MERGE, PREPARE, Function, finish, merge
+from app.streams.aggregates import ADD, MERGE, PREPARE, Function, finish
 from app.streams.windows import Window
 
 TileKey = tuple[str, int, int]  # entity key, tile size (s), tile start (us)
@@ -93,26 +93,69 @@ def merge_partials(aggregations: Mapping[str, Aggregation], old: Partials | None
     return old
 
 
+@dataclass(frozen=True, slots=True)
+class ReadLayout:
+    """What a read at one moment merges, the same for every entity: the tiles to fetch ((size, start), by size
+    then oldest first) and, per tile, the windows it is in ((feature, aggregation, function) of each), so a read
+    visits only the tiles an entity has, each once. It changes only when one of the tile sizes rolls over, and is
+    cached until then (`read_layout`)."""
+
+    tiles: tuple[tuple[int, int], ...]
+    covers: tuple[tuple[tuple[str, str, Function], ...], ...]
+    features: tuple[tuple[str, Function], ...]  # every feature, with the function that finishes it
+
+
+_LAYOUTS: dict[tuple[int, ...], tuple[Sequence[Aggregation], ReadLayout]] = {}
+
+
+def read_layout(aggregations: Sequence[Aggregation], at_us: int) -> ReadLayout:
+    sizes = sorted({w.tile_s for a in aggregations for w in a.windows})
+    key = (id(aggregations), *(at_us // (size * 1_000_000) for size in sizes))
+    cached = _LAYOUTS.get(key)
+    if cached is not None and cached[0] is aggregations:
+        return cached[1]
+    covering: dict[tuple[int, int], list[tuple[str, str, Function]]] = {}
+    features: list[tuple[str, Function]] = []
+    for aggregation in aggregations:
+        for window in aggregation.windows:
+            feature = f"{aggregation.name}_{window.name}"
+            features.append((feature, aggregation.function))
+            cover = (feature, aggregation.name, aggregation.function)
+            for start in window.tiles(at_us):
+                covering.setdefault((window.tile_s, start), []).append(cover)
+    tiles = sorted(covering)
+    layout = ReadLayout(tuple(tiles), tuple(tuple(covering[t]) for t in tiles), tuple(features))
+    if len(_LAYOUTS) >= 256:  # one entry per aggregation group and moment: the old moments go
+        _LAYOUTS.clear()
+    _LAYOUTS[key] = (aggregations, layout)
+    return layout
+
+
+def layout_values(layout: ReadLayout, partials: Sequence[Partials | None]) -> dict[str, Any]:
+    """Feature -> value from one entity's tiles, `partials[i]` for `layout.tiles[i]` (None: no such tile)."""
+    states: dict[str, Any] = {}
+    for i, tile in enumerate(partials):
+        if tile is None:
+            continue
+        for feature, name, function in layout.covers[i]:
+            partial = tile.get(name)
+            if partial is not None:
+                prior = states.get(feature)
+                states[feature] = partial if prior is None else MERGE[function](prior, partial)
+    return {feature: finish(function, states.get(feature)) for feature, function in layout.features}
+
+
 def window_values(
     aggregations: Sequence[Aggregation], tiles: Mapping[tuple[int, int], Partials], at_us: int
 ) -> dict[str, Any]:
     """Feature -> value at `at_us` from one entity's tiles ((tile size, start) -> partials); None: no value."""
-    values: dict[str, Any] = {}
-    for aggregation in aggregations:
-        function, name = aggregation.function, aggregation.name
-        for window in aggregation.windows:
-            state = None
-            for start in window.tiles(at_us):
-                partials = tiles.get((window.tile_s, start))
-                if partials is not None:
-                    state = merge(function, state, partials.get(name))
-            values[f"{name}_{window.name}"] = finish(function, state)
-    return values
+    layout = read_layout(aggregations, at_us)
+    return layout_values(layout, [tiles.get(t) for t in layout.tiles])
 
 
 def tiles_needed(aggregations: Sequence[Aggregation], at_us: int) -> set[tuple[int, int]]:
     """The (tile size, start) of every tile a read at `at_us` merges: what a store fetches for one entity."""
-    return {(w.tile_s, start) for a in aggregations for w in a.windows for start in w.tiles(at_us)}
+    return set(read_layout(aggregations, at_us).tiles)
 
 
 def encode_partials(partials: Partials) -> bytes:

@@ -48,7 +48,8 @@ class TileStore(Protocol):
     `apply` is atomic and idempotent: in one transaction it records which of the batch's event ids it has not
     seen (kept `keep_us`), reads the touched tiles, folds the new events in and writes them, so a batch sent
     twice, or two consumers sending overlapping batches at once, count each event once. `events` maps each event
-    id of the batch to its entity's key. It answers how many events were new.
+    id of the batch to its entity's key. A tile of size s is kept `tile_keep_us[s]` past its end (its windows'
+    longest plus the lateness). It answers how many events were new.
 
     Atomic per entity at least: an entity's new ids are recorded together with its tiles, or neither is. The SQL
     stores write a whole batch or nothing; Redis commits entity by entity (a batch that fails half-way has
@@ -56,10 +57,19 @@ class TileStore(Protocol):
     """
 
     async def apply(
-        self, group: str, events: Mapping[str, str], tiles: Sequence[TileRef], fold: Fold, keep_us: int
+        self,
+        group: str,
+        events: Mapping[str, str],
+        tiles: Sequence[TileRef],
+        fold: Fold,
+        keep_us: int,
+        tile_keep_us: Mapping[int, int],
     ) -> int: ...
 
-    async def read_tiles(self, group: str, tiles: Sequence[TileRef]) -> list[bytes | None]: ...
+    async def read_tiles(
+        self, group: str, entities: Sequence[str], tiles: Sequence[tuple[int, int]]
+    ) -> list[bytes | None]:
+        """The same tiles ((size, start)) of every entity: blobs entity by entity, None where there is none."""
 
 
 class PartialRead(Exception):

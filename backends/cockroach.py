@@ -227,7 +227,13 @@ class CockroachBackend:
         return deleted
 
     async def apply(
-        self, group: str, events: Mapping[str, str], tiles: Sequence[TileRef], fold: Fold, keep_us: int
+        self,
+        group: str,
+        events: Mapping[str, str],
+        tiles: Sequence[TileRef],
+        fold: Fold,
+        keep_us: int,
+        tile_keep_us: Mapping[int, int],
     ) -> int:
         """TileStore.apply in one transaction. Event ids and tiles are taken in sorted order, and tiles no one has
         written yet get a placeholder row first, so that `FOR UPDATE` locks every tile the batch touches: two
@@ -235,7 +241,7 @@ class CockroachBackend:
         only ever wait in one order."""
         refs = sorted(set(tiles))
         entities, sizes, starts = [r[0] for r in refs], [r[1] for r in refs], [r[2] for r in refs]
-        expires = [_timestamp(at + size * 1_000_000 + keep_us) for _, size, at in refs]
+        expires = [_timestamp(at + size * 1_000_000 + tile_keep_us[size]) for _, size, at in refs]
         pool = await self.pool()
         for attempt in range(_WRITE_ATTEMPTS):
             try:
@@ -285,7 +291,7 @@ class CockroachBackend:
                         [k[1] for k in keys],
                         [k[2] for k in keys],
                         [written[k] for k in keys],
-                        [_timestamp(k[2] + k[1] * 1_000_000 + keep_us) for k in keys],
+                        [_timestamp(k[2] + k[1] * 1_000_000 + tile_keep_us[k[1]]) for k in keys],
                     )
                 return len(new)
             except asyncpg.TransactionRollbackError as exc:  # as in write(): rolled back whole, safe to resend
@@ -295,8 +301,11 @@ class CockroachBackend:
                 await asyncio.sleep(0.01 * 2**attempt * (0.5 + random.random()))
         raise AssertionError("unreachable")
 
-    async def read_tiles(self, group: str, tiles: Sequence[TileRef]) -> list[bytes | None]:
+    async def read_tiles(
+        self, group: str, entities: Sequence[str], needed: Sequence[tuple[int, int]]
+    ) -> list[bytes | None]:
         """One statement: a primary-key range per (entity, tile size), the window's tiles being consecutive."""
+        tiles = [(entity, size, start) for entity in entities for size, start in needed]
         spans = tile_spans(tiles)
         pool = await self.pool()
         rows = await pool.fetch(

@@ -68,6 +68,15 @@ class _Protocol(asyncio.Protocol):
             if not future.done():
                 future.set_exception(self.lost)
 
+    def send_many(self, payloads: Sequence[bytes]) -> list[asyncio.Future[Any]]:
+        if self.lost is not None or self.transport is None or self.transport.is_closing():
+            raise self.lost or RedisConnectionError("connection closed")
+        loop, now = asyncio.get_running_loop(), time.monotonic()
+        futures = [loop.create_future() for _ in payloads]
+        self.pending.extend((future, now) for future in futures)
+        self.transport.write(b"".join(payloads))
+        return futures
+
     def send(self, payload: bytes) -> asyncio.Future[Any]:
         if self.lost is not None or self.transport is None or self.transport.is_closing():
             raise self.lost or RedisConnectionError("connection closed")
@@ -162,17 +171,41 @@ class PipelinedReader:
             self._connecting = None
 
     async def mget(self, keys: Sequence[str | bytes]) -> list[bytes | None]:
-        payload = pack("MGET", *keys)
+        reply: list[bytes | None] = await self.send(pack("MGET", *keys))
+        return reply
+
+    async def send(self, payload: bytes) -> Any:
+        """A command packed by the caller, for reads only: resent once on a connection that broke."""
         for attempt in (1, 2):
             protocol = await self._ready()
             try:
-                reply: list[bytes | None] = await protocol.send(payload)
-                return reply
+                return await protocol.send(payload)
             except RedisConnectionError:
                 # A pooled socket that died with a Redis restart: reconnect once (reads are idempotent).
                 if attempt == 2:
                     raise
         raise AssertionError("unreachable")
+
+    async def send_many(self, payloads: Sequence[bytes]) -> list[Any]:
+        """Commands packed by the caller, for reads only, written at once; their replies in order (the first
+        error raised once all have answered). Resent once on a connection that broke."""
+        for attempt in (1, 2):
+            protocol = await self._ready()
+            try:
+                futures = protocol.send_many(payloads)
+                replies = await asyncio.gather(*futures, return_exceptions=True)
+            except RedisConnectionError:
+                if attempt == 2:
+                    raise
+                continue
+            for reply in replies:
+                if isinstance(reply, RedisConnectionError) and attempt == 1:
+                    break  # the connection broke under them: once more
+                if isinstance(reply, BaseException):
+                    raise reply
+            else:
+                return replies
+        raise RedisConnectionError("connection lost twice")
 
     async def call(self, *parts: bytes | str | int) -> Any:
         """One command, sent once: a connection lost on the way raises (the caller knows whether it may

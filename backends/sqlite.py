@@ -162,7 +162,13 @@ class SqliteBackend:
         return WriteResult(written, len(rows) - written)
 
     async def apply(
-        self, group: str, events: Mapping[str, str], tiles: Sequence[TileRef], fold: Fold, keep_us: int
+        self,
+        group: str,
+        events: Mapping[str, str],
+        tiles: Sequence[TileRef],
+        fold: Fold,
+        keep_us: int,
+        tile_keep_us: Mapping[int, int],
     ) -> int:
         """TileStore.apply: one IMMEDIATE transaction, which SQLite runs one at a time."""
         self._start_cleanup()
@@ -183,7 +189,7 @@ class SqliteBackend:
                 conn.executemany(
                     "INSERT OR REPLACE INTO feature_tiles VALUES (?, ?, ?, ?, ?, ?)",
                     [
-                        (group, e, size, at, at + size * 1_000_000 + keep_us, blob)
+                        (group, e, size, at, at + size * 1_000_000 + tile_keep_us[size], blob)
                         for (e, size, at), blob in written.items()
                     ],
                 )
@@ -195,7 +201,10 @@ class SqliteBackend:
 
         return await self._writer.run(apply_all)
 
-    async def read_tiles(self, group: str, tiles: Sequence[TileRef]) -> list[bytes | None]:
+    async def read_tiles(
+        self, group: str, entities: Sequence[str], needed: Sequence[tuple[int, int]]
+    ) -> list[bytes | None]:
+        tiles = [(entity, size, start) for entity in entities for size, start in needed]
         found = await self._reader.run(lambda conn: _stored_tiles(conn, group, tiles))
         return [found.get(t) for t in tiles]
 

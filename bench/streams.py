@@ -9,8 +9,8 @@ Rows:
   `--concurrency` of them in flight. Events per second of wall time, and per CPU-second of the gateway's
   process (what one worker can take when the box is not shared with the client and the database).
 - **Fetch**: 1 entity x 12 aggregate features against 12 stored features on the same backend, over HTTP, one at a
-  time; p50 of each and their ratio. Storage per entity per aggregation, in bytes (Redis `MEMORY USAGE` of every
-  tile key of 200 entities; PostgreSQL the tile table's size; SQLite the tile rows' bytes).
+  time; p50 of each and their ratio. Storage per entity per aggregation, in bytes (Redis `MEMORY USAGE` of the tile
+  hashes of 200 entities; PostgreSQL the tile table's size; SQLite the tile rows' bytes).
 - **Consumer**: `--consumer-events` events XADDed to a Redis Stream first, then one `feature-gateway consume`
   process drains them into Redis tiles; events per second from its first acknowledgement to the last, and its CPU.
 - **Freshness**: a consumer and a gateway running, a producer XADDs `--rate` events/s for `--seconds`; ten times a
@@ -170,9 +170,8 @@ async def storage_bytes(kind: str, uid: str, folder: Path) -> float:
         client = aioredis.Redis.from_url(REDIS_URL)
         try:
             total = 0
-            for entity in range(200):
-                async for key in client.scan_iter(match=f"bench-streams:{uid}:~tile:agg:{entity}:*", count=10_000):
-                    total += int(await client.memory_usage(key, samples=0) or 0)
+            for entity in range(200):  # an entity's tiles are one hash (backends/redis_tiles.py)
+                total += int(await client.memory_usage(f"bench-streams:{uid}:~tiles:agg:{entity}", samples=0) or 0)
             return total / 200 / 3
         finally:
             await client.aclose()

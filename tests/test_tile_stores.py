@@ -64,7 +64,9 @@ async def apply(store: Any, batch: list[Event]) -> int:
             out.update({(entity, s, t): b for (s, t), b in fold(BY_NAME, mine, mine_stored).items()})
         return out
 
-    return int(await store.apply("orders", {i: e.entity for i, e in by_id.items()}, tiles, fold_new, KEEP_US))
+    events = {i: e.entity for i, e in by_id.items()}
+    keep = {w.tile_s: KEEP_US for w in WINDOWS}
+    return int(await store.apply("orders", events, tiles, fold_new, KEEP_US, keep))
 
 
 async def test_a_redis_that_forgot_the_tile_script_gets_it_again(names: Names) -> None:
@@ -106,7 +108,7 @@ async def test_overlapping_and_repeated_batches_count_each_event_once(names: Nam
         by_entity = {}
         for entity in {e.entity for e in sent}:
             wanted = sorted({(w.tile_s, start) for a in AGGREGATIONS for w in a.windows for start in w.tiles(at)})
-            blobs = await store.read_tiles("orders", [(entity, s, t) for s, t in wanted])  # type: ignore[attr-defined]
+            blobs = await store.read_tiles("orders", [entity], wanted)  # type: ignore[attr-defined]
             tiles = {ref: decode_partials(b) for ref, b in zip(wanted, blobs, strict=True) if b is not None}
             by_entity[entity] = window_values(AGGREGATIONS, tiles, at)
     finally:
@@ -149,12 +151,13 @@ def test_served_values_equal_a_recomputation_on_every_backend(names: Names, kind
                 for fresh in batches:
                     if fresh:
                         ids, tiles, fold_new = batch_for_store(STREAM_BY_NAME, fresh)
-                        await store.apply(group, ids, tiles, fold_new, 4 * 3600 * S)
+                        keep = {s: 4 * 3600 * S for _, s, _ in tiles}
+                        await store.apply(group, ids, tiles, fold_new, 4 * 3600 * S, keep)
                 for entity in ("a", "b", "c"):
                     for offset in reads:
                         at = now + offset
                         needed = sorted(tiles_needed(STREAM_AGGREGATIONS, at))
-                        blobs = await store.read_tiles(group, [(entity, s, t) for s, t in needed])
+                        blobs = await store.read_tiles(group, [entity], needed)
                         tiles = {ref: decode_partials(b) for ref, b in zip(needed, blobs, strict=True) if b is not None}
                         compare(entity, window_values(STREAM_AGGREGATIONS, tiles, at), at, accepted)
             finally:
@@ -163,3 +166,38 @@ def test_served_values_equal_a_recomputation_on_every_backend(names: Names, kind
         asyncio.run(scenario())
 
     check_one()
+
+
+async def test_redis_prunes_an_entity_s_tiles_past_their_keep(names: Names) -> None:
+    """Redis keeps an entity's tiles in one hash that expires as a whole (7.0 has no field expiry): a write that
+    finds more fields than its windows can read removes those past their keep, and every value stays exact."""
+    import redis.asyncio as redis
+
+    from tests.support.registries import REDIS_URL
+
+    registry = parse_registry(names.registry(names.backend("redis")), "test-registry", env={})
+    store: Any = open_backend(registry.backends["hot"], registry)
+    admin = redis.Redis.from_url(REDIS_URL)
+    windows = (Window.of("10s", 10), Window.of("1h", 3600))  # 1 s and 1 min tiles
+    aggregations = [Aggregation("n", Function.COUNT, None, windows)]
+    by_name = {a.name: a for a in aggregations}
+    keep = {w.tile_s: w.seconds * S for w in windows}  # no lateness
+    now = time.time_ns() // 1000
+    sent = [Event(f"e{i}", "c1", now - (600 - i) * S, {}) for i in range(600)]  # one a second, 10 minutes
+    try:
+        for start in range(0, 600, 50):  # in order, as a stream would bring them
+            ids, tiles, fold_new = batch_for_store(by_name, sent[start : start + 50])
+            assert await store.apply("pruned", ids, tiles, fold_new, 3600 * S, keep) == 50
+        fields = await admin.hlen(f"{names.prefix}~tiles:pruned:c1")
+        at = time.time_ns() // 1000
+        layout_tiles = sorted(tiles_needed(aggregations, at))
+        blobs = await store.read_tiles("pruned", ["c1"], layout_tiles)
+        found = {ref: decode_partials(b) for ref, b in zip(layout_tiles, blobs, strict=True) if b is not None}
+        values = window_values(aggregations, found, at)
+    finally:
+        await admin.aclose()
+        await store.aclose()
+    # 600 one-second tiles and 11 one-minute tiles were written; what is left is what a read can still need
+    assert fields < 200, fields
+    assert values["n_1h"] == 600
+    assert values["n_10s"] == sum(1 for e in sent if windows[0].counts(at, e.event_us))

@@ -75,9 +75,18 @@ class Streaming:
 
     @property
     def keep_us(self) -> int:
-        """The longest window plus the lateness: how long tiles and seen event ids must be kept."""
+        """The longest window plus the lateness: how long seen event ids must be kept."""
         longest = max(w.seconds for a in self.aggregations for w in a.windows)
         return (longest + int(self.allowed_lateness_s)) * 1_000_000
+
+    @property
+    def tile_keep_us(self) -> dict[int, int]:
+        """Per tile size, how long after its end a tile must be kept: the longest window of that tile size plus
+        the lateness (a 10 s tile of a 10m window is not kept for the 7d window's sake)."""
+        keep: dict[int, int] = {}
+        for window in (w for a in self.aggregations for w in a.windows):
+            keep[window.tile_s] = max(keep.get(window.tile_s, 0), window.seconds)
+        return {size: (seconds + int(self.allowed_lateness_s)) * 1_000_000 for size, seconds in keep.items()}
 
     @property
     def by_name(self) -> Mapping[str, Aggregation]:

@@ -164,7 +164,7 @@ async def _apply(gw: Gateway, group: Group, events: Sequence[Event], now_us: int
         "an event counts once, by its id",
         # Ids outlive the longest window and the lateness by the future margin too: an event stamped ahead of the
         # clock and resent later must still be known when it is not yet late
-        lambda: store.apply(group.name, ids, tiles, fold, keep_us),
+        lambda: store.apply(group.name, ids, tiles, fold, keep_us, streaming.tile_keep_us),
     )
     counts.accepted = new
     counts.duplicates = len(fresh) - new

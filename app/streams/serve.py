@@ -26,7 +26,7 @@ async def read_windows(store: TileStore, plan: GroupPlan, keys: Sequence[str], n
     assert streaming is not None
     layout = read_layout(streaming.aggregations, now_us)
     needed = layout.tiles
-    blobs = await store.read_tiles(group.name, [(key, size, start) for key in keys for size, start in needed])
+    blobs = await store.read_tiles(group.name, keys, needed)
     features = [group.by_index[p] for p in plan.positions]
     cells = []
     width = len(needed)

@@ -54,7 +54,11 @@ for e = 1, entities do
   end
   if ok then
     for i = k + 1, k + ids do redis.call('SET', KEYS[i], '1', 'PX', ids_ms) end
-    redis.call('HSET', key, 'v', tonumber(version) + 1, unpack(ARGV, a, a + 2 * tiles - 1))
+    -- in slices: Lua's unpack stops at a few thousand values (an entity's backfill can touch more tiles)
+    for from = a, a + 2 * tiles - 1, 1000 do
+      redis.call('HSET', key, unpack(ARGV, from, math.min(from + 999, a + 2 * tiles - 1)))
+    end
+    redis.call('HSET', key, 'v', tonumber(version) + 1)
     if redis.call('PTTL', key) < tonumber(ttl) then redis.call('PEXPIRE', key, ttl) end
     if redis.call('HLEN', key) > prune then
       for _, field in ipairs(redis.call('HKEYS', key)) do

@@ -201,3 +201,26 @@ async def test_redis_prunes_an_entity_s_tiles_past_their_keep(names: Names) -> N
     assert fields < 200, fields
     assert values["n_1h"] == 600
     assert values["n_10s"] == sum(1 for e in sent if windows[0].counts(at, e.event_us))
+
+
+async def test_redis_takes_one_entity_s_batch_touching_thousands_of_tiles(names: Names) -> None:
+    """A backfill of one entity: more tiles in one script call than Lua can unpack at once."""
+    registry = parse_registry(names.registry(names.backend("redis")), "test-registry", env={})
+    store: Any = open_backend(registry.backends["hot"], registry)
+    windows = (Window.of("1h", 3600),)  # 1 min tiles
+    aggregations = [Aggregation("n", Function.COUNT, None, windows)]
+    now = time.time_ns() // 1000
+    sent = [Event(f"b{i}", "c1", now - i * 60 * S, {}) for i in range(6000)]  # one a minute, back 100 hours
+    try:
+        ids, tiles, fold_new = batch_for_store({"n": aggregations[0]}, sent)
+        assert len(tiles) == 6000
+        assert await store.apply("backfill", ids, tiles, fold_new, 200 * 3600 * S, {60: 200 * 3600 * S}) == 6000
+        at = time.time_ns() // 1000
+        needed = sorted(tiles_needed(aggregations, at))
+        blobs = await store.read_tiles("backfill", ["c1"], needed)
+        found = {ref: decode_partials(b) for ref, b in zip(needed, blobs, strict=True) if b is not None}
+        assert window_values(aggregations, found, at)["n_1h"] == sum(
+            1 for e in sent if windows[0].counts(at, e.event_us)
+        )
+    finally:
+        await store.aclose()

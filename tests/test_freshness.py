@@ -239,3 +239,23 @@ def test_max_lag_needs_a_source_to_measure(names: Names, source: str, max_lag: s
         parse_registry(registry(names, source, max_lag), "t", env={})
     assert caught.value.path == "groups.orders_agg.max_lag"
     assert why in str(caught.value)
+
+
+async def test_an_unreadable_consumer_report_does_not_stop_the_lag_measure(
+    gateway: GatewayFactory, names: Names
+) -> None:
+    key = f"{names.prefix}orders"
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        await client.hset(f"{key}:fg-consumers", "old-version", b'{"name": 1}')
+        await client.xadd(key, {"consumer_id": 7, "ts": int(time.time() * 1000), "value": 2.0})
+        async with gateway(registry(names, redis_source(names))) as http:
+            gw: Gateway = http.app.state.gateway
+            await gw.freshness.probe()
+            state = gw.freshness.streams["orders"]
+            assert state.error is None
+            assert state.lag is not None
+            assert state.lag.events == 1
+            assert state.consumers == []
+    finally:
+        await client.aclose()

@@ -213,6 +213,8 @@ class RedisStreamConsumer(Consumer):
         self._claim_from = "0-0"  # where the scan of pending entries goes on (0-0: it is through)
         self._claimed_at = -float("inf")  # when it last went through
         self._claiming = False
+        # Entries this consumer is storing now: a batch that retries past claim_idle_ms is not claimed by its twin
+        self._inflight: set[bytes] = set()
 
     async def consume(self, stop: asyncio.Event) -> None:
         try:
@@ -261,9 +263,17 @@ class RedisStreamConsumer(Consumer):
             self._claimed_at = now
         self._claim_from = cursor
         # (Redis 6.2 answers deleted pending entries as nil: nothing to store, they are gone)
-        return [e for e in claimed[1] if e and e[0] is not None]
+        return [e for e in claimed[1] if e and e[0] is not None and e[0] not in self._inflight]
 
     async def _handle(self, entries: list[tuple[bytes, dict[bytes, bytes]]], stop: asyncio.Event) -> None:
+        ids = {entry_id for entry_id, _ in entries}
+        self._inflight |= ids
+        try:
+            await self._store(entries, stop)
+        finally:
+            self._inflight -= ids
+
+    async def _store(self, entries: list[tuple[bytes, dict[bytes, bytes]]], stop: asyncio.Event) -> None:
         target = self.target
         items: list[tuple[str, dict[str, Any] | BaseException]] = []
         for entry_id, fields in entries:

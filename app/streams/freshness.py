@@ -75,13 +75,17 @@ class FreshnessMonitor:
         try:
             async with asyncio.timeout(self.timeout_s):
                 lag = await source.lag()
-                reports = await source.reports()
         except Exception as exc:  # the source down: the lag grows from the last measure (see lag_seconds)
             if state.error is None:
                 log.warning("stream %s: cannot measure its lag: %s", name, describe_error(exc))
             state.error = describe_error(exc)
             return
-        state.lag, state.consumers, state.error, state.measured = lag, reports, None, time.monotonic()
+        state.lag, state.error, state.measured = lag, None, time.monotonic()
+        try:  # the reports are for people: failing to read them says nothing of the lag
+            async with asyncio.timeout(self.timeout_s):
+                state.consumers = await source.reports()
+        except Exception as exc:
+            log.warning("stream %s: cannot read its consumers' reports: %s", name, describe_error(exc))
 
     async def run(self) -> None:
         while True:

@@ -128,7 +128,7 @@ class RedisStreamSource:
 
     async def reports(self) -> list[ConsumerReport]:
         found = await self.client.hgetall(self.reports_key)
-        return [_decode_report(blob) for blob in found.values()]
+        return [r for r in map(_decode_report, found.values()) if r is not None]
 
     async def save_report(self, report: ConsumerReport) -> None:
         await self.client.hset(self.reports_key, report.name, msgspec.json.encode(report))
@@ -142,7 +142,7 @@ class RedisStreamSource:
             report = _decode_report(blob)
             if _text(field) == name:
                 mine = report
-            elif time.time() - report.at > REPORT_KEEP_S:
+            elif report is None or time.time() - report.at > REPORT_KEEP_S:  # gone, or unreadable
                 await self.client.hdel(self.reports_key, field)
         return mine
 
@@ -212,7 +212,7 @@ class NatsSource:
         if not events:
             return SourceLag(0, 0.0)
         try:
-            oldest = await js.get_msg(name, seq=first_seq, next=True)
+            oldest = await js.get_msg(name, seq=first_seq, subject=self.subject, next=True)
         except NotFoundError:
             return SourceLag(events, 0.0)  # acknowledged (and removed) meanwhile
         return SourceLag(events, max(0.0, time.time() - oldest.time.timestamp()))
@@ -230,7 +230,7 @@ class NatsSource:
         return re.sub(r"[^A-Za-z0-9_=-]", "_", name)  # what a KV key may hold; the name itself is in the report
 
     async def reports(self) -> list[ConsumerReport]:
-        from nats.js.errors import BucketNotFoundError, NoKeysError
+        from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NoKeysError
 
         js = await self.connect()
         try:  # the bucket is the consumers' to create: a gateway only reads it
@@ -240,9 +240,13 @@ class NatsSource:
             return []
         found = []
         for key in keys:
-            entry = await kv.get(key)
-            if entry.value:
-                found.append(_decode_report(entry.value))
+            try:
+                entry = await kv.get(key)
+            except KeyNotFoundError:  # expired since it was listed
+                continue
+            report = _decode_report(entry.value) if entry.value else None
+            if report is not None:
+                found.append(report)
         return found
 
     async def save_report(self, report: ConsumerReport) -> None:
@@ -264,8 +268,12 @@ class NatsSource:
             await self.nc.close()
 
 
-def _decode_report(blob: bytes | str) -> ConsumerReport:
-    return msgspec.json.decode(blob, type=ConsumerReport)
+def _decode_report(blob: bytes | str) -> ConsumerReport | None:
+    """None for a report this version cannot read (another layout): one bad report must not hide the others."""
+    try:
+        return msgspec.json.decode(blob, type=ConsumerReport)
+    except msgspec.DecodeError:
+        return None
 
 
 def _text(value: Any) -> str:

@@ -2,7 +2,7 @@
 value a window's merged partial serves.
 
 Each partial is a small plain value (an int, a float, a short list) so any backend stores it as MessagePack, and
-`merge` is associative and commutative, so tiles merge in any order, a batch can be pre-aggregated before it is
+`MERGE` is associative and commutative, so tiles merge in any order, a batch can be pre-aggregated before it is
 stored, and a store may merge a new partial into an old one atomically (Lua, one SQL statement) without knowing
 the function. An empty window serves 0 for count, sum and count_distinct (no orders in the last hour is a fact)
 and no value (the default, MISSING) for mean, min, max and last.
@@ -162,15 +162,6 @@ MERGE: dict[Function, Callable[[Any, Any], Any]] = {
     Function.LAST: _merge_last,
     Function.COUNT_DISTINCT: _merge_distinct,
 }
-
-
-def merge(function: Function, a: Any, b: Any) -> Any:
-    """Two partials of one function in one (None is the partial of no events)."""
-    if a is None:
-        return b
-    if b is None:
-        return a
-    return MERGE[function](a, b)
 
 
 def finish(function: Function, state: Any) -> Any:

@@ -23,6 +23,7 @@ from app.registry.durations import parse_duration
 from app.registry.model import (
     REQUEST,
     BackendSpec,
+    Cache,
     Entity,
     Feature,
     Group,
@@ -215,7 +216,10 @@ class _Builder:
             raise self.fail(
                 f"{path}.type", f"unknown backend type {spec.get('type')!r}; expected one of {', '.join(self.kinds)}"
             )
-        self.only(spec, path, {"type", *kind.options})
+        self.only(spec, path, {"type", "cost_per_gb_month", *kind.options})
+        cost = spec.get("cost_per_gb_month")
+        if cost is not None and (isinstance(cost, bool) or not isinstance(cost, int | float) or not cost >= 0):
+            raise self.fail(f"{path}.cost_per_gb_month", f"expected a price of at least 0, not {cost!r}")
         options: dict[str, Any] = {}
         for option, declared in kind.options.items():
             if option not in spec:
@@ -230,7 +234,7 @@ class _Builder:
         problem = kind.rules(options) if kind.rules else None
         if problem:
             raise self.fail(f"{path}.{problem[0]}", problem[1])
-        return BackendSpec(name, kind.type, MappingProxyType(options))
+        return BackendSpec(name, kind.type, MappingProxyType(options), None if cost is None else float(cost))
 
     def entity(self, name: str, spec: Any) -> Entity:
         path = f"entities.{name}"
@@ -256,7 +260,9 @@ class _Builder:
         spec = self.mapping(spec, path)
         if "stream" in spec:
             return self.aggregation_group(name, spec, backends, entities, streams)
-        self.only(spec, path, {"entity", "backend", "ttl", "expired_grace", "features", "description"})
+        self.only(
+            spec, path, {"entity", "backend", "ttl", "expired_grace", "features", "description", "cache", "moving_to"}
+        )
         if spec.get("entity") not in entities:
             raise self.fail(f"{path}.entity", f"unknown entity {spec.get('entity')!r}; declared: {', '.join(entities)}")
         if spec.get("backend") not in backends:
@@ -295,7 +301,39 @@ class _Builder:
             by_index=MappingProxyType({f.index: f for f in features}),
             description=str(spec.get("description", "")),
             codec=codec,
+            cache=self.cache(path, spec, backends),
+            moving_to=self.moving_to(path, spec, backends),
         )
+
+    def cache(self, path: str, spec: dict[str, Any], backends: Mapping[str, BackendSpec]) -> Cache | None:
+        """A group's hot tier: a Redis backend other than its own, and how long a copy is kept there."""
+        if spec.get("cache") is None:
+            return None
+        path = f"{path}.cache"
+        raw = self.mapping(spec["cache"], path)
+        self.only(raw, path, {"backend", "ttl"})
+        backend = str(raw.get("backend"))
+        if backend not in backends:
+            raise self.fail(f"{path}.backend", f"unknown backend {backend!r}; declared: {', '.join(backends)}")
+        if backends[backend].type != "redis" or backends[backend].options.get("cluster"):
+            raise self.fail(f"{path}.backend", f"a cache is a single-node Redis backend; {backend} is not one")
+        if backend == spec["backend"]:
+            raise self.fail(f"{path}.backend", "the group already lives on this backend: a cache is another one")
+        if raw.get("ttl") is None:
+            raise self.fail(f"{path}.ttl", "required: how long a copy is kept in the cache (say 1h)")
+        ttl = self.seconds(raw, "ttl", path, zero=False, default=None)
+        assert ttl is not None
+        return Cache(backend, ttl)
+
+    def moving_to(self, path: str, spec: dict[str, Any], backends: Mapping[str, BackendSpec]) -> str | None:
+        target = spec.get("moving_to")
+        if target is None:
+            return None
+        if target not in backends:
+            raise self.fail(f"{path}.moving_to", f"unknown backend {target!r}; declared: {', '.join(backends)}")
+        if target == spec["backend"]:
+            raise self.fail(f"{path}.moving_to", "the group already lives on this backend")
+        return str(target)
 
     def feature_dtype(self, path: str, spec: Any) -> DType:
         if isinstance(spec, str):

@@ -29,6 +29,15 @@ class Feature:
 
 
 @dataclass(frozen=True, slots=True)
+class Cache:
+    """A read-through hot tier in front of a group's backend (its system of record): `backend` holds copies of
+    the values read or written lately, each kept `ttl_s` at most (issue 14, app/tiering/)."""
+
+    backend: str
+    ttl_s: float
+
+
+@dataclass(frozen=True, slots=True)
 class Group:
     name: str
     entity: Entity
@@ -42,6 +51,20 @@ class Group:
     codec: GroupCodec = field(repr=False, compare=False)
     description: str = ""
     streaming: Streaming | None = None  # an aggregation group: its features are windows over a stream
+    cache: Cache | None = None  # a hot tier read first, the backend read for what it lacks
+    # While `feature-gateway move` runs: the backend the group is being moved to. Writes go to both; reads
+    # stay on `backend` until the move cuts them over (by rewriting the registry).
+    moving_to: str | None = None
+
+    @property
+    def backends(self) -> tuple[str, ...]:
+        """Every backend holding this group's values: its own, its cache's, the one it is moving to."""
+        names = [self.backend]
+        if self.cache is not None:
+            names.append(self.cache.backend)
+        if self.moving_to is not None:
+            names.append(self.moving_to)
+        return tuple(dict.fromkeys(names))
 
     @property
     def reclaim_after_us(self) -> int | None:
@@ -176,6 +199,7 @@ class BackendSpec:
     name: str
     type: str
     options: Mapping[str, Any]
+    cost_per_gb_month: float | None = None  # the price of a GiB held a month, for the cost report (any type)
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,13 +247,15 @@ class Registry:
         }
 
     def groups_on(self, backend: str) -> list[Group]:
-        return [g for g in self.groups.values() if g.backend == backend]
+        """The groups whose values `backend` holds: as their own backend, their cache or the target of a move."""
+        return [g for g in self.groups.values() if backend in g.backends]
 
     def describe(self) -> dict[str, Any]:
         """The registry as served by GET /v1/registry (no credentials: URLs lose their passwords)."""
         return {
             "backends": {
                 b.name: {"type": b.type, **{k: _redact(v) for k, v in b.options.items()}}
+                | ({} if b.cost_per_gb_month is None else {"cost_per_gb_month": b.cost_per_gb_month})
                 for b in self.backends.values()
             },
             "entities": {e.name: {"join_key": e.join_key, "dtype": e.dtype.name} for e in self.entities.values()},
@@ -242,6 +268,8 @@ class Registry:
                     "description": g.description,
                     "features": {f.name: {"dtype": f.dtype.name, "default": f.default} for f in g.features},
                 }
+                | ({} if g.cache is None else {"cache": {"backend": g.cache.backend, "ttl_seconds": g.cache.ttl_s}})
+                | ({} if g.moving_to is None else {"moving_to": g.moving_to})
                 | (
                     {}
                     if g.streaming is None

@@ -119,6 +119,8 @@ class Metrics:
         # stream -> POST /v1/events: from its arrival until its events were servable; (stream, outcome) -> events
         self.ingest_latency: dict[str, Histogram] = defaultdict(Histogram)
         self.events: dict[tuple[str, str], int] = defaultdict(int)
+        # (group, event) -> keys: cache hits, misses, promotions... (app/tiering/cache.py)
+        self.cache: dict[tuple[str, str], int] = defaultdict(int)
         # This worker's load now: admission limit, in flight, shed counts, recent lag (Gateway.load)
         self.load: Callable[[], dict[str, float]] = dict
         self.directory = Path(directory) if directory else None
@@ -185,6 +187,7 @@ class Metrics:
             "loop_lag": [self.loop_lag.counts, self.loop_lag.sum],
             "ingest_latency": {k: [h.counts, h.sum] for k, h in self.ingest_latency.items()},
             "events": [[*k, v] for k, v in self.events.items()],
+            "cache": [[*k, v] for k, v in self.cache.items()],
             "load": self.load(),
         }
 
@@ -225,6 +228,7 @@ class Merged:
         self.loop_lag = Histogram()
         self.ingest_latency: dict[str, Histogram] = defaultdict(Histogram)
         self.events: dict[tuple[str, str], int] = defaultdict(int)
+        self.cache: dict[tuple[str, str], int] = defaultdict(int)
         self.loads: list[dict[str, float]] = []  # one per worker
         for snap in snapshots:
             for route, method, status, count in snap["requests"]:
@@ -241,6 +245,8 @@ class Merged:
                 self.ingest_latency[stream].add(*dumped)
             for stream, outcome, count in snap.get("events", ()):
                 self.events[(stream, outcome)] += count
+            for group, event, count in snap.get("cache", ()):
+                self.cache[(group, event)] += count
             if "load" in snap:
                 self.loads.append(snap["load"])
             for backend, outcome, count in snap["backend_outcomes"]:

@@ -79,12 +79,16 @@ class PartialRead(Exception):
     of the read, the positions of those keys. The serving core serves every other key as read and the failed
     ones UNAVAILABLE; the cause is chained (`raise PartialRead(...) from exc`). A read that got nothing raises
     its error instead, so that it counts as the backend's failure.
+
+    `answered` False: the backend itself failed (or was not asked, its circuit open: no cause) and the keys
+    served came from elsewhere (a group's cache, app/tiering/cache.py); the failure counts against it.
     """
 
-    def __init__(self, message: str, blobs: list[list[bytes | None]], failed: list[set[int]]):
+    def __init__(self, message: str, blobs: list[list[bytes | None]], failed: list[set[int]], *, answered: bool = True):
         super().__init__(message)
         self.blobs = blobs
         self.failed = failed
+        self.answered = answered
 
 
 class FeatureBackend(Protocol):

@@ -8,6 +8,7 @@ row written already past it is gone at once.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -79,6 +80,19 @@ class RedisBackend:
             await self._write_script(keys=[self.key(group, r.key) for r in rows], args=script_args(group, rows))
         )
         return WriteResult(written, len(rows) - written)
+
+    async def put(self, group: Group, rows: Sequence[WriteRow], ttl_s: float) -> WriteResult:
+        """As a group's cache (app/tiering/cache.py): `write`, each copy kept `ttl_s` at most."""
+        if not rows:
+            return WriteResult(0, 0)
+        expire_by_ms = time.time_ns() // 1_000_000 + int(ttl_s * 1000)
+        keys = [self.key(group, r.key) for r in rows]
+        written = int(await self._write_script(keys=keys, args=script_args(group, rows, expire_by_ms)))
+        return WriteResult(written, len(rows) - written)
+
+    async def evict(self, group: Group, keys: Sequence[str]) -> None:
+        for start in range(0, len(keys), 1000):
+            await self.client.delete(*(self.key(group, k) for k in keys[start : start + 1000]))
 
     async def apply(
         self,

@@ -35,17 +35,21 @@ return written
 """
 
 
-def script_args(group: Group, rows: Sequence[WriteRow]) -> list[bytes | str]:
+def script_args(group: Group, rows: Sequence[WriteRow], expire_by_ms: int | None = None) -> list[bytes | str]:
     """ARGV for WRITE_IF_NEWER: per row its blob and its reclaim time in Unix milliseconds ('' for never).
 
     Floor to the millisecond: Redis deletes a key once its clock passes that millisecond, so never before the
     read path's boundary. A reclaim time already past still goes as a positive time (Redis refuses 0 and
-    negative ones): the key is then gone at once, as the row already reads MISSING.
+    negative ones): the key is then gone at once, as the row already reads MISSING. `expire_by_ms`: no key
+    lives past it (a cache's copy).
     """
     args: list[bytes | str] = []
     for row in rows:
         expires = reclaim_us(group, row.event_us)
-        args += [row.blob, "" if expires is None else str(max(expires // 1000, 1))]
+        ms = None if expires is None else max(expires // 1000, 1)
+        if expire_by_ms is not None:
+            ms = expire_by_ms if ms is None else min(ms, expire_by_ms)
+        args += [row.blob, "" if ms is None else str(ms)]
     return args
 
 

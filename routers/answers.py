@@ -91,9 +91,16 @@ def server_timing(backend_ms: Iterable[tuple[str, float]], total_ms: float, tran
 
 
 def timing_of(served: Served, total_ms: float) -> str:
-    """The Server-Timing header of a served fetch."""
+    """The Server-Timing header of a served fetch; a cached group's cache read as `bulk.cache;dur=0.21;desc="hot 97 hit
+    3 miss"` beside its backend's (whose time includes it; no comma or semicolon inside, for simple parsers)."""
     transform_ms = served.transform_ms if served.transforms else None
-    return server_timing(((n, o.ms) for n, o in served.outcomes.items()), total_ms, transform_ms)
+    header = server_timing(((n, o.ms) for n, o in served.outcomes.items()), total_ms, transform_ms)
+    caches = [
+        f'{name}.cache;dur={c.ms:.2f};desc="{c.backend} {c.hits} hit {c.misses} miss"'
+        for name, o in served.outcomes.items()
+        for c in o.cache or ()
+    ]
+    return header if not caches else ", ".join([*caches, header])
 
 
 def with_trace(headers: dict[str, str], span: Span) -> dict[str, str]:

@@ -165,9 +165,40 @@ def render_prometheus(gateway: Gateway, merged: Merged, openmetrics: bool = Fals
         for value_status, count in counts.by_status().items():
             lines.append(f"{served}{_labels(service=service, key=caller, status=value_status)} {count}")
     _stream_families(gateway, merged, family, lines)
+    _cache_families(merged, family, lines)
     if openmetrics:
         lines.append("# EOF")
     return "\n".join(lines) + "\n"
+
+
+# The cache tier's counters (app/tiering/cache.py), by family: the event names its CacheTier counts
+CACHE_FAMILIES = {
+    "cache_lookups_total": (
+        "Keys of cached groups looked up: hit, miss (read from the system of record), bypassed (the cache's "
+        "circuit open), error (the cache failed: read from the system of record).",
+        {"hit": "hit", "miss": "miss", "bypassed": "bypassed", "error": "error"},
+    ),
+    "cache_promotions_total": (
+        "Missed keys copied into the cache in the background: written, stale (a newer copy was there), dropped "
+        "(the queue was full), failed (the cache did not take them).",
+        {"promoted": "written", "promoted_stale": "stale", "promotion_dropped": "dropped", "promoted_failed": "failed"},
+    ),
+    "cache_writes_total": (
+        "Written rows copied into the cache: written, stale, failed (held dirty: read from the system of record "
+        "until evicted), evicted (a dirty key's copy removed).",
+        {"written": "written", "written_stale": "stale", "written_failed": "failed", "evicted": "evicted"},
+    ),
+}
+
+
+def _cache_families(merged: Merged, family: Callable[[str, str, str], str], lines: list[str]) -> None:
+    if not merged.cache:
+        return
+    for name, (text, events) in CACHE_FAMILIES.items():
+        full = family(name, "counter", text)
+        for (group, event), count in sorted(merged.cache.items()):
+            if event in events:
+                lines.append(f"{full}{_labels(group=group, result=events[event])} {count}")
 
 
 def _stream_families(

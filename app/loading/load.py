@@ -9,6 +9,7 @@ Why a rerun may resume after the last checkpointed batch, and replaying a batch 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -34,6 +35,8 @@ from app.serving.write import encode_row, keep_newest, latest_event_us, store
 from backends.base import WriteResult, WriteRow
 
 MAX_REASONS = 10  # rejected rows whose reasons are kept and reported; the rest are counted
+
+log = logging.getLogger(__name__)
 
 
 class Progress(Protocol):
@@ -242,8 +245,10 @@ async def run_load(load: Load, *, retries: int = 3, progress: Progress | None = 
 
     group, checkpoint = load.group, load.checkpoint
     resumed_from = checkpoint.rows_done
-    backend = open_backend(load.registry.backends[group.backend], load.registry)
-    gw = Gateway(load.registry, {group.backend: backend}, limits=load.limits)
+    # Its cache and the backend it is moving to are written too (app/serving/write.py store)
+    opened = {name: open_backend(load.registry.backends[name], load.registry) for name in group.backends}
+    backend = opened[group.backend]
+    gw = Gateway(load.registry, opened, limits=load.limits)
     batches = load.prepared()
     pending: asyncio.Future[Prepared | None] | None = None
     started = time.monotonic()
@@ -274,6 +279,12 @@ async def run_load(load: Load, *, retries: int = 3, progress: Progress | None = 
         if progress is not None:
             progress.close()
         load.source.close()
+        if gw.cache.dirty:
+            log.warning(
+                "the cache of %s did not take %d row(s); reads may serve its older copies for up to its ttl",
+                group.name,
+                len(gw.cache.dirty),
+            )
         await gw.aclose()
     load.finish()
     return Report(

@@ -40,7 +40,10 @@ async def _read_backend(
     now_us: int,
     outcome: BackendOutcome,
     limit_s: float | None,
+    deadline_at: float | None = None,
+    circuit_open: bool = False,
 ) -> None:
+    """`circuit_open`: the backend is not asked (its read circuit is open); only its groups' caches are read."""
     backend = gw.backends[backend_name]
     breaker = gw.breakers[backend_name].read
     nulls = gw.metrics.null_values
@@ -53,12 +56,13 @@ async def _read_backend(
             span.set_attribute("feature.keys", sum(len(k) for k in keys))
             span.set_attribute("circuit.state", breaker.state)
         started = time.perf_counter()
+        read = _read_cells(gw, None if circuit_open else backend, plans, keys, now_us, nulls, outcome, deadline_at)
         try:
             if limit_s is None:
-                outcome.cells = await _read_cells(gw, backend, plans, keys, now_us, nulls)
+                outcome.cells = await read
             else:  # the backend's own timeout bounds it when the request's deadline is more generous
                 async with asyncio.timeout(limit_s):
-                    outcome.cells = await _read_cells(gw, backend, plans, keys, now_us, nulls)
+                    outcome.cells = await read
             outcome.ms = (time.perf_counter() - started) * 1000
             breaker.success()
             gw.answered(backend_name, "read")
@@ -79,25 +83,27 @@ async def _read_backend(
             span.set_attribute("outcome", str(Outcome.TIMEOUT))
             span.set_status(SpanStatus(StatusCode.ERROR, "deadline"))
             raise
-        except PartialRead as exc:  # some keys failed (a cluster master down): those are UNAVAILABLE, the rest served
-            breaker.success()  # the backend answered for the rest: skipping all of it would serve less
-            gw.answered(backend_name, "read")
+        except _Partial as partial:  # some keys failed (a cluster master down, or served from a cache only)
+            exc = partial.cause
+            cause = exc.__cause__
             outcome.ms = (time.perf_counter() - started) * 1000
-            outcome.status, outcome.error = Outcome.ERROR, describe_error(exc)
-            outcome.cells = [
-                [p.unavailable if i in failed else p.cell(b, now_us, nulls) for i, b in enumerate(group_blobs)]
-                for p, group_blobs, failed in zip(plans, exc.blobs, exc.failed, strict=True)
-            ]
+            outcome.cells = partial.cells
+            if exc.answered:  # the backend answered for the rest: skipping all of it would serve less
+                breaker.success()
+                gw.answered(backend_name, "read")
+                outcome.status, outcome.error = Outcome.ERROR, describe_error(exc)
+            elif cause is None:  # not asked: its circuit is open, its groups' caches answered
+                outcome.status, outcome.error = Outcome.OPEN, str(exc)
+            else:
+                _failed(gw, backend, backend_name, cause, started)
+                timeout = isinstance(cause, TimeoutError)
+                outcome.status = Outcome.TIMEOUT if timeout else Outcome.ERROR
+                outcome.error = str(exc)
             span.set_attribute("outcome", str(outcome.status))
             span.record_exception(exc)
             span.set_status(SpanStatus(StatusCode.ERROR, type(exc).__name__))
         except Exception as exc:  # any backend failure degrades the answer, never the service
-            if backend.server_answered(exc):
-                breaker.abandoned()  # it answered, so it is up: an error of this request, not an outage
-            elif isinstance(exc, TimeoutError) and not gw.blames(backend_name, "read", started):
-                breaker.abandoned()  # its own timeout ran out, but the wait was ours (see Gateway.blames)
-            else:
-                breaker.failure()
+            _failed(gw, backend, backend_name, exc, started)
             outcome.ms = (time.perf_counter() - started) * 1000
             if isinstance(exc, TimeoutError):
                 outcome.status, outcome.error = Outcome.TIMEOUT, "backend timeout"
@@ -109,24 +115,60 @@ async def _read_backend(
             span.set_status(SpanStatus(StatusCode.ERROR, type(exc).__name__))
 
 
+def _failed(gw: Gateway, backend: FeatureBackend, name: str, exc: BaseException, started: float) -> None:
+    """A read of `name` that failed with `exc`, for its breaker."""
+    breaker = gw.breakers[name].read
+    if backend.server_answered(exc):
+        breaker.abandoned()  # it answered, so it is up: an error of this request, not an outage
+    elif isinstance(exc, TimeoutError) and not gw.blames(name, "read", started):
+        breaker.abandoned()  # its own timeout ran out, but the wait was ours (see Gateway.blames)
+    else:
+        breaker.failure()
+
+
+class _Partial(Exception):
+    """A read whose cells are all made, some UNAVAILABLE: `cause` says why, and whether the backend answered."""
+
+    def __init__(self, cells: list[list[Cell]], cause: PartialRead):
+        self.cells = cells
+        self.cause = cause
+
+
 async def _read_cells(
     gw: Gateway,
-    backend: FeatureBackend,
+    backend: FeatureBackend | None,
     plans: list[GroupPlan],
     keys: list[list[str]],
     now_us: int,
     nulls: dict[tuple[str, int], int],
+    outcome: BackendOutcome,
+    deadline_at: float | None,
 ) -> list[list[Cell]]:
-    """Per plan, a cell per key: stored groups in one `read`, aggregation groups from their tiles, concurrently."""
+    """Per plan, a cell per key: stored groups in one `read` (through their caches when they have one),
+    aggregation groups from their tiles, concurrently. `backend` None: not asked, only the caches are read."""
     stored = [i for i, p in enumerate(plans) if p.group.streaming is None]
     windowed = [i for i, p in enumerate(plans) if p.group.streaming is not None]
     cells: list[list[Cell]] = [[] for _ in plans]
+    partial: list[PartialRead] = []
 
     async def read_stored() -> None:
-        blobs = await backend.read([(plans[i].group, keys[i]) for i in stored])
-        for i, group_blobs in zip(stored, blobs, strict=True):
+        reads = [(plans[i].group, keys[i]) for i in stored]
+        failed: list[set[int]] | None = None
+        try:
+            if backend is not None and not any(p.group.cache for p in plans):
+                blobs = await backend.read(reads)
+            else:
+                blobs, outcome.cache = await gw.cache.read(backend, reads, deadline_at)
+        except PartialRead as exc:
+            partial.append(exc)
+            blobs, failed = exc.blobs, exc.failed
+        for slot, (i, group_blobs) in enumerate(zip(stored, blobs, strict=True)):
             plan = plans[i]
-            cells[i] = [plan.cell(b, now_us, nulls) for b in group_blobs]
+            if failed is None or not failed[slot]:
+                cells[i] = [plan.cell(b, now_us, nulls) for b in group_blobs]
+            else:
+                lost, cell, lost_cell = failed[slot], plan.cell, plan.unavailable
+                cells[i] = [lost_cell if j in lost else cell(b, now_us, nulls) for j, b in enumerate(group_blobs)]
 
     async def read_windowed(i: int) -> None:
         plan = plans[i]
@@ -137,13 +179,20 @@ async def _read_cells(
             # consumer would look like a quiet entity's, so nothing is read and every value is its default
             cells[i] = [plan.expired] * len(keys[i])
             return
+        if backend is None:
+            cells[i] = [plan.unavailable] * len(keys[i])
+            return
         cells[i] = await read_windows(cast("TileStore", backend), plan, keys[i], now_us)
 
     if not windowed:  # the usual case: no task to gather
         await read_stored()
-        return cells
-    reads = [read_windowed(i) for i in windowed] + ([read_stored()] if stored else [])
-    await asyncio.gather(*reads)
+    else:
+        reads = [read_windowed(i) for i in windowed] + ([read_stored()] if stored else [])
+        await asyncio.gather(*reads)
+    if partial:
+        raise _Partial(cells, partial[0])
+    if backend is None:  # every key served from the caches: still not the backend's success
+        raise _Partial(cells, PartialRead("circuit open: served from the cache", [], [], answered=False))
     return cells
 
 
@@ -240,20 +289,19 @@ async def serve(
     now_us = time.time_ns() // 1000
     outcomes = {name: BackendOutcome() for name, _ in plan.by_backend}
     reads = []
+    deadline_at = started + deadline_s
     for name, indexes in plan.by_backend:
-        if not gw.breakers[name].read.allow():
+        plans = [plan.groups[i] for i in indexes]
+        circuit_open = not gw.breakers[name].read.allow()
+        if circuit_open and not any(p.group.cache for p in plans):
             outcome = outcomes[name]
             outcome.status, outcome.error = Outcome.OPEN, "circuit open: the backend failed repeatedly; probing it"
             continue
-        plans = [plan.groups[i] for i in indexes]
         keys = [unique[p.group.entity.join_key][0] for p in plans]
         limit_s = gw.read_timeout_s[name]
-        reads.append(
-            (
-                name,
-                _read_backend(gw, name, plans, keys, now_us, outcomes[name], limit_s if limit_s < deadline_s else None),
-            )
-        )
+        limit = limit_s if limit_s < deadline_s else None
+        read = _read_backend(gw, name, plans, keys, now_us, outcomes[name], limit, deadline_at, circuit_open)
+        reads.append((name, read))
     if len(reads) == 1:  # one backend: no task to spawn, the deadline cancels this one
         name, read = reads[0]
         try:

@@ -25,6 +25,7 @@ from app.resilience.loop_lag import LoopLag
 from app.serving.limits import Limits
 from app.serving.plan import Plan, make_plan
 from app.streams.freshness import FreshnessMonitor
+from app.tiering.cache import CacheTier
 from app.tracing.spans import SPAN_COUNTS, Tracing
 from backends.base import FeatureBackend
 
@@ -83,6 +84,7 @@ class Gateway:
         # (backend, "read" or "write") -> when it last completed one: proof it was up at that moment
         self._answered: dict[tuple[str, str], float] = {}
         self.freshness = FreshnessMonitor(registry)  # consumers' lag per stream, for max_lag and the metrics
+        self.cache = CacheTier(self)  # the groups' hot tiers: promotions and dirty keys of this worker
 
     def span(self, name: str) -> AbstractContextManager[trace.Span]:
         """The span of a backend call under the current request's; with tracing off, or under a request the
@@ -169,6 +171,8 @@ class Gateway:
             self.spawn(self._dump_metrics(), name="metrics")
         if self.freshness:
             self.spawn(self.freshness.run(), name="freshness")
+        self.spawn(self.cache.run(), name="cache-promotions")
+        self.spawn(self.cache.evict_dirty(), name="cache-evictions")
         if not self.lifecycle.migrate_on_start:
             self.migrated = dict.fromkeys(self.backends, True)
             return

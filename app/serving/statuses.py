@@ -8,9 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
+
+if TYPE_CHECKING:
+    from app.tiering.cache import CacheRead
 
 
 class Status(StrEnum):
@@ -62,3 +65,4 @@ class BackendOutcome:
     ms: float = 0.0
     error: str | None = None
     cells: list[list[Cell]] | None = None  # per group of this backend, per unique key
+    cache: list[CacheRead] | None = None  # how its groups' caches answered (app/tiering/cache.py)

@@ -123,14 +123,18 @@ def keep_newest(rows: Iterable[WriteRow]) -> tuple[list[WriteRow], int]:
 
 
 async def store(gw: Gateway, group: Group, rows: Sequence[WriteRow]) -> WriteResult:
-    """Write encoded rows to the group's backend, through its circuit breaker and under the write timeout.
+    """Write encoded rows to the group's backend, through its circuit breaker and under the write timeout, then
+    to its cache (app/tiering/cache.py): after it returns, no read of this worker sees an older value.
 
     Any failure is a BackendFailed; retrying one is safe (a row never replaces newer data).
     """
     backend = gw.backends[group.backend]
-    return await guarded_write(
+    result = await guarded_write(
         gw, group, len(rows), "a row never replaces newer data", lambda: backend.write(group, rows)
     )
+    if group.cache is not None and group.cache.backend in gw.backends:
+        await gw.cache.written(group, rows)  # never fails the write: a copy it could not update is held dirty
+    return result
 
 
 async def guarded_write(gw: Gateway, group: Group, count: int, why_safe: str, call: Callable[[], Awaitable[T]]) -> T:

@@ -72,6 +72,23 @@ class TileStore(Protocol):
         """The same tiles ((size, start)) of every entity: blobs entity by entity, None where there is none."""
 
 
+class Scanned(NamedTuple):
+    rows: list[WriteRow]
+    cursor: str | None  # where the next page starts; None: the scan is complete
+
+
+class Movable(Protocol):
+    """What `feature-gateway move` needs of a backend (app/tiering/move.py): every row of a group, a page at a
+    time, resumable from a cursor, and deleting rows by key."""
+
+    async def scan(self, group: Group, cursor: str | None, limit: int) -> Scanned:
+        """About `limit` rows of the group from `cursor` (None: the start). A row present during the whole scan
+        is returned at least once (Redis' SCAN may return one twice); rows written meanwhile may or may not be."""
+
+    async def delete(self, group: Group, keys: Sequence[str]) -> None:
+        """Remove these rows of the group."""
+
+
 class PartialRead(Exception):
     """A read that failed for some keys only (a Redis Cluster master that is down while the others answer).
 

@@ -19,7 +19,17 @@ import asyncpg
 
 from app.registry.model import BackendSpec, Group
 from backends import options as check
-from backends.base import BackendKind, Fold, Option, TileRef, WriteResult, WriteRow, reclaim_us, tile_spans
+from backends.base import (
+    BackendKind,
+    Fold,
+    Option,
+    Scanned,
+    TileRef,
+    WriteResult,
+    WriteRow,
+    reclaim_us,
+    tile_spans,
+)
 from backends.reclaim import reclaim_loop
 
 log = logging.getLogger(__name__)
@@ -207,6 +217,24 @@ class CockroachBackend:
                 log.info("backend %s: write retried after %s", self.name, exc.sqlstate)
                 await asyncio.sleep(0.01 * 2**attempt * (0.5 + random.random()))
         raise AssertionError("unreachable")
+
+    async def scan(self, group: Group, cursor: str | None, limit: int) -> Scanned:
+        pool = await self.pool()
+        records = await pool.fetch(
+            f"SELECT entity_key, event_us, payload FROM {self.table} WHERE grp = $1 AND entity_key > $2 "
+            "ORDER BY entity_key LIMIT $3",
+            group.name,
+            cursor or "",
+            limit,
+        )
+        rows = [WriteRow(r["entity_key"], r["event_us"], r["payload"]) for r in records]
+        return Scanned(rows, rows[-1].key if len(rows) == limit else None)
+
+    async def delete(self, group: Group, keys: Sequence[str]) -> None:
+        pool = await self.pool()
+        await pool.execute(
+            f"DELETE FROM {self.table} WHERE grp = $1 AND entity_key = ANY($2::text[])", group.name, list(keys)
+        )
 
     async def delete_reclaimable(self, limit: int) -> int:
         """Delete up to `limit` rows past their reclaim time from each table; how many went."""

@@ -8,6 +8,7 @@ row written already past it is gone at once.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -19,11 +20,14 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from app.registry.model import BackendSpec, Group
+from app.storage.layout import blob_event_us
 from backends import options as check
-from backends.base import BackendKind, FeatureBackend, Fold, Option, TileRef, WriteResult, WriteRow
+from backends.base import BackendKind, FeatureBackend, Fold, Option, Scanned, TileRef, WriteResult, WriteRow
 from backends.redis_common import WRITE_IF_NEWER, script_args, server_answered
 from backends.redis_tiles import TILES_SCRIPT, RedisTiles
 from backends.resp import PipelinedReader
+
+_GLOB = re.compile(r"[*?\[\]\\]")  # special in a SCAN MATCH pattern
 
 
 class RedisBackend:
@@ -81,6 +85,23 @@ class RedisBackend:
         )
         return WriteResult(written, len(rows) - written)
 
+    async def scan(self, group: Group, cursor: str | None, limit: int) -> Scanned:
+        prefix = f"{self.prefix}{group.name}:"
+        pattern = _GLOB.sub(r"\\\g<0>", prefix) + "*"
+        next_cursor, found = await self.client.scan(int(cursor or 0), match=pattern, count=limit)
+        keys = [k.decode() if isinstance(k, bytes) else k for k in found]
+        blobs = await self.reader.mget(keys) if keys else []
+        rows = [
+            WriteRow(key[len(prefix) :], blob_event_us(blob), blob)
+            for key, blob in zip(keys, blobs, strict=True)
+            if blob is not None  # expired or deleted since SCAN saw it
+        ]
+        return Scanned(rows, None if int(next_cursor) == 0 else str(next_cursor))
+
+    async def delete(self, group: Group, keys: Sequence[str]) -> None:
+        for start in range(0, len(keys), 1000):
+            await self.client.delete(*(self.key(group, k) for k in keys[start : start + 1000]))
+
     async def put(self, group: Group, rows: Sequence[WriteRow], ttl_s: float) -> WriteResult:
         """As a group's cache (app/tiering/cache.py): `write`, each copy kept `ttl_s` at most."""
         if not rows:
@@ -91,8 +112,7 @@ class RedisBackend:
         return WriteResult(written, len(rows) - written)
 
     async def evict(self, group: Group, keys: Sequence[str]) -> None:
-        for start in range(0, len(keys), 1000):
-            await self.client.delete(*(self.key(group, k) for k in keys[start : start + 1000]))
+        await self.delete(group, keys)
 
     async def apply(
         self,

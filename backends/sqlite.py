@@ -19,7 +19,17 @@ from typing import TypeVar
 
 from app.registry.model import BackendSpec, Group
 from backends import options as check
-from backends.base import BackendKind, Fold, Option, TileRef, WriteResult, WriteRow, reclaim_us, tile_spans
+from backends.base import (
+    BackendKind,
+    Fold,
+    Option,
+    Scanned,
+    TileRef,
+    WriteResult,
+    WriteRow,
+    reclaim_us,
+    tile_spans,
+)
 from backends.reclaim import reclaim_loop
 
 T = TypeVar("T")
@@ -160,6 +170,34 @@ class SqliteBackend:
 
         written = await self._writer.run(write_all)
         return WriteResult(written, len(rows) - written)
+
+    async def scan(self, group: Group, cursor: str | None, limit: int) -> Scanned:
+        def page(conn: sqlite3.Connection) -> list[WriteRow]:
+            found = conn.execute(
+                "SELECT entity_key, event_us, payload FROM feature_values WHERE grp = ? AND entity_key > ? "
+                "ORDER BY entity_key LIMIT ?",
+                (group.name, cursor or "", limit),
+            ).fetchall()
+            return [WriteRow(*row) for row in found]
+
+        rows = await self._reader.run(page)
+        return Scanned(rows, rows[-1].key if len(rows) == limit else None)
+
+    async def delete(self, group: Group, keys: Sequence[str]) -> None:
+        def delete_all(conn: sqlite3.Connection) -> None:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for start in range(0, len(keys), 900):  # under SQLite's bound-parameter limit
+                    chunk = list(keys[start : start + 900])
+                    marks = ",".join("?" * len(chunk))
+                    sql = f"DELETE FROM feature_values WHERE grp = ? AND entity_key IN ({marks})"
+                    conn.execute(sql, [group.name, *chunk])
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+
+        await self._writer.run(delete_all)
 
     async def apply(
         self,

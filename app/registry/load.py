@@ -52,6 +52,11 @@ _WINDOW = re.compile(r"^[1-9][0-9]*(s|m|h|d|w)$")  # it ends feature names: no d
 _FUNCTION = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
+_GROUP_FIELDS = {"entity", "backend", "ttl", "expired_grace", "features", "description", "cache"} | {
+    "moving_to",  # written by `feature-gateway move`
+    "moving_from",
+}
+
 # An expired value is kept (and served EXPIRED) this long by default: the group's ttl, at most one day.
 MAX_DEFAULT_GRACE_S = 86_400.0
 
@@ -260,9 +265,7 @@ class _Builder:
         spec = self.mapping(spec, path)
         if "stream" in spec:
             return self.aggregation_group(name, spec, backends, entities, streams)
-        self.only(
-            spec, path, {"entity", "backend", "ttl", "expired_grace", "features", "description", "cache", "moving_to"}
-        )
+        self.only(spec, path, _GROUP_FIELDS)
         if spec.get("entity") not in entities:
             raise self.fail(f"{path}.entity", f"unknown entity {spec.get('entity')!r}; declared: {', '.join(entities)}")
         if spec.get("backend") not in backends:
@@ -302,7 +305,8 @@ class _Builder:
             description=str(spec.get("description", "")),
             codec=codec,
             cache=self.cache(path, spec, backends),
-            moving_to=self.moving_to(path, spec, backends),
+            moving_to=self.move_end(path, spec, backends, "moving_to"),
+            moving_from=self.move_end(path, spec, backends, "moving_from"),
         )
 
     def cache(self, path: str, spec: dict[str, Any], backends: Mapping[str, BackendSpec]) -> Cache | None:
@@ -325,15 +329,20 @@ class _Builder:
         assert ttl is not None
         return Cache(backend, ttl)
 
-    def moving_to(self, path: str, spec: dict[str, Any], backends: Mapping[str, BackendSpec]) -> str | None:
-        target = spec.get("moving_to")
-        if target is None:
+    def move_end(self, path: str, spec: dict[str, Any], backends: Mapping[str, BackendSpec], key: str) -> str | None:
+        """`moving_to` / `moving_from`: the other backend of a move (`feature-gateway move` writes them)."""
+        other = spec.get(key)
+        if other is None:
             return None
-        if target not in backends:
-            raise self.fail(f"{path}.moving_to", f"unknown backend {target!r}; declared: {', '.join(backends)}")
-        if target == spec["backend"]:
-            raise self.fail(f"{path}.moving_to", "the group already lives on this backend")
-        return str(target)
+        if "moving_to" in spec and "moving_from" in spec:
+            raise self.fail(f"{path}.{key}", "a group moves one way at a time: moving_to or moving_from")
+        if other not in backends:
+            raise self.fail(f"{path}.{key}", f"unknown backend {other!r}; declared: {', '.join(backends)}")
+        if other == spec["backend"]:
+            raise self.fail(f"{path}.{key}", "the group already lives on this backend")
+        if backends[other].options.get("cluster") or backends[spec["backend"]].options.get("cluster"):
+            raise self.fail(f"{path}.{key}", "moving a group to or from a Redis Cluster is not supported yet")
+        return str(other)
 
     def feature_dtype(self, path: str, spec: Any) -> DType:
         if isinstance(spec, str):

@@ -52,18 +52,25 @@ class Group:
     description: str = ""
     streaming: Streaming | None = None  # an aggregation group: its features are windows over a stream
     cache: Cache | None = None  # a hot tier read first, the backend read for what it lacks
-    # While `feature-gateway move` runs: the backend the group is being moved to. Writes go to both; reads
-    # stay on `backend` until the move cuts them over (by rewriting the registry).
+    # While `feature-gateway move` runs (app/tiering/move.py): writes go to `backend` and also to the backend
+    # the group is moving to (reads stay on `backend`), then, once reads are cut over to the new `backend`,
+    # also to the one it is moving from, until every worker reads the new one.
     moving_to: str | None = None
+    moving_from: str | None = None
+
+    @property
+    def also_written(self) -> str | None:
+        """The backend written after `backend` during a move, if any."""
+        return self.moving_to or self.moving_from
 
     @property
     def backends(self) -> tuple[str, ...]:
-        """Every backend holding this group's values: its own, its cache's, the one it is moving to."""
+        """Every backend holding this group's values: its own, its cache's, the other one of a move."""
         names = [self.backend]
         if self.cache is not None:
             names.append(self.cache.backend)
-        if self.moving_to is not None:
-            names.append(self.moving_to)
+        if self.also_written is not None:
+            names.append(self.also_written)
         return tuple(dict.fromkeys(names))
 
     @property
@@ -270,6 +277,7 @@ class Registry:
                 }
                 | ({} if g.cache is None else {"cache": {"backend": g.cache.backend, "ttl_seconds": g.cache.ttl_s}})
                 | ({} if g.moving_to is None else {"moving_to": g.moving_to})
+                | ({} if g.moving_from is None else {"moving_from": g.moving_from})
                 | (
                     {}
                     if g.streaming is None

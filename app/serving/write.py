@@ -132,26 +132,44 @@ async def store(gw: Gateway, group: Group, rows: Sequence[WriteRow]) -> WriteRes
     result = await guarded_write(
         gw, group, len(rows), "a row never replaces newer data", lambda: backend.write(group, rows)
     )
+    other = group.also_written
+    if other is not None:  # a move: the other copy must have it too before the write is confirmed
+        await guarded_write(
+            gw,
+            group,
+            len(rows),
+            f"the group is moving between backends {group.backend} and {other} and a row never replaces newer data",
+            lambda: gw.backends[other].write(group, rows),
+            backend=other,
+        )
     if group.cache is not None and group.cache.backend in gw.backends:
         await gw.cache.written(group, rows)  # never fails the write: a copy it could not update is held dirty
     return result
 
 
-async def guarded_write(gw: Gateway, group: Group, count: int, why_safe: str, call: Callable[[], Awaitable[T]]) -> T:
-    """A write of `count` rows or events of `group` to its backend, through the backend's write circuit and under
-    the write timeout, in a span. Any failure is a BackendFailed saying why a retry is safe (`why_safe`)."""
-    backend = gw.backends[group.backend]
-    breaker = gw.breakers[group.backend].write
+async def guarded_write(
+    gw: Gateway,
+    group: Group,
+    count: int,
+    why_safe: str,
+    call: Callable[[], Awaitable[T]],
+    backend: str | None = None,
+) -> T:
+    """A write of `count` rows or events of `group` to its backend (or `backend`), through the backend's write
+    circuit and under the write timeout, in a span. Any failure is a BackendFailed saying why a retry is safe."""
+    name = backend or group.backend
+    store = gw.backends[name]
+    breaker = gw.breakers[name].write
     if not breaker.allow():
         raise BackendFailed(
-            f"writes to backend {group.backend} failed repeatedly and its write circuit is open; nothing was "
+            f"writes to backend {name} failed repeatedly and its write circuit is open; nothing was "
             "written, retry shortly",
             field="group",
-            extra={"backend": group.backend},
+            extra={"backend": name},
         )
-    with gw.span(f"write {group.backend}") as span:
-        span.set_attribute("backend.name", group.backend)
-        span.set_attribute("backend.type", backend.type)
+    with gw.span(f"write {name}") as span:
+        span.set_attribute("backend.name", name)
+        span.set_attribute("backend.type", store.type)
         span.set_attribute("feature.groups", [group.name])
         span.set_attribute("feature.keys", count)
         started = time.perf_counter()
@@ -159,9 +177,9 @@ async def guarded_write(gw: Gateway, group: Group, count: int, why_safe: str, ca
             async with asyncio.timeout(gw.limits.write_timeout_ms / 1000):
                 result = await call()
         except Exception as exc:
-            if backend.server_answered(exc):
+            if store.server_answered(exc):
                 breaker.abandoned()  # e.g. Redis OOM or a read-only replica: writes fail, reads still work
-            elif isinstance(exc, TimeoutError) and not gw.blames(group.backend, "write", started):
+            elif isinstance(exc, TimeoutError) and not gw.blames(name, "write", started):
                 breaker.abandoned()  # the wait was the worker's own (see Gateway.blames)
             else:
                 breaker.failure()
@@ -171,20 +189,20 @@ async def guarded_write(gw: Gateway, group: Group, count: int, why_safe: str, ca
                 "write of %d row(s) of group %s to backend %s failed (%s); write circuit %s",
                 count,
                 group.name,
-                group.backend,
+                name,
                 detail,
                 breaker.state,
             )
             raise BackendFailed(
-                f"backend {group.backend} did not confirm the write ({detail}); retrying is safe, {why_safe}",
+                f"backend {name} did not confirm the write ({detail}); retrying is safe, {why_safe}",
                 field="group",
-                extra={"backend": group.backend},
+                extra={"backend": name},
             ) from None
         except asyncio.CancelledError:
             breaker.abandoned()
             raise
         breaker.success()
-        gw.answered(group.backend, "write")
+        gw.answered(name, "write")
         span.set_attribute("outcome", "ok")
     return result
 

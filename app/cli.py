@@ -412,6 +412,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     consume.set_defaults(run=cmd_consume)
 
+    from app.tiering.move_cli import add_parser as add_move
+
+    add_move(sub)
+
     keys = sub.add_parser("keys", help="manage API keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     new = keys_sub.add_parser("new", help="make an API key: prints its token once and the config entry to add")

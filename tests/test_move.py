@@ -174,3 +174,94 @@ def test_a_cluster_or_aggregation_group_is_refused(tmp_path: Path, names: Names)
         asyncio.run(Move(path, "history", "nope", env={}, reload=_nothing, settle_s=0).run())
     with pytest.raises(MoveError, match="already lives"):
         asyncio.run(Move(path, "history", "old", env={}, reload=_nothing, settle_s=0).run())
+
+
+async def test_a_move_under_load_loses_nothing_and_serves_nothing_older(tmp_path: Path, names: Names) -> None:
+    """A real gateway (2 workers) serves a client that fetches and writes throughout a move from Redis to
+    PostgreSQL: no error, no MISSING for a key that exists, no value older than one already confirmed."""
+    import os
+    import random
+    import sys
+    import time
+
+    import httpx
+
+    from tests.support.gateways import GatewayProcess
+
+    path = tmp_path / "registry.yaml"
+    path.write_text(REGISTRY.format(old=names.backend("redis"), new=names.backend("cockroach")))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    gateway = GatewayProcess(path, tmp_path / "gateway.log", "--workers", "2", env=env)
+    gateway.start()
+    keys = 3000
+    confirmed: dict[int, int] = {}  # key -> the highest `orders` a confirmed write gave it
+    counts = {"writes": 0, "fetches": 0, "values": 0, "errors": 0, "missing": 0, "older": 0}
+    problems: list[str] = []
+    stop = asyncio.Event()
+    try:
+        async with httpx.AsyncClient(base_url=gateway.url, timeout=10) as client:
+            for start in range(1, keys + 1, 500):
+                batch = rows(range(start, start + 500), 0, "2026-11-30T10:00:00Z")
+                assert (await client.post("/v1/features/write", json={"group": "history", "rows": batch})).is_success
+            confirmed.update({i: i for i in range(1, keys + 1)})
+            sequence = iter(range(10**6, 10**9))
+
+            async def writer(parity: int) -> None:
+                # Each key written by one writer, one write at a time: a later write has a later event time
+                while not stop.is_set():
+                    key = random.randrange(1 + parity, keys + 1, 2)
+                    orders = next(sequence)
+                    row = {"consumer_id": key, "orders": orders, "basket": 1.0}  # event time: now
+                    response = await client.post("/v1/features/write", json={"group": "history", "rows": [row]})
+                    counts["writes"] += 1
+                    if response.status_code != 200:
+                        counts["errors"] += 1
+                        problems.append(f"write {response.status_code}: {response.text[:200]}")
+                        continue
+                    confirmed[key] = max(confirmed[key], orders)
+
+            async def reader() -> None:
+                while not stop.is_set():
+                    ids = random.sample(range(1, keys + 1), 20)
+                    expected = {i: confirmed[i] for i in ids}  # confirmed before this fetch was sent
+                    response = await client.post(
+                        "/v1/features/fetch", json={"entities": {"consumer_id": ids}, "features": ["history:orders"]}
+                    )
+                    counts["fetches"] += 1
+                    if response.status_code != 200:
+                        counts["errors"] += 1
+                        problems.append(f"fetch {response.status_code}: {response.text[:200]}")
+                        continue
+                    for key, row in zip(ids, response.json()["rows"], strict=True):
+                        counts["values"] += 1
+                        if row["statuses"][0] != "PRESENT":
+                            counts["missing"] += 1
+                            problems.append(f"{key}: {row['statuses'][0]}")
+                        elif row["values"][0] < expected[key]:
+                            counts["older"] += 1
+                            problems.append(f"{key}: {row['values'][0]} < {expected[key]}")
+
+            load = [asyncio.create_task(writer(0)), asyncio.create_task(writer(1))]
+            load += [asyncio.create_task(reader()), asyncio.create_task(reader())]
+            started = time.monotonic()
+            move = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "app", "move", "history", "--to", "new", "--registry", str(path),
+                "--gateway", gateway.url, "--settle", "1", "--delete-old", "--batch", "500", "--no-progress",
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env,
+            )  # fmt: skip
+            output, _ = await asyncio.wait_for(move.communicate(), timeout=180)
+            moved_s = time.monotonic() - started
+            await asyncio.sleep(1)  # and on, after the move
+            stop.set()
+            await asyncio.gather(*load)
+        print(f"move of {keys} rows under load: {moved_s:.1f}s, {counts}")
+        assert move.returncode == 0, output.decode()
+        assert counts["errors"] == counts["missing"] == counts["older"] == 0, problems[:10]
+        assert counts["writes"] > 50
+        assert counts["fetches"] > 50
+        history = load_registry(path, {}).groups["history"]
+        assert (history.backend, history.moving_to, history.moving_from) == ("new", None, None)
+        assert all(b is None for b in await read_all(path, "old", [str(i) for i in range(1, keys + 1)]))
+        assert b"moved history from old to new" in output
+    finally:
+        gateway.stop()

@@ -18,7 +18,10 @@ import pytest
 import redis.asyncio as redis
 
 from app.auth import key_entry, new_token
-from app.tiering.cost import GIB, CostPolicy
+from app.registry.load import parse_registry
+from app.tiering.cost import GIB, CostPolicy, Measurement, Role, cost_report
+from backends import open_backend
+from backends.base import Footprint, Measured
 from tests.support.clients import fetch, write
 from tests.support.faults import closed_backend
 from tests.support.gateways import GatewayFactory, GatewayProcess
@@ -356,3 +359,63 @@ def test_the_cli_prints_a_table(tmp_path: Path, names: Names) -> None:
     assert report["groups"]["history"]["default_rate"] == 0.5
     assert refused.returncode == 1
     assert nobody in refused.stderr
+
+
+async def test_a_redis_walk_cut_short_by_its_budget_estimates_the_keys(names: Names) -> None:
+    registry = parse_registry(names.registry(names.backend("redis")), "test-registry", env={})
+    client = redis.Redis.from_url(REDIS_URL)
+    backend = open_backend(registry.backends["bulk"], registry)
+    try:
+        for start in range(0, 30_000, 10_000):
+            pipe = client.pipeline(transaction=False)
+            for i in range(start, start + 10_000):
+                pipe.set(f"{names.prefix}history:{i}", b"\x01" * 40)
+            await pipe.execute()
+        assert isinstance(backend, Measured)
+        whole = (await backend.footprints([registry.groups["history"]], budget_s=30))["history"]
+        # A budget already spent: one SCAN call (about 10,000 of the 30,000 keys), scaled by DBSIZE
+        cut = (await backend.footprints([registry.groups["history"]], budget_s=0))["history"]
+    finally:
+        await backend.aclose()
+        await client.aclose()
+    assert (whole.keys, whole.keys_estimated, whole.sampled) == (30_000, False, True)
+    assert cut.keys_estimated is True
+    assert 15_000 <= cut.keys <= 60_000, cut
+    assert cut.bytes == pytest.approx(whole.bytes / whole.keys * cut.keys, rel=0.1)
+
+
+def test_a_group_being_moved_reports_both_backends_and_how_far_it_got(names: Names) -> None:
+    """The report alone, from measurements as the meter keeps them."""
+    registry = parse_registry(
+        f"""
+backends:
+  hot: {priced(names.backend("redis"), HOT_PRICE)}
+  bulk: {priced(names.backend("sqlite"), BULK_PRICE)}
+entities:
+  consumer: {{join_key: consumer_id, dtype: int64}}
+groups:
+  history:
+    entity: consumer
+    backend: hot
+    moving_to: bulk
+    features:
+      lifetime_orders: {{dtype: int64, default: 0}}
+""",
+        "test-registry",
+        env={},
+    )
+    now = time.time()
+    measurements = {
+        "hot": Measurement({"history": Footprint(1000, GIB, True)}, now),
+        "bulk": Measurement({"history": Footprint(250, GIB // 4, False)}, now),
+    }
+    report = cost_report(registry, measurements, {}, started=now - 86_400, now=now)
+    held = report.groups["history"].backends
+    assert (held["hot"].role, held["bulk"].role) == (Role.RECORD, Role.MOVE_TARGET)
+    assert held["hot"].monthly_cost == HOT_PRICE
+    assert held["bulk"].monthly_cost == BULK_PRICE / 4
+    assert report.monthly_cost == HOT_PRICE + BULK_PRICE / 4
+    assert "history: moving from hot to bulk: 250 of 1,000 keys there so far" in report.recommendations
+    # Moving already: not proposed again for a cheaper backend
+    assert not any("candidate for" in r for r in report.recommendations)
+    assert report.groups["history"].requests_per_day == 0

@@ -252,7 +252,8 @@ class SqliteBackend:
 
         def measure() -> dict[str, Footprint]:
             deadline = time.monotonic() + budget_s
-            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=budget_s, check_same_thread=False)
+            uri = Path(path).absolute().as_uri() + "?mode=ro"  # read-only: a missing file is an error, not created
+            conn = sqlite3.connect(uri, uri=True, timeout=budget_s, check_same_thread=False)
             try:
                 conn.set_progress_handler(lambda: time.monotonic() > deadline, 10_000)
                 out = {}

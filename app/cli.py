@@ -1,9 +1,10 @@
-"""`feature-gateway serve | check | migrate | materialize | keys new`."""
+"""`feature-gateway serve | check | migrate | materialize | consume | cost | keys new`."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import copy
 import ipaddress
 import json
@@ -353,6 +354,105 @@ def cmd_keys_new(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cost(args: argparse.Namespace) -> int:
+    """Asks a running gateway (the usage counts live there): exit 0 with the report, 1 when it cannot be had."""
+    import httpx
+
+    token = args.token or os.environ.get("GATEWAY_TOKEN")
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    url = args.url.rstrip("/") + "/v1/cost"
+    try:
+        # Measuring may take the gateway up to its own timeout (10 s) the first time: a margin over it
+        response = httpx.get(url, headers=headers, timeout=args.timeout)
+    except httpx.HTTPError as exc:
+        print(f"error: {url}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    if response.status_code != 200:
+        detail = response.text
+        with contextlib.suppress(ValueError):
+            detail = response.json().get("detail", detail)
+        print(f"error: {url} answered {response.status_code}: {detail}", file=sys.stderr)
+        return 1
+    report = response.json()
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print("\n".join(cost_lines(report)))
+    return 0
+
+
+def cost_lines(report: dict[str, Any]) -> list[str]:
+    """The report as aligned tables: one line per group per backend, per backend its totals, then the facts."""
+    from app.tiering.cost import fmt_bytes, fmt_money
+
+    def count(value: int | None, estimated: bool = False) -> str:
+        return "-" if value is None else ("~" if estimated else "") + f"{value:,}"
+
+    rows = [["group", "backend", "role", "keys", "size", "cost/month", "req/day", "default rate", "never requested"]]
+    for name, group in report["groups"].items():
+        first = True
+        for backend, held in group["backends"].items():
+            size = fmt_bytes(held["bytes"]) if held["bytes"] is not None else "-"
+            rows.append(
+                [
+                    name if first else "",
+                    backend,
+                    held["role"].replace("_", " "),
+                    count(held["keys"], held["keys_estimated"]),
+                    ("~" if held["sampled"] and held["bytes"] else "") + size,
+                    fmt_money(held["monthly_cost"]) if held["bytes"] is not None else "-",
+                    *(
+                        [
+                            "-" if group["requests_per_day"] is None else f"{group['requests_per_day']:,.0f}",
+                            "-" if group["default_rate"] is None else f"{group['default_rate']:.1%}",
+                            ", ".join(group["never_requested"]) or "-",
+                        ]
+                        if first
+                        else ["", "", ""]
+                    ),
+                ]
+            )
+            first = False
+    totals = [["backend", "type", "price/GiB-month", "keys", "size", "cost/month", "measured"]]
+    for name, backend in report["backends"].items():
+        price = backend["cost_per_gb_month"]
+        totals.append(
+            [
+                name,
+                backend["type"],
+                "-" if price is None else f"{price:g}",
+                count(backend["keys"]),
+                fmt_bytes(backend["bytes"]),
+                fmt_money(backend["monthly_cost"]) if backend["bytes"] is not None else "-",
+                f"error: {backend['error']}" if backend["error"] else "ok",
+            ]
+        )
+    lines = [*_aligned(rows), "", *_aligned(totals)]
+    lines.append(f"monthly cost, over the backends with a price: {fmt_money(report['monthly_cost'])}")
+    lines += ["", "Recommendations (facts; nothing is done on their account):"]
+    lines += [f"- {fact}" for fact in report["recommendations"]] or ["- none"]
+    lines += ["", *(f"note: {note}" for note in report["notes"])]
+    return lines
+
+
+def _aligned(rows: list[list[str]]) -> list[str]:
+    """Columns padded to their widest cell, numbers right-aligned under their heading."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    numeric = {i for i in range(len(widths)) if all(_number(row[i]) for row in rows[1:] if row[i])}
+    out = []
+    for row in rows:
+        cells = [
+            cell.rjust(width) if i in numeric and row is not rows[0] else cell.ljust(width)
+            for i, (cell, width) in enumerate(zip(row, widths, strict=True))
+        ]
+        out.append("  ".join(cells).rstrip())
+    return out
+
+
+def _number(cell: str) -> bool:
+    return cell == "-" or cell.lstrip("~").replace(",", "").replace(".", "").replace("%", "").isdigit()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="feature-gateway", description="Serve ML features from many stores")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -415,6 +515,18 @@ def main(argv: list[str] | None = None) -> int:
     from app.tiering.move_cli import add_parser as add_move
 
     add_move(sub)
+
+    cost = sub.add_parser(
+        "cost",
+        help="what each group holds on each backend, its monthly cost and its use (asks a running gateway)",
+        description="GET /v1/cost of a running gateway, where the usage counts live, as a table: one line per group "
+        "per backend, then each backend's totals and the recommendations (plain facts).",
+    )
+    cost.add_argument("--url", default="http://127.0.0.1:8000", help="the gateway [http://127.0.0.1:8000]")
+    cost.add_argument("--token", help="an API key with the read scope (default: $GATEWAY_TOKEN)")
+    cost.add_argument("--json", action="store_true", help="print the report as the gateway answers it")
+    cost.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the answer [30]")
+    cost.set_defaults(run=cmd_cost)
 
     keys = sub.add_parser("keys", help="manage API keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)

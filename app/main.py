@@ -29,8 +29,9 @@ from app.registry.model import Registry
 from app.serving.gateway import Gateway
 from app.settings import Settings
 from app.telemetry import make_tracing
+from app.tiering.cost import CostMeter
 from backends import open_backend
-from routers import events, feast, features, health, observability, services, status
+from routers import cost, events, feast, features, health, observability, services, status
 from routers import registry as registry_routes
 from routers.admission import ADMISSION, AdmissionControl
 from routers.errors import install_error_handlers
@@ -98,6 +99,7 @@ def create_app(
             # Lifespan state reaches every request's scope, and uvicorn's protocol (routers/admission.py).
             yield {ADMISSION: gateway.admission}
         finally:
+            await app.state.costs.aclose()  # a measurement left running by a client that went away
             await gateway.aclose()
             log.info("closed backends %s", ", ".join(reversed(gateway.backends)))
             if tracing is not None:
@@ -110,6 +112,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.keyring = keyring
+    app.state.costs = CostMeter()  # the cost report's measurements, kept a minute (routers/cost.py)
     app.state.max_body_bytes = settings.max_body_bytes  # routers read bodies up to it
     install_error_handlers(app)
     app.include_router(features.router)
@@ -120,6 +123,7 @@ def create_app(
     app.include_router(observability.router)
     app.include_router(feast.router)
     app.include_router(status.router)
+    app.include_router(cost.router)
     # Inside RequestMetrics, so its refusals are counted by route (those at the door, under `serve`, are counted
     # in feature_gateway_requests_shed_total only: they never reach the app).
     app.add_middleware(AdmissionControl)

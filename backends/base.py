@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from app.registry.model import BackendSpec, Group
 
@@ -179,3 +179,22 @@ def reclaim_us(group: Group, event_us: int) -> int | None:
 
 # 9999-12-31T00:00:00Z: a later expiry does not fit a Python datetime (the PostgreSQL backend's TIMESTAMPTZ).
 _LATEST_EXPIRY_US = 253_402_214_400_000_000
+
+
+class Footprint(NamedTuple):
+    """What one group's values take on one backend (the cost report, app/tiering/cost.py)."""
+
+    keys: int  # stored keys (Redis) or rows (SQL) holding the group: values, and tiles and event ids if any
+    bytes: int  # what the backend's docstring says it measures, exactly or extrapolated (`sampled`)
+    sampled: bool  # bytes extrapolated from a sample of the keys, not every key measured
+    keys_estimated: bool = False  # keys extrapolated too: a count cut short at its time budget
+
+
+@runtime_checkable
+class Measured(Protocol):
+    """A backend that can say how many bytes each group holds on it (optional: the cost report shows a backend
+    without it as not measured). One call measures several groups, so a store that must walk its keyspace walks
+    it once; it spends about `budget_s` at most and raises on failure. The caller caches the answer: measuring
+    reads every key or row of a group, it is no hot-path operation."""
+
+    async def footprints(self, groups: Sequence[Group], budget_s: float) -> dict[str, Footprint]: ...

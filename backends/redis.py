@@ -22,7 +22,18 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from app.registry.model import BackendSpec, Group
 from app.storage.layout import blob_event_us
 from backends import options as check
-from backends.base import BackendKind, FeatureBackend, Fold, Option, Scanned, TileRef, WriteResult, WriteRow
+from backends import redis_footprint
+from backends.base import (
+    BackendKind,
+    FeatureBackend,
+    Fold,
+    Footprint,
+    Option,
+    Scanned,
+    TileRef,
+    WriteResult,
+    WriteRow,
+)
 from backends.redis_common import WRITE_IF_NEWER, script_args, server_answered
 from backends.redis_tiles import TILES_SCRIPT, RedisTiles
 from backends.resp import PipelinedReader
@@ -140,6 +151,31 @@ class RedisBackend:
         await self.reader.aclose()
         await self.client.aclose()
         await self.client.connection_pool.disconnect()
+
+    async def footprints(self, groups: Sequence[Group], budget_s: float) -> dict[str, Footprint]:
+        """Measured (backends/base.py): MEMORY USAGE of a sample times the key count, counted by one SCAN walk;
+        backends/redis_footprint.py says exactly what is measured."""
+        client = self.client
+
+        async def sizes(keys: Sequence[bytes]) -> list[Any]:
+            async with client.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.memory_usage(key, samples=0)  # 0: every field of a hash, not 5 of them
+                return list(await pipe.execute())
+
+        names = [g.name for g in groups]
+        part = await redis_footprint.measure_node(
+            self.prefix,
+            names,
+            cluster=False,
+            scan=lambda cursor: client.scan(
+                cursor, match=redis_footprint.match_pattern(self.prefix), count=redis_footprint.SCAN_COUNT
+            ),
+            sizes=sizes,
+            dbsize=client.dbsize,
+            deadline=time.monotonic() + budget_s,
+        )
+        return redis_footprint.combine(names, [part])
 
 
 def _rules(options: Mapping[str, Any]) -> tuple[str, str] | None:

@@ -52,6 +52,7 @@ import contextlib
 import functools
 import hashlib
 import logging
+import time
 import zlib
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -69,9 +70,11 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from app.registry.model import BackendSpec, Group
-from backends.base import PartialRead, WriteResult, WriteRow
+from backends import redis_footprint
+from backends.base import Footprint, PartialRead, WriteResult, WriteRow
 from backends.options import url_hosts
 from backends.redis_common import WRITE_IF_NEWER, script_args, server_answered
+from backends.redis_footprint import SCAN_COUNT
 
 log = logging.getLogger(__name__)
 
@@ -436,3 +439,35 @@ class RedisClusterBackend:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._follower
         await self.client.aclose()
+
+    async def footprints(self, groups: Sequence[Group], budget_s: float) -> dict[str, Footprint]:
+        """Measured (backends/base.py): every master walked at once, as on a single node
+        (backends/redis_footprint.py says what is measured); replicas hold the same again and are not counted."""
+        names = [g.name for g in groups]
+        pattern = redis_footprint.match_pattern(self.prefix)
+        deadline = time.monotonic() + budget_s
+
+        async def sizes(keys: Sequence[bytes]) -> list[Any]:
+            batches: dict[str, tuple[ClusterNode, list[PipelineCommand]]] = {}
+            commands = [PipelineCommand(i, "MEMORY", "USAGE", key, "SAMPLES", 0) for i, key in enumerate(keys)]
+            manager = self.client.nodes_manager
+            for key, command in zip(keys, commands, strict=True):
+                self._add(batches, manager.get_node_from_slot(key_slot(key)), command)
+            await self._execute(batches)
+            return [None if isinstance(c.result, BaseException) else c.result for c in commands]
+
+        async def on(node: ClusterNode) -> dict[str, Footprint]:
+            return await redis_footprint.measure_node(
+                self.prefix,
+                names,
+                cluster=True,
+                scan=lambda cursor: node.execute_command("SCAN", cursor, "MATCH", pattern, "COUNT", SCAN_COUNT),
+                sizes=sizes,
+                dbsize=lambda: node.execute_command("DBSIZE"),
+                deadline=deadline,
+            )
+
+        async with self._turn():
+            await self.client.initialize()
+            parts = await asyncio.gather(*(on(node) for node in self.client.get_primaries()))
+        return redis_footprint.combine(names, parts)

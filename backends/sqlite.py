@@ -22,6 +22,7 @@ from backends import options as check
 from backends.base import (
     BackendKind,
     Fold,
+    Footprint,
     Option,
     Scanned,
     TileRef,
@@ -60,6 +61,16 @@ _RECLAIM = (
     "(SELECT grp, entity_key, tile_s, tile_start FROM feature_tiles WHERE expires_us < ?1 LIMIT ?2)",
     "DELETE FROM stream_events WHERE (grp, event_id) IN "
     "(SELECT grp, event_id FROM stream_events WHERE expires_us < ?1 LIMIT ?2)",
+)
+
+# Per group: rows, and bytes of its text (as UTF-8) and blob columns plus 8 per integer column
+_FOOTPRINT = tuple(
+    f"SELECT count(*), coalesce(sum({' + '.join(columns)}), 0) FROM {table} WHERE grp = ?"
+    for table, columns in (
+        ("feature_values", ("length(CAST(grp AS BLOB))", "length(CAST(entity_key AS BLOB))", "16", "length(payload)")),
+        ("feature_tiles", ("length(CAST(grp AS BLOB))", "length(CAST(entity_key AS BLOB))", "24", "length(partials)")),
+        ("stream_events", ("length(CAST(grp AS BLOB))", "length(CAST(event_id AS BLOB))", "8")),
+    )
 )
 
 
@@ -259,6 +270,33 @@ class SqliteBackend:
                 await self._cleanup
         await self._reader.aclose()
         await self._writer.aclose()
+
+    async def footprints(self, groups: Sequence[Group], budget_s: float) -> dict[str, Footprint]:
+        """Measured (backends/base.py), exactly: per group its rows, and per row the bytes of its text (UTF-8)
+        and blob columns plus 8 per integer column (the key, event time, expiry and the blob; for an aggregation
+        group also its tiles' and event ids' rows). Not counted: SQLite's record headers, the b-tree pages'
+        free space, the WAL. On a thread and connection of its own (read-only), so that serving reads do not
+        queue behind it; SQLite interrupts it at `budget_s`."""
+        path = self.path
+
+        def measure() -> dict[str, Footprint]:
+            deadline = time.monotonic() + budget_s
+            uri = Path(path).absolute().as_uri() + "?mode=ro"  # read-only: a missing file is an error, not created
+            conn = sqlite3.connect(uri, uri=True, timeout=budget_s, check_same_thread=False)
+            try:
+                conn.set_progress_handler(lambda: time.monotonic() > deadline, 10_000)
+                out = {}
+                for group in groups:
+                    keys, size = 0, 0
+                    for sql in _FOOTPRINT[: 3 if group.streaming else 1]:
+                        rows, total = conn.execute(sql, (group.name,)).fetchone()
+                        keys, size = keys + rows, size + total
+                    out[group.name] = Footprint(keys, size, False)
+                return out
+            finally:
+                conn.close()
+
+        return await asyncio.to_thread(measure)
 
 
 def _stored_tiles(conn: sqlite3.Connection, group: str, tiles: Sequence[TileRef]) -> dict[TileRef, bytes]:

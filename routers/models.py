@@ -560,3 +560,99 @@ class StatusReport(BaseModel):
         default_factory=dict, description="Per feature service, and `(features)` for fetches by feature list"
     )
     streams: dict[str, StreamStatus] = Field(default_factory=dict, description="Per stream: freshness")
+
+
+class CostHolding(BaseModel):
+    role: Literal["record", "cache", "move_target"] = Field(
+        description="record: the group's own backend (its system of record); cache: its hot tier (copies kept a "
+        "ttl); move_target: where a move is copying it"
+    )
+    keys: int | None = Field(description="Keys (Redis) or rows (SQL) holding its values; null: not measured")
+    bytes: int | None = Field(description="As the backend measures them (values and keys; not replicas or indexes)")
+    gib: float | None
+    monthly_cost: float | None = Field(description="gib * the backend's cost_per_gb_month; null without a price")
+    sampled: bool = Field(description="Bytes extrapolated from a sample of its keys (Redis, over 256 keys)")
+    keys_estimated: bool = Field(description="Keys extrapolated too: the count was cut short at its time budget")
+
+
+class GroupCost(BaseModel):
+    backends: dict[str, CostHolding] = Field(description="Every backend holding its values")
+    monthly_cost: float | None = Field(description="Over its backends with a price; null when none has one")
+    requests: int = Field(description="Since the gateway started: those of its most requested feature")
+    requests_per_day: float | None = Field(description="Extrapolated from `requests` over `uptime_seconds`")
+    values: int = Field(description="Values served")
+    statuses: dict[str, int] = Field(description="Values served per status")
+    default_rate: float | None = Field(description="Share of values served as defaults (MISSING, EXPIRED, UNAVAILABLE)")
+    never_requested: list[str] = Field(description="Its features no request asked for since the gateway started")
+
+
+class BackendCost(BaseModel):
+    type: str
+    cost_per_gb_month: float | None = Field(description="The registry's price of a GiB held a month")
+    keys: int | None = Field(description="Over the groups reported; null when it could not be measured")
+    bytes: int | None
+    gib: float | None
+    monthly_cost: float | None
+    measured_at: float | None = Field(description="Unix time of the measurement (kept up to 60 s)")
+    error: str | None = Field(description="Why it was not measured (down, too slow, unsupported)")
+
+
+class CostReport(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "since": "2026-11-26T10:00:00Z",
+                    "uptime_seconds": 86400.0,
+                    "backends": {
+                        "hot": {
+                            "type": "redis",
+                            "cost_per_gb_month": 8.0,
+                            "keys": 1000000,
+                            "bytes": 1288490188,
+                            "gib": 1.2,
+                            "monthly_cost": 9.6,
+                            "measured_at": 1795813200.0,
+                            "error": None,
+                        }
+                    },
+                    "groups": {
+                        "consumer_history": {
+                            "backends": {
+                                "hot": {
+                                    "role": "record",
+                                    "keys": 1000000,
+                                    "bytes": 1288490188,
+                                    "gib": 1.2,
+                                    "monthly_cost": 9.6,
+                                    "sampled": True,
+                                    "keys_estimated": False,
+                                }
+                            },
+                            "monthly_cost": 9.6,
+                            "requests": 259200,
+                            "requests_per_day": 259200.0,
+                            "values": 777600,
+                            "statuses": {"PRESENT": 753000, "MISSING": 24600, "EXPIRED": 0, "UNAVAILABLE": 0},
+                            "default_rate": 0.0316,
+                            "never_requested": [],
+                        }
+                    },
+                    "monthly_cost": 9.6,
+                    "recommendations": [
+                        "consumer_history: 1.2 GiB on hot (9.60/month), 3 req/s, p99 need unknown: candidate for "
+                        "bulk + cache (there 0.30/month before the cache)"
+                    ],
+                    "notes": ["requests per day are extrapolated from the 86400 s since the gateway started"],
+                }
+            ]
+        }
+    )
+
+    since: str = Field(description="Usage is counted from here (the gateway's start), RFC 3339")
+    uptime_seconds: float
+    backends: dict[str, BackendCost] = Field(description="Per backend: price, and the bytes of the groups reported")
+    groups: dict[str, GroupCost]
+    monthly_cost: float | None = Field(description="Summed over the backends with a price")
+    recommendations: list[str] = Field(description="Plain facts to act on; the gateway acts on none of them")
+    notes: list[str] = Field(description="How the figures were made")

@@ -103,6 +103,7 @@ ENDPOINTS: list[tuple[str, str, Any]] = [
     ("GET", "/metrics", None),
     ("GET", "/v1/usage", None),
     ("GET", "/v1/status", None),
+    ("GET", "/v1/cost", None),
 ]
 OPEN = {"/healthz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
 
@@ -422,6 +423,7 @@ async def test_the_spec_declares_the_bearer_scheme(gateway: GatewayFactory, name
     assert operations["metrics"]["security"] == [{"bearerAuth": ["read"]}]
     assert operations["get_usage"]["security"] == [{"bearerAuth": ["read"]}]
     assert operations["get_status"]["security"] == [{"bearerAuth": ["read"]}]
+    assert operations["get_cost"]["security"] == [{"bearerAuth": ["read"]}]
     assert "security" not in operations["health"]
     assert "security" not in spec  # no global requirement: /healthz stays open
     for name, operation in operations.items():

@@ -81,6 +81,11 @@ def test_status_page_shows_registry_and_charts_fetches(demo_server: str) -> None
     # eta_model_v3: 101 fresh (5 values PRESENT), 106 missing (5 defaults): half its values are defaults
     assert re.search(r'<tr data-service="eta_model_v3">.*?>4<.*?50\.0%', dom, re.S)
     assert "basket_ratio:basket_ratio" in dom  # the on-demand feature in the registry card
+    # The cost card: what each group holds where (the demo's SQLite files have no price), and the facts
+    assert 'data-cost-loaded="true"' in dom, "the page never rendered /v1/cost"
+    assert re.search(r'<tr data-cost="consumer_history/bulk">.*?record.*?>4<', dom, re.S)  # 101, 102, 104, 105
+    assert re.search(r'<tr data-cost-backend="hot">.*?sqlite', dom, re.S)
+    assert re.search(r"<li>store_stats: no feature requested since .*?candidate to drop</li>", dom)
 
 
 def test_status_page_layout_fits_its_cards(demo_server: str, tmp_path: Path) -> None:
@@ -98,7 +103,8 @@ def test_status_page_layout_fits_its_cards(demo_server: str, tmp_path: Path) -> 
         'document.body.dataset.loaded = "true";',
         f'document.body.dataset.loaded = "true"; document.body.dataset.spills = {spills};',
     )
-    probe.write_text(page.replace('fetch("/v1/status"', f'fetch("{demo_server}/v1/status"'))
+    page = page.replace('fetch("/v1/status"', f'fetch("{demo_server}/v1/status"')
+    probe.write_text(page.replace('fetch("/v1/cost"', f'fetch("{demo_server}/v1/cost"'))
     with tempfile.TemporaryDirectory() as profile:
         result = subprocess.run(
             [

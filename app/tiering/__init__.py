@@ -1,1 +1,1 @@
-"""Tiers and their cost: a group's hot cache over its system of record (issue 14)."""
+"""Where a group's values live and what that costs (issue 14): the cost report, caches and moves between tiers."""

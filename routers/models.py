@@ -563,9 +563,9 @@ class StatusReport(BaseModel):
 
 
 class CostHolding(BaseModel):
-    role: Literal["record", "cache", "move_target"] = Field(
+    role: Literal["record", "cache", "move_target", "move_source"] = Field(
         description="record: the group's own backend (its system of record); cache: its hot tier (copies kept a "
-        "ttl); move_target: where a move is copying it"
+        "ttl); move_target: where a move is copying it; move_source: the old copy of a move that cut reads over"
     )
     keys: int | None = Field(description="Keys (Redis) or rows (SQL) holding its values; null: not measured")
     bytes: int | None = Field(description="As the backend measures them (values and keys; not replicas or indexes)")

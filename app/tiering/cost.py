@@ -40,6 +40,7 @@ class Role(StrEnum):
     RECORD = "record"  # the group's own backend: its system of record
     CACHE = "cache"  # the hot tier in front of it (copies, kept a ttl)
     MOVE_TARGET = "move_target"  # where `feature-gateway move` is copying it to
+    MOVE_SOURCE = "move_source"  # the old copy of a move that cut reads over, still written until it ends
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,6 +195,8 @@ def roles(group: Group) -> dict[str, Role]:
         out.setdefault(group.cache.backend, Role.CACHE)
     if group.moving_to is not None:
         out.setdefault(group.moving_to, Role.MOVE_TARGET)
+    if group.moving_from is not None:
+        out.setdefault(group.moving_from, Role.MOVE_SOURCE)
     return out
 
 
@@ -313,7 +316,7 @@ def recommendations(
             and group.backend == dearest
             and prices[cheapest] < prices[dearest]
             and group.cache is None
-            and group.moving_to is None
+            and group.also_written is None
             and group.streaming is None
             and record.bytes is not None
             and record.bytes >= policy.large_bytes

@@ -27,6 +27,7 @@ T = TypeVar("T")
 
 if TYPE_CHECKING:
     from app.serving.gateway import Gateway
+    from app.serving.generations import Generation
 
 log = logging.getLogger(__name__)
 
@@ -133,11 +134,22 @@ async def store(gw: Gateway, group: Group, rows: Sequence[WriteRow]) -> WriteRes
     )
 
 
-async def guarded_write(gw: Gateway, group: Group, count: int, why_safe: str, call: Callable[[], Awaitable[T]]) -> T:
+async def guarded_write(
+    gw: Gateway,
+    group: Group,
+    count: int,
+    why_safe: str,
+    call: Callable[[], Awaitable[T]],
+    generation: Generation | None = None,
+) -> T:
     """A write of `count` rows or events of `group` to its backend, through the backend's write circuit and under
-    the write timeout, in a span. Any failure is a BackendFailed saying why a retry is safe (`why_safe`)."""
-    backend = gw.backends[group.backend]
-    breaker = gw.breakers[group.backend].write
+    the write timeout, in a span. Any failure is a BackendFailed saying why a retry is safe (`why_safe`).
+
+    `generation`: the registry generation `call`'s backend is of (None: the current one, looked up in the same step
+    as the caller looked up its backend)."""
+    generation = generation or gw.current
+    backend = generation.backends[group.backend]
+    breaker = generation.breakers[group.backend].write
     if not breaker.allow():
         raise BackendFailed(
             f"writes to backend {group.backend} failed repeatedly and its write circuit is open; nothing was "
@@ -152,8 +164,10 @@ async def guarded_write(gw: Gateway, group: Group, count: int, why_safe: str, ca
         span.set_attribute("feature.keys", count)
         started = time.perf_counter()
         try:
-            async with asyncio.timeout(gw.limits.write_timeout_ms / 1000):
-                result = await call()
+            # Pinned: a reload meanwhile closes this backend only once the write is over
+            with gw.pinned(generation):
+                async with asyncio.timeout(gw.limits.write_timeout_ms / 1000):
+                    result = await call()
         except Exception as exc:
             if backend.server_answered(exc):
                 breaker.abandoned()  # e.g. Redis OOM or a read-only replica: writes fail, reads still work

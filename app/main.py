@@ -51,11 +51,14 @@ def create_app(
     span_exporter: SpanExporter | None = None,
 ) -> FastAPI:
     settings = settings or Settings()
-    files = ConfigFiles(settings.registry or DEMO_REGISTRY, settings.api_keys, settings.api_keys_file, os.environ)
-    fingerprint = None  # of the files as loaded here (None: a registry given by the caller)
+    # What a reload rereads: the file start-up read; a registry handed in (tests) is reloaded from settings.registry
+    # if that is set, else not at all
+    path = settings.registry or (DEMO_REGISTRY if registry is None else None)
+    files = ConfigFiles(path, settings.api_keys, settings.api_keys_file, os.environ)
+    fingerprint = None  # of the files as loaded here (None: a registry handed in)
     if registry is None:
         fingerprint = files.fingerprint()  # first, as ConfigFiles.load does
-        registry = load_registry(files.registry, os.environ)
+        registry = load_registry(settings.registry or DEMO_REGISTRY, os.environ)
     keyring = load_keys(settings.api_keys, settings.api_keys_file, registry)
     demo = settings.registry is None and registry.source == str(DEMO_REGISTRY)
     tracing = make_tracing(settings, span_exporter)

@@ -42,13 +42,15 @@ log = logging.getLogger(__name__)
 class ConfigFiles:
     """Where the registry and the API keys are read from (what start-up read)."""
 
-    registry: Path
+    registry: Path | None  # None: the app was handed its registry (tests), there is no file to reread
     api_keys: str | None  # GATEWAY_API_KEYS: fixed for the life of the process
     api_keys_file: Path | None
     env: Mapping[str, str]  # fills the registry's ${VAR}s
 
     def fingerprint(self) -> str | None:
         """A hash of the bytes a load reads; None when a file cannot be read (the load then says why)."""
+        if self.registry is None:
+            return None
         digest = hashlib.sha256()
         try:
             digest.update(self.registry.read_bytes())
@@ -66,6 +68,8 @@ class ConfigFiles:
         # Hashed before reading: should a file change in between, the hash is of the older bytes, so the next
         # reload sees a difference and reads it again (never the other way round, which would skip a change)
         fingerprint = self.fingerprint()
+        if self.registry is None:
+            raise RegistryError("(none)", "(file)", "this gateway was handed its registry, not a file to reread")
         registry = load_registry(self.registry, self.env)
         keyring = load_keys(self.api_keys, self.api_keys_file, registry)
         return Loaded(registry, keyring, fingerprint)

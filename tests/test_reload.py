@@ -19,7 +19,7 @@ from redis import Redis as SyncRedis
 
 from app.auth import key_entry, new_token
 from tests.support.clients import fetch
-from tests.support.gateways import GatewayProcess, file_gateway, worker_pids
+from tests.support.gateways import GatewayFactory, GatewayProcess, file_gateway, worker_pids
 from tests.support.registries import Names
 from tests.support.servers import RedisProcess, unread_bytes
 from tests.support.waiting import eventually, wait_until
@@ -338,3 +338,14 @@ async def test_unchanged_backends_keep_their_client_and_connections(
             ]
     finally:
         observer.close()
+
+
+async def test_a_registry_handed_to_the_app_is_not_replaced_by_a_file(gateway: GatewayFactory, names: Names) -> None:
+    """An app made with a registry object (tests, embedding) has no file to reread: a reload refuses, and never
+    falls back on the demo registry."""
+    async with gateway(registry_yaml({"hot": names.backend("redis")}, {"live": "hot"})) as client:
+        answer = await client.post("/v1/admin/reload")
+        assert answer.status_code == 422
+        assert answer.json()["field"] == "(file)"
+        registry = (await client.get("/v1/registry")).json()
+        assert list(registry["groups"]) == ["live"]

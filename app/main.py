@@ -12,7 +12,7 @@ import gc
 import logging
 import os
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -97,7 +97,7 @@ def create_app(
             supervisor_pid=settings.supervisor_pid,
         )
         app.state.reloader = reloader
-        restore_sighup = on_sighup(lambda: gateway.spawn(reload_on_signal(reloader), name="reload"))
+        restore_sighup: Callable[[], None] | None = None
         try:
             await gateway.start()
             if demo:
@@ -117,13 +117,17 @@ def create_app(
                 # the GIL back from a busy loop to hand their rows over, and span export, which encodes a
                 # batch for milliseconds. At the default 5 ms each side waits that long for the other's turn.
                 sys.setswitchinterval(IN_PROCESS_SWITCH_INTERVAL_S)
+            # Once started: a reload swaps what start() sets up. (Until now `serve` ignores SIGHUP, and its
+            # supervisor of several workers sends it only to workers that are ready.)
+            restore_sighup = on_sighup(lambda: gateway.spawn(reload_on_signal(reloader), name="reload"))
             if fingerprint is not None and files.fingerprint() != fingerprint:
                 # The files changed while this worker started, when a SIGHUP found no handler to reload them
                 gateway.spawn(reload_on_signal(reloader), name="reload")
             # Lifespan state reaches every request's scope, and uvicorn's protocol (routers/admission.py).
             yield {ADMISSION: gateway.admission}
         finally:
-            restore_sighup()
+            if restore_sighup is not None:
+                restore_sighup()
             await gateway.aclose()
             log.info("closed backends %s", ", ".join(reversed(gateway.backends)))
             if tracing is not None:

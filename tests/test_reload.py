@@ -331,6 +331,11 @@ async def test_unchanged_backends_keep_their_client_and_connections(
             assert gateway.migrated["fresh"] is True  # migrated before the swap: its first request found its table
             assert int(observer.info("stats")["total_connections_received"]) == accepted, "reconnected"
 
+            # Usage per feature goes on across the reload, for the groups it kept and the one it added
+            usage = (await client.get("/v1/usage")).json()["groups"]
+            assert usage["live"]["features"]["orders"]["requests"] == 2
+            assert usage["extra"]["features"]["orders"]["requests"] == 1
+
             # The new backend serves its group from the first request on
             await client.post("/v1/features/write", json={"group": "other", "rows": [row(3, 2)]})
             assert statuses(await fetch(client, entities={"consumer_id": [3]}, features=["other:orders"])) == [

@@ -279,6 +279,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             '"features": ["consumer_live:orders_7d", "consumer_history:*"]}\'',
             flush=True,
         )
+    if args.workers > 1:
+        # A POST /v1/admin/reload lands on one worker, which signals this process to have every worker reload
+        os.environ["GATEWAY_SUPERVISOR_PID"] = str(os.getpid())
+    else:
+        os.environ.pop("GATEWAY_SUPERVISOR_PID", None)
     scratch = None
     if args.workers > 1 and not os.environ.get("GATEWAY_METRICS_DIR"):
         # Workers count separately; they meet in this directory so a scrape of any one sees them all.
@@ -311,14 +316,21 @@ def _exit_after_drain(signum: int, frame: FrameType | None) -> None:
 
 
 def _run_uvicorn(args: argparse.Namespace) -> None:
+    """uvicorn.run's steps, with a supervisor whose SIGHUP reloads the workers' registry (app/workers.py)."""
     import uvicorn
+    from uvicorn.config import STARTUP_FAILURE
+
+    from app.workers import ReloadingSupervisor
 
     # On SIGTERM uvicorn stops accepting, drains in-flight requests, runs the lifespan shutdown (closing every
     # pool), then raises the SIGTERM again so the previous handler acts: with the default one the process
     # would die of it (status 143) after a clean shutdown, skipping cmd_serve's cleanup. This handler makes
     # a clean drain exit 0.
     signal.signal(signal.SIGTERM, _exit_after_drain)
-    uvicorn.run(
+    # SIGHUP's default action ends the process: a single worker ignores it until its lifespan handles it (a
+    # reload), and again while it shuts down (the supervisor of several installs its own handler)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    config = uvicorn.Config(
         "app.main:create_app",
         factory=True,
         host=args.host,
@@ -331,6 +343,14 @@ def _run_uvicorn(args: argparse.Namespace) -> None:
         access_log=args.access_log,
         timeout_graceful_shutdown=args.graceful_timeout,
     )
+    if config.workers > 1:
+        ReloadingSupervisor(config, sockets=[config.bind_socket()]).run()
+        return
+    server = uvicorn.Server(config)
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run()
+    if not server.started:
+        raise SystemExit(STARTUP_FAILURE)
 
 
 def cmd_keys_new(args: argparse.Namespace) -> int:
@@ -348,7 +368,8 @@ def cmd_keys_new(args: argparse.Namespace) -> int:
     print(
         "The token is shown only this once: give it to the client now (it sends 'Authorization: Bearer <token>').\n"
         "The gateway keeps only its SHA-256: add the entry to the JSON list in GATEWAY_API_KEYS, or to the list\n"
-        "in the file GATEWAY_API_KEYS_FILE names (YAML or JSON), and restart the gateway.",
+        "in the file GATEWAY_API_KEYS_FILE names (YAML or JSON), and reload that file (SIGHUP, or POST\n"
+        "/v1/admin/reload) or restart the gateway.",
         file=sys.stderr,
     )
     return 0

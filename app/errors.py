@@ -3,6 +3,7 @@
 GatewayError
 ├── RegistryError          the registry file is invalid (start-up, `check`); names file and field path
 ├── KeyConfigError         the API key config is invalid (start-up); names its source and field path
+├── ReloadRefused          422: a reload found one of those invalid and changed nothing; names file and field path
 ├── RequestError (4xx)     the client sent something we will not serve
 │   ├── BadRequest         400: body is not JSON, or not an object
 │   ├── ValidationFailed   422: a field has the wrong type, an unknown feature, a bad row...
@@ -73,6 +74,23 @@ class KeyConfigError(GatewayError):
         self.source = source
         self.path = path
         self.reason = reason
+
+
+class ReloadRefused(GatewayError):
+    """A reload (POST /v1/admin/reload, SIGHUP) found the registry or the key config invalid: nothing changed."""
+
+    status = 422
+
+    def __init__(self, cause: RegistryError | KeyConfigError, generation: int):
+        super().__init__(
+            f"{cause.detail}; nothing was reloaded, generation {generation} keeps serving",
+            field=cause.path,
+            extra={"file": cause.source, "path": cause.path, "reason": cause.reason, "generation": generation},
+        )
+        self.cause = cause
+        self.generation = generation
+        self.title = f"Reload refused: {cause.title[0].lower()}{cause.title[1:]}"
+        self.type_slug = cause.type_slug
 
 
 class RequestError(GatewayError):

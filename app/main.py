@@ -3,7 +3,7 @@
 It alone turns settings into what the parts take (limits, policies, the key ring, the tracer). Nothing is
 opened at import: `create_app()` reads and validates the registry and the API keys (a bad one
 fails here, before the port is bound); the lifespan opens backends, migrates them, and closes them in reverse
-on shutdown.
+on shutdown. Both files are reread on SIGHUP or POST /v1/admin/reload (app/reloading.py).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import gc
 import logging
 import os
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -22,16 +22,17 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from opentelemetry.sdk.trace.export import SpanExporter
 
-from app.auth import load_keys
+from app.auth import KeyRing, load_keys
 from app.metrics import Metrics
 from app.registry.load import load_registry
 from app.registry.model import Registry
+from app.reloading import ConfigFiles, Reloader, on_sighup, reload_on_signal
 from app.serving.gateway import Gateway
 from app.settings import Settings
 from app.telemetry import make_tracing
 from app.tiering.cost import CostMeter
 from backends import open_backend
-from routers import cost, events, feast, features, health, observability, services, status
+from routers import admin, cost, events, feast, features, health, observability, services, status
 from routers import registry as registry_routes
 from routers.admission import ADMISSION, AdmissionControl
 from routers.errors import install_error_handlers
@@ -51,7 +52,13 @@ def create_app(
     span_exporter: SpanExporter | None = None,
 ) -> FastAPI:
     settings = settings or Settings()
+    # What a reload rereads: the file start-up read; a registry handed in (tests) is reloaded from settings.registry
+    # if that is set, else not at all
+    path = settings.registry or (DEMO_REGISTRY if registry is None else None)
+    files = ConfigFiles(path, settings.api_keys, settings.api_keys_file, os.environ)
+    fingerprint = None  # of the files as loaded here (None: a registry handed in)
     if registry is None:
+        fingerprint = files.fingerprint()  # first, as ConfigFiles.load does
         registry = load_registry(settings.registry or DEMO_REGISTRY, os.environ)
     keyring = load_keys(settings.api_keys, settings.api_keys_file, registry)
     demo = settings.registry is None and registry.source == str(DEMO_REGISTRY)
@@ -77,6 +84,21 @@ def create_app(
                 "authentication is off: no API keys configured (GATEWAY_API_KEYS or GATEWAY_API_KEYS_FILE); "
                 "anyone who can reach this port can read and write every feature"
             )
+
+        def use_keys(keys: KeyRing) -> None:
+            app.state.keyring = keys  # routers/deps.py reads it on each request
+
+        reloader = Reloader(
+            files,
+            gateway,
+            open_backend,
+            use_keys,
+            keys=keyring,
+            fingerprint=fingerprint,
+            supervisor_pid=settings.supervisor_pid,
+        )
+        app.state.reloader = reloader
+        restore_sighup: Callable[[], None] | None = None
         try:
             await gateway.start()
             if demo:
@@ -96,10 +118,18 @@ def create_app(
                 # the GIL back from a busy loop to hand their rows over, and span export, which encodes a
                 # batch for milliseconds. At the default 5 ms each side waits that long for the other's turn.
                 sys.setswitchinterval(IN_PROCESS_SWITCH_INTERVAL_S)
+            # Once started: a reload swaps what start() sets up. (Until now `serve` ignores SIGHUP, and its
+            # supervisor of several workers sends it only to workers that are ready.)
+            restore_sighup = on_sighup(lambda: gateway.spawn(reload_on_signal(reloader), name="reload"))
+            if fingerprint is not None and files.fingerprint() != fingerprint:
+                # The files changed while this worker started, when a SIGHUP found no handler to reload them
+                gateway.spawn(reload_on_signal(reloader), name="reload")
             # Lifespan state reaches every request's scope, and uvicorn's protocol (routers/admission.py).
             yield {ADMISSION: gateway.admission}
         finally:
             await app.state.costs.aclose()  # a measurement left running by a client that went away
+            if restore_sighup is not None:
+                restore_sighup()
             await gateway.aclose()
             log.info("closed backends %s", ", ".join(reversed(gateway.backends)))
             if tracing is not None:
@@ -124,6 +154,7 @@ def create_app(
     app.include_router(feast.router)
     app.include_router(status.router)
     app.include_router(cost.router)
+    app.include_router(admin.router)
     # Inside RequestMetrics, so its refusals are counted by route (those at the door, under `serve`, are counted
     # in feature_gateway_requests_shed_total only: they never reach the app).
     app.add_middleware(AdmissionControl)

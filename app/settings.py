@@ -61,6 +61,11 @@ class Settings(BaseSettings):
     metrics_dir: str | None = Field(
         None, description="Directory where workers share metric snapshots (set by `serve`; unset: one process)"
     )
+    supervisor_pid: int | None = Field(
+        None,
+        description="Set by `serve --workers N`: the supervisor that a POST /v1/admin/reload signals, so that every "
+        "worker reloads",
+    )
     api_keys: str | None = Field(
         None,
         description="API keys: a JSON list of {name, sha256, scopes, groups?} (`feature-gateway keys new` makes one); "

@@ -29,11 +29,13 @@ from backends.base import FeatureBackend, PartialRead
 
 if TYPE_CHECKING:
     from app.serving.gateway import Gateway
+    from app.serving.generations import Generation
     from backends.base import TileStore
 
 
 async def _read_backend(
     gw: Gateway,
+    generation: Generation,
     backend_name: str,
     plans: list[GroupPlan],
     keys: list[list[str]],
@@ -43,9 +45,12 @@ async def _read_backend(
     deadline_at: float | None = None,
     circuit_open: bool = False,
 ) -> None:
-    """`circuit_open`: the backend is not asked (its read circuit is open); only its groups' caches are read."""
-    backend = gw.backends[backend_name]
-    breaker = gw.breakers[backend_name].read
+    """`circuit_open`: the backend is not asked (its read circuit is open); only its groups' caches are read.
+
+    Backends and circuits come from the request's generation, not the gateway's: a reload meanwhile may have
+    replaced or removed them."""
+    backend = generation.backends[backend_name]
+    breaker = generation.breakers[backend_name].read
     nulls = gw.metrics.null_values
     with gw.span(f"read {backend_name}") as span:
         tracing = span.is_recording()  # attributes below cost real work; skip it with tracing off
@@ -56,7 +61,9 @@ async def _read_backend(
             span.set_attribute("feature.keys", sum(len(k) for k in keys))
             span.set_attribute("circuit.state", breaker.state)
         started = time.perf_counter()
-        read = _read_cells(gw, None if circuit_open else backend, plans, keys, now_us, nulls, outcome, deadline_at)
+        read = _read_cells(
+            gw, generation, None if circuit_open else backend, plans, keys, now_us, nulls, outcome, deadline_at
+        )
         try:
             if limit_s is None:
                 outcome.cells = await read
@@ -136,6 +143,7 @@ class _Partial(Exception):
 
 async def _read_cells(
     gw: Gateway,
+    generation: Generation,
     backend: FeatureBackend | None,
     plans: list[GroupPlan],
     keys: list[list[str]],
@@ -158,7 +166,7 @@ async def _read_cells(
             if backend is not None and not any(p.group.cache for p in plans):
                 blobs = await backend.read(reads)
             else:
-                blobs, outcome.cache = await gw.cache.read(backend, reads, deadline_at)
+                blobs, outcome.cache = await gw.cache.read(generation, backend, reads, deadline_at)
         except PartialRead as exc:
             partial.append(exc)
             blobs, failed = exc.blobs, exc.failed
@@ -196,16 +204,16 @@ async def _read_cells(
     return cells
 
 
-def _missed(gw: Gateway, name: str, outcome: BackendOutcome, started: float) -> None:
+def _missed(gw: Gateway, generation: Generation, name: str, outcome: BackendOutcome, started: float) -> None:
     """A read the deadline cut off. A tight deadline is not the backend's fault, nor is an event loop too busy
     to read the reply; a backend that itself kept the request waiting past `breaker_slow_ms` is failing (a
     frozen or black-holed server never answers with an error). See Gateway.blames."""
     outcome.status, outcome.error = Outcome.TIMEOUT, "missed the deadline"
     outcome.ms = (time.perf_counter() - started) * 1000
     if gw.blames(name, "read", started):
-        gw.breakers[name].read.failure()
+        generation.breakers[name].read.failure()
     else:
-        gw.breakers[name].read.abandoned()
+        generation.breakers[name].read.abandoned()
 
 
 def _unique(keys: list[str]) -> tuple[list[str], list[int] | None]:
@@ -256,6 +264,19 @@ async def serve(
     the request (time.perf_counter()); the deadline counts from then, so time spent queued counts against it.
     `caller`: the API key's name, for usage per model and key (None: keys are off).
     """
+    # On the registry generation it starts on to the end, whatever a reload swaps in meanwhile
+    with gw.pinned() as generation:
+        return await _serve(gw, generation, request, groups, received, caller)
+
+
+async def _serve(
+    gw: Gateway,
+    generation: Generation,
+    request: FetchRequest,
+    groups: Collection[str] | None,
+    received: float | None,
+    caller: str | None,
+) -> Served:
     limits = gw.limits
     plan = plan_for(gw, request, groups)
     n_rows, keys_by_join = check_entities(request.entities, gw.registry, plan.join_keys, limits)
@@ -292,15 +313,17 @@ async def serve(
     deadline_at = started + deadline_s
     for name, indexes in plan.by_backend:
         plans = [plan.groups[i] for i in indexes]
-        circuit_open = not gw.breakers[name].read.allow()
+        circuit_open = not generation.breakers[name].read.allow()
         if circuit_open and not any(p.group.cache for p in plans):
             outcome = outcomes[name]
             outcome.status, outcome.error = Outcome.OPEN, "circuit open: the backend failed repeatedly; probing it"
             continue
         keys = [unique[p.group.entity.join_key][0] for p in plans]
-        limit_s = gw.read_timeout_s[name]
+        limit_s = generation.read_timeout_s[name]
         limit = limit_s if limit_s < deadline_s else None
-        read = _read_backend(gw, name, plans, keys, now_us, outcomes[name], limit, deadline_at, circuit_open)
+        read = _read_backend(
+            gw, generation, name, plans, keys, now_us, outcomes[name], limit, deadline_at, circuit_open
+        )
         reads.append((name, read))
     if len(reads) == 1:  # one backend: no task to spawn, the deadline cancels this one
         name, read = reads[0]
@@ -308,7 +331,7 @@ async def serve(
             async with asyncio.timeout(deadline_s):
                 await read
         except TimeoutError:
-            _missed(gw, name, outcomes[name], started)
+            _missed(gw, generation, name, outcomes[name], started)
     elif reads:
         tasks = {name: gw.spawn(read) for name, read in reads}
         try:
@@ -317,12 +340,12 @@ async def serve(
             for name, task in tasks.items():
                 if not task.done():
                     task.cancel()
-                    gw.breakers[name].read.abandoned()
+                    generation.breakers[name].read.abandoned()
             raise
         for name, task in tasks.items():
             if task in pending:
                 task.cancel()
-                _missed(gw, name, outcomes[name], started)
+                _missed(gw, generation, name, outcomes[name], started)
 
     for name, outcome in outcomes.items():  # before any strict 503, so failures are always counted
         gw.metrics.backend_read(name, outcome.status, outcome.ms)

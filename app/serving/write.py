@@ -27,6 +27,7 @@ T = TypeVar("T")
 
 if TYPE_CHECKING:
     from app.serving.gateway import Gateway
+    from app.serving.generations import Generation
 
 log = logging.getLogger(__name__)
 
@@ -128,22 +129,31 @@ async def store(gw: Gateway, group: Group, rows: Sequence[WriteRow]) -> WriteRes
 
     Any failure is a BackendFailed; retrying one is safe (a row never replaces newer data).
     """
-    backend = gw.backends[group.backend]
-    result = await guarded_write(
-        gw, group, len(rows), "a row never replaces newer data", lambda: backend.write(group, rows)
-    )
-    other = group.also_written
-    if other is not None:  # a move: the other copy must have it too before the write is confirmed
-        await guarded_write(
+    # The registry generation `group` was read from (no await since): its backends, whatever a reload swaps in
+    with gw.pinned() as generation:
+        backend = generation.backends[group.backend]
+        result = await guarded_write(
             gw,
             group,
             len(rows),
-            f"the group is moving between backends {group.backend} and {other} and a row never replaces newer data",
-            lambda: gw.backends[other].write(group, rows),
-            backend=other,
+            "a row never replaces newer data",
+            lambda: backend.write(group, rows),
+            generation=generation,
         )
-    if group.cache is not None and group.cache.backend in gw.backends:
-        await gw.cache.written(group, rows)  # never fails the write: a copy it could not update is held dirty
+        other = group.also_written
+        if other is not None:  # a move: the other copy must have it too before the write is confirmed
+            await guarded_write(
+                gw,
+                group,
+                len(rows),
+                f"the group is moving between {group.backend} and {other} and a row never replaces newer data",
+                lambda: generation.backends[other].write(group, rows),
+                backend=other,
+                generation=generation,
+            )
+        if group.cache is not None and group.cache.backend in generation.backends:
+            # never fails the write: a copy it could not update is held dirty
+            await gw.cache.written(group, rows, generation.backends)
     return result
 
 
@@ -154,12 +164,17 @@ async def guarded_write(
     why_safe: str,
     call: Callable[[], Awaitable[T]],
     backend: str | None = None,
+    generation: Generation | None = None,
 ) -> T:
     """A write of `count` rows or events of `group` to its backend (or `backend`), through the backend's write
-    circuit and under the write timeout, in a span. Any failure is a BackendFailed saying why a retry is safe."""
+    circuit and under the write timeout, in a span. Any failure is a BackendFailed saying why a retry is safe.
+
+    `generation`: the registry generation `call`'s backend is of (None: the current one, looked up in the same step
+    as the caller looked up its backend)."""
+    generation = generation or gw.current
     name = backend or group.backend
-    store = gw.backends[name]
-    breaker = gw.breakers[name].write
+    store = generation.backends[name]
+    breaker = generation.breakers[name].write
     if not breaker.allow():
         raise BackendFailed(
             f"writes to backend {name} failed repeatedly and its write circuit is open; nothing was "
@@ -174,8 +189,10 @@ async def guarded_write(
         span.set_attribute("feature.keys", count)
         started = time.perf_counter()
         try:
-            async with asyncio.timeout(gw.limits.write_timeout_ms / 1000):
-                result = await call()
+            # Pinned: a reload meanwhile closes this backend only once the write is over
+            with gw.pinned(generation):
+                async with asyncio.timeout(gw.limits.write_timeout_ms / 1000):
+                    result = await call()
         except Exception as exc:
             if store.server_answered(exc):
                 breaker.abandoned()  # e.g. Redis OOM or a read-only replica: writes fail, reads still work

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 
 from app.errors import describe_error
-from app.registry.model import Registry
+from app.registry.model import Registry, Stream
 from app.streams.sources import ConsumerReport, SourceLag, StreamSource, open_source, source_type
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,11 @@ class StreamFreshness:
         return [r for r in self.consumers if now - r.at <= LIVE_S]
 
 
+def watched_streams(registry: Registry) -> dict[str, Stream]:
+    """The streams whose lag a monitor measures: those with a source it can ask."""
+    return {name: s for name, s in registry.streams.items() if source_type(s) in ("redis_stream", "nats")}
+
+
 class FreshnessMonitor:
     """The freshness of every stream with a source, probed every `interval_s` in the background."""
 
@@ -53,11 +58,9 @@ class FreshnessMonitor:
         self.timeout_s = timeout_s
         self.streams: dict[str, StreamFreshness] = {}
         self._sources: dict[str, StreamSource] = {}
-        for stream in registry.streams.values():
-            kind = source_type(stream)
-            if kind in ("redis_stream", "nats"):
-                self._sources[stream.name] = open_source(stream, f"fg-freshness:{os.getpid()}")
-                self.streams[stream.name] = StreamFreshness(kind)
+        for stream in watched_streams(registry).values():
+            self._sources[stream.name] = open_source(stream, f"fg-freshness:{os.getpid()}")
+            self.streams[stream.name] = StreamFreshness(source_type(stream) or "")
 
     def __bool__(self) -> bool:
         return bool(self._sources)

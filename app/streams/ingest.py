@@ -26,6 +26,7 @@ from app.streams.windows import is_late
 
 if TYPE_CHECKING:
     from app.serving.gateway import Gateway
+    from app.serving.generations import Generation
     from backends.base import TileStore
 
 MAX_EVENT_ID = 200  # characters
@@ -130,11 +131,14 @@ def aggregation_groups(registry: Registry, stream: str) -> list[Group]:
 async def ingest(gw: Gateway, stream: Stream, events: Sequence[Event], now_us: int | None = None) -> Ingested:
     """Apply a checked batch to every aggregation group of its stream, concurrently; the counts per group and in
     all (an event feeding two groups counts in each)."""
-    groups = aggregation_groups(gw.registry, stream.name)
+    generation = gw.current
+    groups = aggregation_groups(generation.registry, stream.name)
     if not groups:
         raise ValidationFailed(f"no aggregation group reads stream {stream.name}", field="stream")
     now = time.time_ns() // 1000 if now_us is None else now_us
-    counts = await asyncio.gather(*(_apply(gw, group, events, now) for group in groups))
+    # The groups' backends are taken from this generation when each task starts, a reload perhaps in between
+    with gw.pinned(generation):
+        counts = await asyncio.gather(*(_apply(gw, generation, group, events, now) for group in groups))
     by_group = {g.name: c for g, c in zip(groups, counts, strict=True)}
     return Ingested(
         stream.name,
@@ -145,7 +149,9 @@ async def ingest(gw: Gateway, stream: Stream, events: Sequence[Event], now_us: i
     )
 
 
-async def _apply(gw: Gateway, group: Group, events: Sequence[Event], now_us: int) -> GroupCounts:
+async def _apply(
+    gw: Gateway, generation: Generation, group: Group, events: Sequence[Event], now_us: int
+) -> GroupCounts:
     streaming = group.streaming
     assert streaming is not None
     lateness_us = int(streaming.allowed_lateness_s * 1_000_000)
@@ -156,7 +162,7 @@ async def _apply(gw: Gateway, group: Group, events: Sequence[Event], now_us: int
     aggregations: Mapping[str, Any] = streaming.by_name
     ids, tiles, fold = batch_for_store(aggregations, fresh)
     keep_us = streaming.keep_us + int(gw.limits.max_future_event_ms * 1000)
-    store = cast("TileStore", gw.backends[group.backend])
+    store = cast("TileStore", generation.backends[group.backend])
     new = await guarded_write(
         gw,
         group,
@@ -165,6 +171,7 @@ async def _apply(gw: Gateway, group: Group, events: Sequence[Event], now_us: int
         # Ids outlive the longest window and the lateness by the future margin too: an event stamped ahead of the
         # clock and resent later must still be known when it is not yet late
         lambda: store.apply(group.name, ids, tiles, fold, keep_us, streaming.tile_keep_us),
+        generation=generation,
     )
     counts.accepted = new
     counts.duplicates = len(fresh) - new

@@ -23,7 +23,7 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, cast
 
@@ -34,6 +34,7 @@ from backends.base import FeatureBackend, PartialRead, WriteResult, WriteRow
 
 if TYPE_CHECKING:
     from app.serving.gateway import Gateway
+    from app.serving.generations import Generation
 
 log = logging.getLogger(__name__)
 
@@ -89,17 +90,22 @@ class CacheTier:
     # -- reads ---------------------------------------------------------------------------------------
 
     async def read(
-        self, sor: FeatureBackend | None, reads: Sequence[tuple[Group, Sequence[str]]], deadline_at: float | None
+        self,
+        generation: Generation,
+        sor: FeatureBackend | None,
+        reads: Sequence[tuple[Group, Sequence[str]]],
+        deadline_at: float | None,
     ) -> tuple[list[list[bytes | None]], list[CacheRead]]:
         """Blobs per read as `FeatureBackend.read` answers them: cached groups from their cache, the rest and
         every miss from `sor` in one call (None: its circuit is open). Raises PartialRead (not answered) when
-        `sor` fails or is not asked while the cache served some keys; `sor`'s error when it served none."""
+        `sor` fails or is not asked while the cache served some keys; `sor`'s error when it served none.
+        The caches are the request's `generation`'s (a reload meanwhile may have replaced them)."""
         out: list[list[bytes | None]] = [[None] * len(keys) for _, keys in reads]
         by_cache: dict[str, list[int]] = defaultdict(list)
         for i, (group, _) in enumerate(reads):
             if group.cache is not None and group.name not in self.bypassed:
                 by_cache[group.cache.backend].append(i)
-        reports = [await self._from_cache(name, reads, indexes, out) for name, indexes in by_cache.items()]
+        reports = [await self._from_cache(generation, name, reads, indexes, out) for name, indexes in by_cache.items()]
         cached = {i for indexes in by_cache.values() for i in indexes}
         # What the system of record must answer: the uncached reads whole, the misses of the cached ones
         asks: list[tuple[int, list[int]]] = []  # (read index, positions in it)
@@ -145,13 +151,18 @@ class CacheTier:
         return out, reports
 
     async def _from_cache(
-        self, name: str, reads: Sequence[tuple[Group, Sequence[str]]], indexes: list[int], out: list[list[bytes | None]]
+        self,
+        generation: Generation,
+        name: str,
+        reads: Sequence[tuple[Group, Sequence[str]]],
+        indexes: list[int],
+        out: list[list[bytes | None]],
     ) -> CacheRead:
         gw = self.gw
         report = CacheRead(name)
         total = sum(len(reads[i][1]) for i in indexes)
-        backend = gw.backends.get(name)
-        breaker = gw.breakers[name].read if name in gw.breakers else None
+        backend = generation.backends.get(name)
+        breaker = generation.breakers[name].read if name in generation.breakers else None
         if backend is None or breaker is None or not breaker.allow():
             report.error, report.misses = "circuit open", total
             for i in indexes:
@@ -160,7 +171,7 @@ class CacheTier:
         started = time.perf_counter()
         with gw.span(f"read cache {name}") as span:
             try:
-                async with asyncio.timeout(gw.read_timeout_s[name]):
+                async with asyncio.timeout(generation.read_timeout_s[name]):
                     blobs = await backend.read([reads[i] for i in indexes])
                 breaker.success()
                 gw.answered(name, "read")
@@ -231,13 +242,17 @@ class CacheTier:
                 for group, newest in by_group.values():
                     rows = list(newest.values())
                     for start in range(0, len(rows), PROMOTION_BATCH_ROWS):
-                        await self._put(group, rows[start : start + PROMOTION_BATCH_ROWS], "promoted")
+                        with self.gw.pinned() as generation:  # its cache is not closed by a reload meanwhile
+                            batch_rows = rows[start : start + PROMOTION_BATCH_ROWS]
+                            await self._put(group, batch_rows, "promoted", generation.backends)
 
-    async def _put(self, group: Group, rows: list[WriteRow], event: str) -> bool:
+    async def _put(
+        self, group: Group, rows: list[WriteRow], event: str, backends: Mapping[str, FeatureBackend]
+    ) -> bool:
         """Copy rows into the group's cache (never older); False when it did not take them."""
         assert group.cache is not None
         name = group.cache.backend
-        backend = self.gw.backends.get(name)
+        backend = backends.get(name)
         if backend is None:
             return False
         dirty = self.dirty
@@ -256,9 +271,9 @@ class CacheTier:
 
     # -- writes --------------------------------------------------------------------------------------
 
-    async def written(self, group: Group, rows: Sequence[WriteRow]) -> None:
+    async def written(self, group: Group, rows: Sequence[WriteRow], backends: Mapping[str, FeatureBackend]) -> None:
         """Rows just stored in the group's system of record: update their cached copies, or hold them dirty."""
-        if await self._put(group, list(rows), "written"):
+        if await self._put(group, list(rows), "written", backends):
             return
         self._dirty_groups[group.name] = group
         for row in rows:
@@ -283,11 +298,12 @@ class CacheTier:
                     group = self._dirty_groups[name]
                     keys = [key for key, _ in marked]
                     assert group.cache is not None
-                    backend = self.gw.backends.get(group.cache.backend)
                     try:
-                        if backend is not None:
-                            async with asyncio.timeout(self.gw.limits.write_timeout_ms / 1000):
-                                await cast("CacheStore", backend).evict(group, keys)
+                        with self.gw.pinned() as generation:
+                            backend = generation.backends.get(group.cache.backend)
+                            if backend is not None:
+                                async with asyncio.timeout(self.gw.limits.write_timeout_ms / 1000):
+                                    await cast("CacheStore", backend).evict(group, keys)
                     except Exception as exc:
                         log.debug("evicting %d dirty key(s) of %s failed: %s", len(keys), name, describe_error(exc))
                         continue

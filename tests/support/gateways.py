@@ -18,7 +18,7 @@ import httpx
 from app.main import create_app
 from app.registry.load import parse_registry
 from app.settings import Settings
-from tests.support.servers import free_port
+from tests.support.servers import child_pids, free_port
 
 GatewayFactory = Callable[..., Any]
 """The `gateway` fixture's type: `async with gateway(registry_yaml, **settings) as client:`."""
@@ -41,6 +41,31 @@ async def in_process_gateway(
         async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
             client.app = app  # type: ignore[attr-defined]
             yield client
+
+
+@contextlib.asynccontextmanager
+async def file_gateway(registry: Path, **settings: Any) -> AsyncIterator[httpx.AsyncClient]:
+    """As `in_process_gateway`, but the app loads `registry` (a file) itself, as `serve` does: what a reload
+    (SIGHUP, POST /v1/admin/reload) rereads."""
+    settings.setdefault("default_deadline_ms", 2000)
+    settings.setdefault("admission", False)
+    settings.setdefault("freeze_heap", False)
+    app = create_app(Settings(registry=registry, **settings))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+            client.app = app  # type: ignore[attr-defined]
+            yield client
+
+
+def worker_pids(supervisor: int) -> list[int]:
+    """The worker processes of a `serve --workers N` supervisor (not multiprocessing's resource tracker)."""
+    workers = []
+    for pid in child_pids(supervisor):
+        with contextlib.suppress(OSError):  # it ended meanwhile
+            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                workers.append(pid)
+    return sorted(workers)
 
 
 class GatewayProcess:

@@ -6,6 +6,7 @@ and the reason, so a bad deploy stops with a message a person can act on.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import math
 import os
@@ -79,23 +80,64 @@ def substitute_env(value: Any, env: Mapping[str, str], path: str, source: str) -
     return value
 
 
+@dataclasses.dataclass(frozen=True)
+class _Loaded:
+    """The last registry load_registry read, and what it depended on."""
+
+    path: Path  # resolved
+    text: str
+    variables: tuple[tuple[str, str | None], ...]  # every ${VAR} the text names, with its value then
+    kinds: Mapping[str, BackendKind]
+    registry: Registry
+
+
+_last: _Loaded | None = None
+
+
 def load_registry(
     path: str | os.PathLike[str], env: Mapping[str, str] | None = None, kinds: Mapping[str, BackendKind] | None = None
 ) -> Registry:
     """`env` fills `${VAR}` (the composition root passes os.environ; None: no variables, only defaults);
-    `kinds` are the backend types (None: every registered one, `backends.KINDS`)."""
+    `kinds` are the backend types (None: every registered one, `backends.KINDS`).
+
+    The same file read again with the same text, the same values of the variables it names and the same
+    kinds is the same registry: the last one is kept and handed back (under the path given this time), since
+    `serve` reads the file twice in one process (its check before binding the port, then the app factory),
+    which for the 400 x 50 registry of bench/big_registry.py cost 0.8 s of the 2.2 s start-up. Frozen
+    dataclasses and read-only mappings make sharing it safe."""
+    global _last
     source = str(path)
     try:
         text = Path(path).read_text(encoding="utf-8")
+        resolved = Path(path).resolve()
     except OSError as exc:
         raise RegistryError(source, "(file)", f"cannot read: {exc.strerror or exc}") from None
-    return parse_registry(text, source, env, kinds)
+    env = env or {}
+    kinds = _kinds(kinds)
+    variables = tuple((name, env.get(name)) for name in sorted({m[1] for m in _ENV.finditer(text)}))
+    last = _last
+    if last is not None and (last.path, last.text, last.variables, last.kinds) == (resolved, text, variables, kinds):
+        return last.registry if last.registry.source == source else dataclasses.replace(last.registry, source=source)
+    registry = parse_registry(text, source, env, kinds)
+    _last = _Loaded(resolved, text, variables, kinds, registry)
+    return registry
 
 
-def _duplicate_key_loader() -> type[yaml.SafeLoader]:
-    """A SafeLoader that refuses duplicate keys: YAML would silently keep the last feature of a name."""
+def _kinds(kinds: Mapping[str, BackendKind] | None) -> Mapping[str, BackendKind]:
+    if kinds is None:
+        from backends import KINDS  # here, not at import: the backend modules import the registry's model
 
-    class Loader(yaml.SafeLoader):
+        return KINDS
+    return kinds
+
+
+def _duplicate_key_loader(base: type[Any]) -> type[Any]:
+    """`base` (yaml.SafeLoader or yaml.CSafeLoader) refusing duplicate keys: YAML would silently keep the last
+    feature of a name. The check runs in Python per mapping under either; measured on the 400 x 50 registry
+    (bench/big_registry.py) it is lost in the noise (0.55 s with it, 0.56 s without, under libyaml), since
+    the keys it builds are the ones construction would build anyway (the constructor caches each node's object)."""
+
+    class Loader(base):  # type: ignore[misc]
         pass
 
     def construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
@@ -111,7 +153,30 @@ def _duplicate_key_loader() -> type[yaml.SafeLoader]:
     return Loader
 
 
-_Loader = _duplicate_key_loader()
+_PureLoader = _duplicate_key_loader(yaml.SafeLoader)
+# libyaml's scanner, parser and composer (in C) read the 22,000-line registry of bench/big_registry.py in 0.55 s
+# where PyYAML's pure-Python ones take 2.5 s (9 s under a profiler: 20 million calls); construction and the
+# resolver stay Python under both and produce the same objects. Without libyaml (a wheel-less platform),
+# the pure loader.
+_Loader = _duplicate_key_loader(yaml.CSafeLoader) if yaml.__with_libyaml__ else _PureLoader
+
+
+def _read_yaml(text: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader / CSafeLoader subclass)
+    except yaml.constructor.ConstructorError:
+        raise  # raised by the Python constructor: the same under either loader
+    except yaml.YAMLError as fast:
+        if _Loader is _PureLoader:
+            raise
+        # libyaml finds a syntax error at the same line, but words it more vaguely ("found character that
+        # cannot start any token", not which one; "found undefined alias", not its name). Only a broken file
+        # pays for a second reading, which stops at the error too, so its message is PyYAML's as before.
+        try:
+            yaml.load(text, Loader=_PureLoader)  # noqa: S506 (a SafeLoader subclass)
+        except yaml.YAMLError as pure:
+            raise pure from None
+        raise fast from None  # the two disagree on what is YAML: libyaml's refusal stands, in its words
 
 
 def parse_registry(
@@ -122,7 +187,7 @@ def parse_registry(
 ) -> Registry:
     """The registry in `text`; `env` and `kinds` as for load_registry."""
     try:
-        doc = yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+        doc = _read_yaml(text)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"line {mark.line + 1}" if mark else "(file)"
@@ -130,11 +195,7 @@ def parse_registry(
     except yaml.YAMLError as exc:
         raise RegistryError(source, "(file)", f"not valid YAML: {exc}") from None
     doc = substitute_env(doc, env or {}, "", source)
-    if kinds is None:
-        from backends import KINDS  # here, not at import: the backend modules import the registry's model
-
-        kinds = KINDS
-    return _Builder(source, kinds).build(doc)
+    return _Builder(source, _kinds(kinds)).build(doc)
 
 
 class _Builder:

@@ -105,7 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--servers", action="store_true", help="Redis and PostgreSQL backends instead of SQLite")
     parser.add_argument("--registry", type=Path, help="time this registry file instead of a generated one")
-    parser.add_argument("--smoke", action="store_true", help="100 groups, one run of each (CI: it runs, nothing judged)")
+    parser.add_argument(
+        "--smoke", action="store_true", help="100 groups, one run of each (CI: it runs, nothing judged)"
+    )
     args = parser.parse_args(argv)
     if args.smoke:
         args.groups, args.repeat = 100, 1

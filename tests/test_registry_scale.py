@@ -74,6 +74,29 @@ def test_duplicate_keys_in_flow_mappings_and_backends_are_refused_too() -> None:
         parse_registry(text, "r.yaml", env={})
 
 
+RICH_YAML = """
+base: &base {dtype: float64, default: 0.5, tags: [a, b]}
+names: [&name plain, *name, "quoted", 'single', null, ~, true, no, 1_000, 0x1f, 1.5e3, .inf, 2026-11-30, "2026-11-30"]
+when: 2026-11-30T10:00:00Z
+blob: !!binary aGVsbG8=
+again: *base
+multi: |
+  two
+  lines
+folded: >
+  one
+  line
+"""
+
+
+@pytest.mark.parametrize("text", [RICH_YAML, GOOD_REGISTRY, big_registry(20, 14)], ids=["rich", "good", "big"])
+def test_our_loaders_read_what_safe_load_reads(text: str) -> None:
+    """The duplicate-key hook and the plain-string shortcut leave the document as yaml.safe_load makes it."""
+    expected = yaml.safe_load(text)
+    assert yaml.load(text, Loader=load._PureLoader) == expected  # noqa: S506 (a SafeLoader subclass)
+    assert yaml.load(text, Loader=load._Loader) == expected  # noqa: S506 (a SafeLoader or CSafeLoader subclass)
+
+
 SYNTAX_ERRORS = [
     # (what replaces "ttl: 1h" in GOOD_REGISTRY, the line named: that of `ttl: 1h` + offset; None: the last)
     pytest.param("ttl: [1h", 1, id="unclosed-flow-sequence"),

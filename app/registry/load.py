@@ -2,6 +2,11 @@
 
 Every error names the file, the path of the bad field (`groups.consumer_live.features.orders_7d.default`)
 and the reason, so a bad deploy stops with a message a person can act on.
+
+Registries grow to tens of thousands of features, read at every start-up, `check` and reload: a 400 groups x 50
+features registry (22,000 lines, bench/big_registry.py) parses in 0.4 s, where PyYAML's pure-Python parser took
+2.8 s; libyaml, no cyclic collection during a read, plain strings taken straight from their nodes, and one read
+per process for an unchanged file (bench/README.md, "Registry scale", has the figures and how they were taken).
 """
 
 from __future__ import annotations

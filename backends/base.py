@@ -85,6 +85,10 @@ class Movable(Protocol):
         """About `limit` rows of the group from `cursor` (None: the start). A row present during the whole scan
         is returned at least once (Redis' SCAN may return one twice); rows written meanwhile may or may not be."""
 
+    async def copy(self, group: Group, rows: Sequence[WriteRow]) -> WriteResult:
+        """`FeatureBackend.write`, except that a stored row of the same event time is kept: a copy read earlier
+        must not replace a correction written since under the same event time."""
+
     async def delete(self, group: Group, keys: Sequence[str]) -> None:
         """Remove these rows of the group."""
 

@@ -115,14 +115,16 @@ class CockroachBackend:
         # Rows go in sorted by key, so concurrent batches lock the rows they share in one order and can only
         # queue behind each other, never deadlock (40P01). A stored row past its reclaim time ($6, the gateway's
         # clock) counts as absent, as on Redis, where its key is gone by then.
-        self._write_sql = (
+        upsert = (
             f"INSERT INTO {self.table} AS cur (grp, entity_key, event_us, expires_at, payload) "
             "SELECT $1, k, e, x, p FROM unnest($2::text[], $3::int8[], $4::timestamptz[], $5::bytea[]) "
             "AS r(k, e, x, p) ORDER BY k "
             "ON CONFLICT (grp, entity_key) DO UPDATE SET event_us = excluded.event_us, "
             "expires_at = excluded.expires_at, payload = excluded.payload "
-            "WHERE cur.event_us <= excluded.event_us OR cur.expires_at < $6::timestamptz RETURNING 1"
+            "WHERE cur.event_us COMPARE excluded.event_us OR cur.expires_at < $6::timestamptz RETURNING 1"
         )
+        self._write_sql = upsert.replace("COMPARE", "<=")
+        self._copy_sql = upsert.replace("COMPARE", "<")  # a copy never replaces a row of the same time
 
     async def pool(self) -> asyncpg.Pool:
         if self._pool is None:
@@ -191,6 +193,12 @@ class CockroachBackend:
         return [[hits.get(k) for k in keys] for hits, (_, keys) in zip(found, reads, strict=True)]
 
     async def write(self, group: Group, rows: Sequence[WriteRow]) -> WriteResult:
+        return await self._upsert(self._write_sql, group, rows)
+
+    async def copy(self, group: Group, rows: Sequence[WriteRow]) -> WriteResult:
+        return await self._upsert(self._copy_sql, group, rows)
+
+    async def _upsert(self, sql: str, group: Group, rows: Sequence[WriteRow]) -> WriteResult:
         if not rows:
             return WriteResult(0, 0)
         expires = []
@@ -207,7 +215,7 @@ class CockroachBackend:
         pool = await self.pool()
         for attempt in range(_WRITE_ATTEMPTS):
             try:
-                written = len(await pool.fetch(self._write_sql, *args, datetime.now(UTC)))
+                written = len(await pool.fetch(sql, *args, datetime.now(UTC)))
                 return WriteResult(written, len(rows) - written)
             except asyncpg.TransactionRollbackError as exc:
                 # Class 40: 40001 is CockroachDB asking the client to retry a contended transaction; 40P01, a

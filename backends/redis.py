@@ -34,7 +34,7 @@ from backends.base import (
     WriteResult,
     WriteRow,
 )
-from backends.redis_common import WRITE_IF_NEWER, script_args, server_answered
+from backends.redis_common import COPY_IF_NEWER, WRITE_IF_NEWER, script_args, server_answered
 from backends.redis_tiles import TILES_SCRIPT, RedisTiles
 from backends.resp import PipelinedReader
 
@@ -63,6 +63,7 @@ class RedisBackend:
         )
         self.client = Redis(connection_pool=pool)
         self._write_script = self.client.register_script(WRITE_IF_NEWER)
+        self._copy_script = self.client.register_script(COPY_IF_NEWER)
         # Aggregation groups' tiles (backends/redis_tiles.py), on the pipelined connection
         tiles_sha = self.client.register_script(TILES_SCRIPT).sha
         self.reader = PipelinedReader(
@@ -113,17 +114,23 @@ class RedisBackend:
         for start in range(0, len(keys), 1000):
             await self.client.delete(*(self.key(group, k) for k in keys[start : start + 1000]))
 
-    async def put(self, group: Group, rows: Sequence[WriteRow], ttl_s: float) -> WriteResult:
-        """As a group's cache (app/tiering/cache.py): `write`, each copy kept `ttl_s` at most."""
+    async def put(self, group: Group, rows: Sequence[WriteRow], ttl_s: float, *, copy: bool = False) -> WriteResult:
+        """As a group's cache (app/tiering/cache.py): `write`, or `copy`'s rule with `copy`; each row kept
+        `ttl_s` at most."""
         if not rows:
             return WriteResult(0, 0)
         expire_by_ms = time.time_ns() // 1_000_000 + int(ttl_s * 1000)
         keys = [self.key(group, r.key) for r in rows]
-        written = int(await self._write_script(keys=keys, args=script_args(group, rows, expire_by_ms)))
+        script = self._copy_script if copy else self._write_script
+        written = int(await script(keys=keys, args=script_args(group, rows, expire_by_ms)))
         return WriteResult(written, len(rows) - written)
 
-    async def evict(self, group: Group, keys: Sequence[str]) -> None:
-        await self.delete(group, keys)
+    async def copy(self, group: Group, rows: Sequence[WriteRow]) -> WriteResult:
+        if not rows:
+            return WriteResult(0, 0)
+        keys = [self.key(group, r.key) for r in rows]
+        written = int(await self._copy_script(keys=keys, args=script_args(group, rows)))
+        return WriteResult(written, len(rows) - written)
 
     async def apply(
         self,

@@ -16,12 +16,12 @@ from redis.exceptions import BusyLoadingError, ResponseError
 from app.registry.model import Group
 from backends.base import WriteRow, reclaim_us
 
-WRITE_IF_NEWER = """
+_WRITE_SCRIPT = """
 local written = 0
 for i, key in ipairs(KEYS) do
   local new = ARGV[2 * i - 1]
   local old = redis.call('GET', key)
-  if not old or string.sub(old, 2, 9) <= string.sub(new, 2, 9) then
+  if not old or string.sub(old, 2, 9) COMPARE string.sub(new, 2, 9) then
     local expire_at = ARGV[2 * i]
     if expire_at == '' then
       redis.call('SET', key, new)
@@ -33,6 +33,10 @@ for i, key in ipairs(KEYS) do
 end
 return written
 """
+WRITE_IF_NEWER = _WRITE_SCRIPT.replace("COMPARE", "<=")  # a write replaces a row of the same event time
+# A copy (a cache's promotion, a move's backfill) never replaces a row of the same event time: that row may be a
+# correction written since the copy was read, under the same event time.
+COPY_IF_NEWER = _WRITE_SCRIPT.replace("COMPARE", "<")
 
 
 def script_args(group: Group, rows: Sequence[WriteRow], expire_by_ms: int | None = None) -> list[bytes | str]:

@@ -47,13 +47,15 @@ _DDL = (
     "PRIMARY KEY (grp, event_id)) WITHOUT ROWID",
 )
 _CHUNK = 300  # event ids per statement: 3 parameters each, under SQLite's bound-parameter limit of 999
-_WRITE = (
+_UPSERT = (
     "INSERT INTO feature_values (grp, entity_key, event_us, expires_us, payload) VALUES (?, ?, ?, ?, ?) "
     "ON CONFLICT (grp, entity_key) DO UPDATE SET event_us = excluded.event_us, "
     "expires_us = excluded.expires_us, payload = excluded.payload "
     # A stored row past its reclaim time counts as absent, as on Redis, where its key is gone by then.
-    "WHERE feature_values.event_us <= excluded.event_us OR feature_values.expires_us < ?"
+    "WHERE feature_values.event_us COMPARE excluded.event_us OR feature_values.expires_us < ?"
 )
+_WRITE = _UPSERT.replace("COMPARE", "<=")
+_COPY = _UPSERT.replace("COMPARE", "<")  # a copy never replaces a row of the same event time
 _RECLAIM = (
     "DELETE FROM feature_values WHERE (grp, entity_key) IN "
     "(SELECT grp, entity_key FROM feature_values WHERE expires_us < ?1 LIMIT ?2)",
@@ -163,6 +165,12 @@ class SqliteBackend:
         return await self._reader.run(read_all)
 
     async def write(self, group: Group, rows: Sequence[WriteRow]) -> WriteResult:
+        return await self._upsert(_WRITE, group, rows)
+
+    async def copy(self, group: Group, rows: Sequence[WriteRow]) -> WriteResult:
+        return await self._upsert(_COPY, group, rows)
+
+    async def _upsert(self, sql: str, group: Group, rows: Sequence[WriteRow]) -> WriteResult:
         self._start_cleanup()
         now_us = time.time_ns() // 1000
         params = [(group.name, r.key, r.event_us, reclaim_us(group, r.event_us), r.blob, now_us) for r in rows]
@@ -171,7 +179,7 @@ class SqliteBackend:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 before = conn.total_changes
-                conn.executemany(_WRITE, params)
+                conn.executemany(sql, params)
                 written = conn.total_changes - before
                 conn.execute("COMMIT")
             except BaseException:

@@ -185,8 +185,8 @@ CACHE_FAMILIES = {
     ),
     "cache_writes_total": (
         "Written rows copied into the cache: written, stale, failed (held dirty: read from the system of record "
-        "until evicted), evicted (a dirty key's copy removed).",
-        {"written": "written", "written_stale": "stale", "written_failed": "failed", "evicted": "evicted"},
+        "and written again until taken), settled (a dirty row taken on a retry).",
+        {"written": "written", "written_stale": "stale", "written_failed": "failed", "settled": "settled"},
     ),
 }
 

@@ -61,18 +61,32 @@ async def _read_backend(
             span.set_attribute("feature.keys", sum(len(k) for k in keys))
             span.set_attribute("circuit.state", breaker.state)
         started = time.perf_counter()
+        # Through a cache, the backend's own timeout counts from when it is asked, after the cache (app/tiering)
+        cached = circuit_open or any(p.group.cache for p in plans)
         read = _read_cells(
-            gw, generation, None if circuit_open else backend, plans, keys, now_us, nulls, outcome, deadline_at
+            gw,
+            generation,
+            None if circuit_open else backend,
+            plans,
+            keys,
+            now_us,
+            nulls,
+            outcome,
+            deadline_at,
+            limit_s if cached else None,
         )
         try:
-            if limit_s is None:
+            if limit_s is None or cached:
                 outcome.cells = await read
             else:  # the backend's own timeout bounds it when the request's deadline is more generous
                 async with asyncio.timeout(limit_s):
                     outcome.cells = await read
             outcome.ms = (time.perf_counter() - started) * 1000
-            breaker.success()
-            gw.answered(backend_name, "read")
+            if outcome.asked:
+                breaker.success()
+                gw.answered(backend_name, "read")
+            else:  # served wholly from the caches: it was not asked, and a probe slot it took goes back
+                breaker.abandoned()
             if tracing:
                 found = expired = 0
                 for group_cells, p in zip(outcome.cells, plans, strict=True):
@@ -151,6 +165,7 @@ async def _read_cells(
     nulls: dict[tuple[str, int], int],
     outcome: BackendOutcome,
     deadline_at: float | None,
+    limit_s: float | None,
 ) -> list[list[Cell]]:
     """Per plan, a cell per key: stored groups in one `read` (through their caches when they have one),
     aggregation groups from their tiles, concurrently. `backend` None: not asked, only the caches are read."""
@@ -166,7 +181,9 @@ async def _read_cells(
             if backend is not None and not any(p.group.cache for p in plans):
                 blobs = await backend.read(reads)
             else:
-                blobs, outcome.cache = await gw.cache.read(generation, backend, reads, deadline_at)
+                outcome.cache = []
+                answer = await gw.cache.read(generation, backend, reads, deadline_at, limit_s, outcome.cache)
+                blobs, outcome.asked = answer.blobs, answer.asked
         except PartialRead as exc:
             partial.append(exc)
             blobs, failed = exc.blobs, exc.failed
@@ -199,9 +216,9 @@ async def _read_cells(
         await asyncio.gather(*reads)
     if partial:
         raise _Partial(cells, partial[0])
-    if backend is None:  # every key served from the caches: still not the backend's success
-        raise _Partial(cells, PartialRead("circuit open: served from the cache", [], [], answered=False))
-    return cells
+    if backend is None and windowed:  # their tiles live on the backend, whose circuit is open
+        raise _Partial(cells, PartialRead("circuit open", [], [], answered=False))
+    return cells  # backend None: every key was served from the caches (outcome.asked is False)
 
 
 def _missed(gw: Gateway, generation: Generation, name: str, outcome: BackendOutcome, started: float) -> None:

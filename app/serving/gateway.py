@@ -222,7 +222,7 @@ class Gateway:
         if self.freshness:
             self._freshness_task = self.spawn(self.freshness.run(), name="freshness")
         self.spawn(self.cache.run(), name="cache-promotions")
-        self.spawn(self.cache.evict_dirty(), name="cache-evictions")
+        self.spawn(self.cache.retry_dirty(), name="cache-retries")
         ready = await self._migrate_once(self.backends)
         self.migrated = ready
         self._retry_migrations(ready)

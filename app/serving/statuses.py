@@ -66,3 +66,4 @@ class BackendOutcome:
     error: str | None = None
     cells: list[list[Cell]] | None = None  # per group of this backend, per unique key
     cache: list[CacheRead] | None = None  # how its groups' caches answered (app/tiering/cache.py)
+    asked: bool = True  # False: every key was served from the caches, the backend was not asked

@@ -140,20 +140,22 @@ async def store(gw: Gateway, group: Group, rows: Sequence[WriteRow]) -> WriteRes
             lambda: backend.write(group, rows),
             generation=generation,
         )
-        other = group.also_written
-        if other is not None:  # a move: the other copy must have it too before the write is confirmed
-            await guarded_write(
-                gw,
-                group,
-                len(rows),
-                f"the group is moving between {group.backend} and {other} and a row never replaces newer data",
-                lambda: generation.backends[other].write(group, rows),
-                backend=other,
-                generation=generation,
-            )
-        if group.cache is not None and group.cache.backend in generation.backends:
-            # never fails the write: a copy it could not update is held dirty
-            await gw.cache.written(group, rows, generation.backends)
+        try:
+            other = group.also_written
+            if other is not None:  # a move: the other copy must have it too before the write is confirmed
+                await guarded_write(
+                    gw,
+                    group,
+                    len(rows),
+                    f"the group is moving between {group.backend} and {other} and a row never replaces newer data",
+                    lambda: generation.backends[other].write(group, rows),
+                    backend=other,
+                    generation=generation,
+                )
+        finally:  # the system of record has the rows: its cache must not keep older copies, whatever came after
+            if group.cache is not None and group.cache.backend in generation.backends:
+                # never fails the write: a copy it could not update is held dirty
+                await gw.cache.written(group, rows, generation.backends, generation.breakers)
     return result
 
 

@@ -1,20 +1,26 @@
 """A read-through hot tier: a group's `cache` (a Redis backend) in front of its system of record (issue 14).
 
-Reads: the cache first, for the cached groups of one system of record in one MGET; the keys it lacks are read
-from the system of record in the same request, in one more round trip together with that backend's other
+Reads: the cache first, for the cached groups of one system of record in one MGET, bounded by half of what is
+left of the request's deadline (a slow cache must leave the system of record its time); the keys it lacks are
+read from the system of record in the same request, in one more round trip together with that backend's other
 groups, and queued for promotion. Promotions are written by a background task in batches, never on the
-request's path, and dropped (counted) when the queue is full: a burst of misses costs the cache's warmth,
-not the answer's latency.
+request's path, and dropped (counted) when the queue is full: a burst of misses costs the cache's warmth, not
+the answer's latency. A promotion is a *copy*: it never replaces a cached row of the same event time or newer,
+so a value read before a write can never replace what the write put there.
 
-Writes: the system of record first, then the cache with the same never-older rule (a promotion of a value
-read before the write can then never replace it). When the cache does not take a write, the keys are held
-as dirty in this worker: read from the system of record and never promoted until an eviction from the cache
-succeeds, so no read here sees a value older than one written. Other workers learn nothing of it: when the
-cache refuses writes but still answers reads, they may serve the older copy until the eviction lands or the
-cache's ttl ends (README, "Cache tier").
+Writes: the system of record first, then the cache with the write rule (replacing a row of the same event time:
+a correction). When the cache does not take a write (down, out of memory, its write circuit open), the write
+still succeeds and its rows are held *dirty* in this worker: read from the system of record, never promoted,
+and written to the cache again until it takes them (so a copy promoted from an older read cannot outlive them
+there either). Past MAX_DIRTY_ROWS of a group, the group's cache is not read by this worker for its ttl, after
+which every copy older than the failure has expired. Other workers learn nothing of it: when the cache refuses
+writes but still answers reads, they may serve the older copy until this worker's retry lands or its ttl ends
+(README, "Cache tier").
 
-Failures: a cache that fails or is slow turns its keys into misses (the answer is not degraded); a system
-of record that fails leaves the cache's hits served and its misses UNAVAILABLE (PartialRead, not answered).
+Failures: a cache that fails or is slow turns its keys into misses (the answer is not degraded) and counts
+against the cache's circuit only; a system of record that fails leaves the cache's hits served and its misses
+UNAVAILABLE (PartialRead, not answered). A read served wholly from the cache did not ask the system of record:
+its circuit learns nothing from it.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from app.storage.layout import blob_event_us
 from backends.base import FeatureBackend, PartialRead, WriteResult, WriteRow
 
 if TYPE_CHECKING:
+    from app.resilience.breaker import Circuits
     from app.serving.gateway import Gateway
     from app.serving.generations import Generation
 
@@ -40,19 +47,16 @@ log = logging.getLogger(__name__)
 
 PROMOTION_QUEUE_ROWS = 50_000  # about 50k x 600 B of blobs waiting at most: 30 MB
 PROMOTION_BATCH_ROWS = 1_000
-MAX_DIRTY_KEYS = 1_000_000  # past it, the group's cache is bypassed until the evictions catch up
-EVICT_RETRY_S = 0.2
+MAX_DIRTY_ROWS = 100_000  # per group; past it, the group's cache is not read for its ttl
+RETRY_S = 0.2
 
 
 class CacheStore(Protocol):
     """What a backend offers to serve as a cache (backends/redis.py)."""
 
-    async def put(self, group: Group, rows: Sequence[WriteRow], ttl_s: float) -> WriteResult:
-        """Store copies unless the cached one is newer; each kept `ttl_s` at most (and never past its
-        reclaim time)."""
-
-    async def evict(self, group: Group, keys: Sequence[str]) -> None:
-        """Remove these keys' copies."""
+    async def put(self, group: Group, rows: Sequence[WriteRow], ttl_s: float, *, copy: bool = False) -> WriteResult:
+        """Store rows unless the cached one is newer (`copy`: or of the same event time); each kept `ttl_s` at
+        most (and never past its reclaim time)."""
 
 
 @dataclass(slots=True)
@@ -66,26 +70,41 @@ class CacheRead:
     error: str | None = None
 
 
+@dataclass(slots=True)
+class Answer:
+    """What `CacheTier.read` found: blobs per read, as `FeatureBackend.read` answers them."""
+
+    blobs: list[list[bytes | None]]
+    asked: bool  # was the system of record asked (and did it answer)?
+
+
 class CacheTier:
-    """This worker's promotions queue and dirty keys, and its cache counters (per group)."""
+    """This worker's promotions queue and dirty rows, and its cache counters (per group)."""
 
     def __init__(self, gw: Gateway):
         self.gw = gw
         self._queue: list[tuple[Group, list[WriteRow]]] = []
         self._queued_rows = 0
         self._wake = asyncio.Event()
-        # (group, key) -> when it was marked (a sequence number): the cache may hold an older copy of it
-        self.dirty: dict[tuple[str, str], int] = {}
-        self._marks = 0
+        # (group, key) -> the written row the cache has not taken yet: its cached copy may be older
+        self.dirty: dict[tuple[str, str], WriteRow] = {}
         self._dirty_groups: dict[str, Group] = {}
         self._dirty_count: dict[str, int] = defaultdict(int)
-        self.bypassed: set[str] = set()  # groups with more dirty keys than MAX_DIRTY_KEYS
-        self._evicting = asyncio.Event()
-
-    # -- counters ------------------------------------------------------------------------------------
+        self.bypassed: dict[str, float] = {}  # group -> until when (monotonic) its cache is not read
+        self._retrying = asyncio.Event()
 
     def count(self, group: str, event: str, n: int = 1) -> None:
-        self.gw.metrics.cache[(group, event)] += n
+        if n:
+            self.gw.metrics.cache[(group, event)] += n
+
+    def _bypassed(self, group: str) -> bool:
+        until = self.bypassed.get(group)
+        if until is None:
+            return False
+        if time.monotonic() < until:
+            return True
+        del self.bypassed[group]
+        return False
 
     # -- reads ---------------------------------------------------------------------------------------
 
@@ -95,17 +114,28 @@ class CacheTier:
         sor: FeatureBackend | None,
         reads: Sequence[tuple[Group, Sequence[str]]],
         deadline_at: float | None,
-    ) -> tuple[list[list[bytes | None]], list[CacheRead]]:
-        """Blobs per read as `FeatureBackend.read` answers them: cached groups from their cache, the rest and
-        every miss from `sor` in one call (None: its circuit is open). Raises PartialRead (not answered) when
-        `sor` fails or is not asked while the cache served some keys; `sor`'s error when it served none.
-        The caches are the request's `generation`'s (a reload meanwhile may have replaced them)."""
+        limit_s: float | None,
+        reports: list[CacheRead],
+    ) -> Answer:
+        """Cached groups from their cache, the rest and every miss from `sor` in one call (None: its circuit is
+        open), under `deadline_at` and `sor`'s own `limit_s` from when it is asked. The caches are the request's
+        `generation`'s. `reports` gets one entry per cache read.
+
+        Raises PartialRead when the cache served some keys and `sor` failed (not answered) or answered only some
+        (a Redis Cluster master down: answered); `sor`'s own error when the cache served none."""
         out: list[list[bytes | None]] = [[None] * len(keys) for _, keys in reads]
         by_cache: dict[str, list[int]] = defaultdict(list)
-        for i, (group, _) in enumerate(reads):
-            if group.cache is not None and group.name not in self.bypassed:
+        for i, (group, keys) in enumerate(reads):
+            if group.cache is None:
+                continue
+            if self._bypassed(group.name):
+                self.count(group.name, "bypassed", len(keys))
+            else:
                 by_cache[group.cache.backend].append(i)
-        reports = [await self._from_cache(generation, name, reads, indexes, out) for name, indexes in by_cache.items()]
+        if by_cache:
+            await asyncio.gather(
+                *(self._from_cache(generation, n, reads, ix, out, deadline_at, reports) for n, ix in by_cache.items())
+            )
         cached = {i for indexes in by_cache.values() for i in indexes}
         # What the system of record must answer: the uncached reads whole, the misses of the cached ones
         asks: list[tuple[int, list[int]]] = []  # (read index, positions in it)
@@ -116,39 +146,44 @@ class CacheTier:
                 missed = [j for j, blob in enumerate(out[i]) if blob is None]
                 if missed:
                     asks.append((i, missed))
-        hits = sum(r.hits for r in reports)
         if not asks:
-            if sor is None:
-                raise PartialRead("circuit open: served from the cache", out, [set() for _ in reads], answered=False)
-            return out, reports
+            return Answer(out, asked=False)
+        hits = sum(r.hits for r in reports)
+        unasked: list[set[int]] = [set() for _ in reads]
+        for i, positions in asks:
+            unasked[i].update(positions)
+        if sor is None:  # its circuit is open: the hits are served, the rest is UNAVAILABLE
+            raise PartialRead(f"circuit open; {hits} value(s) served from the cache", out, unasked, answered=False)
+        sor_reads = [(reads[i][0], [reads[i][1][j] for j in positions]) for i, positions in asks]
+        partial: PartialRead | None = None
         try:
-            if sor is None:
-                raise _NotAsked
-            sor_reads = [(reads[i][0], [reads[i][1][j] for j in positions]) for i, positions in asks]
-            if deadline_at is None or not hits:
+            # Its own timeout from now, not from the cache read's start; with hits, a little less than what is
+            # left, so that the deadline does not cut the hits off with the misses
+            async with asyncio.timeout(limit_s if not hits else _budget(deadline_at, limit_s)):
                 blobs = await sor.read(sor_reads)
-            else:  # the hits must not be lost with the misses when the system of record is slow
-                async with asyncio.timeout(max(deadline_at - time.perf_counter() - _MARGIN_S, 0.0)):
-                    blobs = await sor.read(sor_reads)
+        except PartialRead as exc:  # a cluster master down: the rest of the misses were read
+            blobs, partial = exc.blobs, exc
         except Exception as exc:
             if not hits:
-                if isinstance(exc, _NotAsked):  # nothing to serve: the caller counts it as the open circuit
-                    raise PartialRead("circuit open", out, [set(p) for _, p in asks], answered=False) from None
                 raise
-            failed: list[set[int]] = [set() for _ in reads]
-            for i, positions in asks:
-                failed[i].update(positions)
-            why = "circuit open" if isinstance(exc, _NotAsked) else describe_error(exc)
-            raise PartialRead(f"{why}; {hits} value(s) served from the cache", out, failed, answered=False) from (
-                None if isinstance(exc, _NotAsked) else exc
-            )
-        for (i, positions), found in zip(asks, blobs, strict=True):
-            group = reads[i][0]
-            for j, blob in zip(positions, found, strict=True):
-                out[i][j] = blob
+            raise PartialRead(
+                f"{describe_error(exc)}; {hits} value(s) served from the cache", out, unasked, answered=False
+            ) from exc
+        lost: list[set[int]] = [set() for _ in reads]
+        for slot, ((i, positions), found) in enumerate(zip(asks, blobs, strict=True)):
+            gone = partial.failed[slot] if partial is not None else set()
+            served: list[tuple[str, bytes | None]] = []
+            for n, (j, blob) in enumerate(zip(positions, found, strict=True)):
+                if n in gone:
+                    lost[i].add(j)
+                else:
+                    out[i][j] = blob
+                    served.append((reads[i][1][j], blob))
             if i in cached:
-                self._promote(group, [reads[i][1][j] for j in positions], found)
-        return out, reports
+                self._promote(reads[i][0], served)
+        if partial is not None:
+            raise PartialRead(str(partial), out, lost) from partial.__cause__
+        return Answer(out, asked=True)
 
     async def _from_cache(
         self,
@@ -157,9 +192,12 @@ class CacheTier:
         reads: Sequence[tuple[Group, Sequence[str]]],
         indexes: list[int],
         out: list[list[bytes | None]],
-    ) -> CacheRead:
+        deadline_at: float | None,
+        reports: list[CacheRead],
+    ) -> None:
         gw = self.gw
         report = CacheRead(name)
+        reports.append(report)
         total = sum(len(reads[i][1]) for i in indexes)
         backend = generation.backends.get(name)
         breaker = generation.breakers[name].read if name in generation.breakers else None
@@ -167,14 +205,21 @@ class CacheTier:
             report.error, report.misses = "circuit open", total
             for i in indexes:
                 self.count(reads[i][0].name, "bypassed", len(reads[i][1]))
-            return report
+            return
         started = time.perf_counter()
+        # At most half of what is left of the deadline: a slow cache must leave the system of record its time
+        budget = generation.read_timeout_s[name]
+        if deadline_at is not None:
+            budget = min(budget, max(deadline_at - started, 0.0) / 2)
         with gw.span(f"read cache {name}") as span:
             try:
-                async with asyncio.timeout(generation.read_timeout_s[name]):
+                async with asyncio.timeout(budget):
                     blobs = await backend.read([reads[i] for i in indexes])
                 breaker.success()
                 gw.answered(name, "read")
+            except asyncio.CancelledError:
+                breaker.abandoned()  # a probe cut off proves nothing; a half-open circuit must not stay stuck
+                raise
             except Exception as exc:  # the cache failing is a miss of every key, not a degraded answer
                 if backend.server_answered(exc):
                     breaker.abandoned()
@@ -188,7 +233,7 @@ class CacheTier:
                 for i in indexes:
                     self.count(reads[i][0].name, "error", len(reads[i][1]))
                 span.record_exception(exc)
-                return report
+                return
             report.ms = (time.perf_counter() - started) * 1000
             dirty = self.dirty
             for i, group_blobs in zip(indexes, blobs, strict=True):
@@ -206,15 +251,14 @@ class CacheTier:
                 span.set_attribute("backend.name", name)
                 span.set_attribute("cache.hits", report.hits)
                 span.set_attribute("cache.misses", report.misses)
-        return report
 
     # -- promotions ----------------------------------------------------------------------------------
 
-    def _promote(self, group: Group, keys: Sequence[str], blobs: Sequence[bytes | None]) -> None:
+    def _promote(self, group: Group, found: Sequence[tuple[str, bytes | None]]) -> None:
         dirty = self.dirty
         rows = [
             WriteRow(k, blob_event_us(b), b)
-            for k, b in zip(keys, blobs, strict=True)
+            for k, b in found
             if b is not None and not (dirty and (group.name, k) in dirty)
         ]
         if not rows:
@@ -242,87 +286,132 @@ class CacheTier:
                 for group, newest in by_group.values():
                     rows = list(newest.values())
                     for start in range(0, len(rows), PROMOTION_BATCH_ROWS):
+                        if self._bypassed(group.name):
+                            break  # its copies must all end with the bypass: none is added meanwhile
+                        chunk = rows[start : start + PROMOTION_BATCH_ROWS]
+                        chunk = [r for r in chunk if (group.name, r.key) not in self.dirty]
                         with self.gw.pinned() as generation:  # its cache is not closed by a reload meanwhile
-                            batch_rows = rows[start : start + PROMOTION_BATCH_ROWS]
-                            await self._put(group, batch_rows, "promoted", generation.backends)
+                            await self._put(group, chunk, "promoted", generation.backends, generation.breakers)
 
     async def _put(
-        self, group: Group, rows: list[WriteRow], event: str, backends: Mapping[str, FeatureBackend]
+        self,
+        group: Group,
+        rows: list[WriteRow],
+        event: str,
+        backends: Mapping[str, FeatureBackend],
+        breakers: Mapping[str, Circuits],
     ) -> bool:
-        """Copy rows into the group's cache (never older); False when it did not take them."""
+        """Rows into the group's cache: a write (`written`) or a copy (`promoted`); False when it did not take
+        them (failed, or its write circuit is open)."""
         assert group.cache is not None
+        if not rows:
+            return True
         name = group.cache.backend
         backend = backends.get(name)
-        if backend is None:
+        breaker = breakers[name].write if name in breakers else None
+        if backend is None or breaker is None or not breaker.allow():
+            self.count(group.name, f"{event}_failed", len(rows))
             return False
-        dirty = self.dirty
-        if dirty and event == "promoted":
-            rows = [r for r in rows if (group.name, r.key) not in dirty]
+        started = time.perf_counter()
         try:
             async with asyncio.timeout(self.gw.limits.write_timeout_ms / 1000):
-                result = await cast("CacheStore", backend).put(group, rows, group.cache.ttl_s)
+                result = await cast("CacheStore", backend).put(group, rows, group.cache.ttl_s, copy=event == "promoted")
+        except asyncio.CancelledError:
+            breaker.abandoned()
+            raise
         except Exception as exc:
+            if backend.server_answered(exc):
+                breaker.abandoned()  # out of memory, read-only: it is up
+            elif isinstance(exc, TimeoutError) and not self.gw.blames(name, "write", started):
+                breaker.abandoned()
+            else:
+                breaker.failure()
             self.count(group.name, f"{event}_failed", len(rows))
             log.debug("cache %s did not take %d row(s) of %s: %s", name, len(rows), group.name, describe_error(exc))
             return False
+        breaker.success()
         self.count(group.name, event, result.written)
         self.count(group.name, f"{event}_stale", result.skipped_stale)
         return True
 
     # -- writes --------------------------------------------------------------------------------------
 
-    async def written(self, group: Group, rows: Sequence[WriteRow], backends: Mapping[str, FeatureBackend]) -> None:
+    async def written(
+        self,
+        group: Group,
+        rows: Sequence[WriteRow],
+        backends: Mapping[str, FeatureBackend],
+        breakers: Mapping[str, Circuits],
+    ) -> None:
         """Rows just stored in the group's system of record: update their cached copies, or hold them dirty."""
-        if await self._put(group, list(rows), "written", backends):
+        if self._bypassed(group.name):
+            return  # not read until every copy older than the failure has ended
+        if await self._put(group, list(rows), "written", backends, breakers):
+            for row in rows:  # a dirty row this write supersedes is settled by it
+                held = self.dirty.get((group.name, row.key))
+                if held is not None and held.event_us <= row.event_us:
+                    self._settle(group.name, row.key)
             return
+        self._hold(group, rows)
+
+    def _hold(self, group: Group, rows: Sequence[WriteRow]) -> None:
         self._dirty_groups[group.name] = group
         for row in rows:
-            self._marks += 1
-            if self.dirty.setdefault((group.name, row.key), self._marks) == self._marks:
+            key = (group.name, row.key)
+            held = self.dirty.get(key)
+            if held is None:
                 self._dirty_count[group.name] += 1
-            else:
-                self.dirty[(group.name, row.key)] = self._marks
-        if self._dirty_count[group.name] > MAX_DIRTY_KEYS:
-            self.bypassed.add(group.name)
-        self._evicting.set()
+            if held is None or held.event_us <= row.event_us:
+                self.dirty[key] = row
+        if self._dirty_count[group.name] > MAX_DIRTY_ROWS:
+            assert group.cache is not None
+            # Too many to hold: the cache is not read for its ttl, by which time every older copy has ended
+            self.bypassed[group.name] = time.monotonic() + group.cache.ttl_s
+            for key in [k for k in self.dirty if k[0] == group.name]:
+                self._settle(*key)
+            log.warning(
+                "the cache of %s refused more than %d written rows: not read by this worker for its ttl (%gs)",
+                group.name,
+                MAX_DIRTY_ROWS,
+                group.cache.ttl_s,
+            )
+        self._retrying.set()
 
-    async def evict_dirty(self) -> None:
-        """Retry evicting the dirty keys' copies until it succeeds, until cancelled."""
+    def _settle(self, group: str, key: str) -> None:
+        if self.dirty.pop((group, key), None) is not None:
+            self._dirty_count[group] -= 1
+
+    async def retry_dirty(self) -> None:
+        """Write the dirty rows to their caches again, a chunk at a time, until each is taken; until cancelled."""
         while True:
-            await self._evicting.wait()
+            await self._retrying.wait()
             while self.dirty:
-                by_group: dict[str, list[tuple[str, int]]] = defaultdict(list)
-                for (name, key), mark in list(self.dirty.items()):
-                    by_group[name].append((key, mark))
-                for name, marked in by_group.items():
+                by_group: dict[str, list[WriteRow]] = defaultdict(list)
+                for (name, _), row in list(self.dirty.items()):
+                    by_group[name].append(row)
+                for name, rows in by_group.items():
                     group = self._dirty_groups[name]
-                    keys = [key for key, _ in marked]
-                    assert group.cache is not None
-                    try:
+                    for start in range(0, len(rows), PROMOTION_BATCH_ROWS):
+                        chunk = rows[start : start + PROMOTION_BATCH_ROWS]
                         with self.gw.pinned() as generation:
-                            backend = generation.backends.get(group.cache.backend)
-                            if backend is not None:
-                                async with asyncio.timeout(self.gw.limits.write_timeout_ms / 1000):
-                                    await cast("CacheStore", backend).evict(group, keys)
-                    except Exception as exc:
-                        log.debug("evicting %d dirty key(s) of %s failed: %s", len(keys), name, describe_error(exc))
-                        continue
-                    for key, mark in marked:  # a key marked again meanwhile stays dirty
-                        if self.dirty.get((name, key)) == mark:
-                            del self.dirty[(name, key)]
-                            self._dirty_count[name] -= 1
-                    self.count(name, "evicted", len(keys))
-                    if not self._dirty_count[name]:
-                        self.bypassed.discard(name)
+                            taken = await self._put(group, chunk, "written", generation.backends, generation.breakers)
+                        if not taken:
+                            break
+                        for row in chunk:  # unless written again meanwhile (then that row is held)
+                            if self.dirty.get((name, row.key)) is row:
+                                self._settle(name, row.key)
+                        self.count(name, "settled", len(chunk))
                 if self.dirty:
-                    await asyncio.sleep(EVICT_RETRY_S)
-            self._evicting.clear()
+                    await asyncio.sleep(RETRY_S)
+            self._retrying.clear()
 
 
-class _NotAsked(Exception):
-    """The system of record was not asked: its circuit is open."""
-
-
-# The misses' read ends this much before the request's deadline, so that a slow system of record leaves the
-# cache's hits served rather than the whole read cancelled by the deadline.
-_MARGIN_S = 0.001
+def _budget(deadline_at: float | None, limit_s: float | None) -> float:
+    """How long the misses' read may take when the cache served some keys: it ends before the request's deadline
+    and the backend's own timeout (from now) cut the whole read off, so the hits are served anyway."""
+    now = time.perf_counter()
+    ends = [t for t in (deadline_at, None if limit_s is None else now + limit_s) if t is not None]
+    if not ends:
+        return 3600.0
+    left = min(ends) - now
+    return max(left - max(0.002, left * 0.05), 0.0)

@@ -39,6 +39,7 @@ from app.storage.layout import blob_event_us
 from backends.base import FeatureBackend, Movable, WriteRow
 
 RANGES = 256
+_HORIZON_US = 600 * 1_000_000  # rows this close to their reclaim time are not compared
 _MASK = (1 << 64) - 1
 
 
@@ -134,6 +135,19 @@ class Move:
             raise MoveError(f"{group.name} already lives on {self.target}")
         if group.moving_to not in (None, self.target) or group.moving_from is not None:
             raise MoveError(f"{group.name} is in another move ({group.moving_to or group.moving_from}) with no state")
+        if group.cache is not None and group.cache.backend == self.target:
+            raise MoveError(f"{self.target} is the cache of {group.name}: move it to another backend")
+        from backends import KINDS
+
+        source_spec, target_spec = registry.backends[group.backend], registry.backends[self.target]
+        identity = KINDS[source_spec.type].identity
+        if source_spec.type == target_spec.type and all(
+            source_spec.options.get(o) == target_spec.options.get(o) for o in identity
+        ):
+            raise MoveError(
+                f"backends {group.backend} and {self.target} hold their data in the same place; a move would "
+                "copy the group onto itself (and --delete-old delete it)"
+            )
         for name in (group.backend, self.target):
             kind = registry.backends[name]
             if kind.options.get("cluster"):
@@ -203,7 +217,7 @@ class Move:
         while True:
             page = await source.scan(group, state.cursor, self.batch)
             if page.rows:
-                result = await target.write(group, _newest(page.rows))
+                result = await cast("Movable", target).copy(group, _newest(page.rows))
                 state.copied += result.written
                 state.skipped_stale += result.skipped_stale
             state.cursor = page.cursor
@@ -214,7 +228,9 @@ class Move:
 
     async def _verify(self, state: MoveState) -> None:
         group = self._group()
-        now_us = time.time_ns() // 1000
+        # Rows reaching their reclaim time before the verify could end are left out on both sides: one side may
+        # delete them meanwhile (Redis expires the key, a SQL store keeps it until its cleanup)
+        now_us = time.time_ns() // 1000 + _HORIZON_US
         source, target = (
             await self._checksums(group, state.source, now_us),
             await self._checksums(group, state.target, now_us),
@@ -223,7 +239,7 @@ class Move:
         state.checked = source.rows
         if bad:
             keys = await self._keys_in(group, state.source, bad) | await self._keys_in(group, state.target, bad)
-            state.repaired += await self._repair(group, state, sorted(keys), now_us)
+            state.repaired += await self._repair(group, state, sorted(keys))
         self._save(state)
 
     async def _checksums(self, group: Group, name: str, now_us: int) -> Checksums:
@@ -243,7 +259,8 @@ class Move:
                 digest = _digest(row.key)
                 r = digest[0]
                 sums.counts[r] += 1
-                sums.sums[r] = (sums.sums[r] + int.from_bytes(digest, "big") * 31 + row.event_us) & _MASK
+                signature = hashlib.blake2b(row.blob, digest_size=8, key=digest).digest()
+                sums.sums[r] = (sums.sums[r] + int.from_bytes(signature, "big")) & _MASK
                 sums.rows += 1
             self.progress(f"verify {name}", sums.rows, None)
             cursor = page.cursor
@@ -261,11 +278,12 @@ class Move:
             if cursor is None:
                 return keys
 
-    async def _repair(self, group: Group, state: MoveState, keys: list[str], now_us: int) -> int:
+    async def _repair(self, group: Group, state: MoveState, keys: list[str]) -> int:
         """Copy again the keys whose new copy is older or absent; MoveError if some still differ after."""
         source, target = self.backends[state.source], self.backends[state.target]
         repaired = 0
         for attempt in range(3):
+            now_us = time.time_ns() // 1000 + _HORIZON_US
             behind: list[WriteRow] = []
             for start in range(0, len(keys), self.batch):
                 chunk = keys[start : start + self.batch]
@@ -274,7 +292,11 @@ class Move:
                 for key, a, b in zip(chunk, old, new, strict=True):
                     if a is None or _reclaimed(group, _row(key, a), now_us):
                         continue  # gone from the old copy (deleted, reclaimed): nothing to carry
-                    if b is None or _row(key, b).event_us < _row(key, a).event_us:
+                    if (
+                        b is None
+                        or _row(key, b).event_us < _row(key, a).event_us
+                        or (_row(key, b).event_us == _row(key, a).event_us and a != b)
+                    ):
                         behind.append(_row(key, a))
             if not behind:
                 return repaired
@@ -283,7 +305,7 @@ class Move:
                     f"{len(behind)} key(s) of {group.name} still differ after copying them again "
                     f"(first: {behind[0].key}); the move stopped before cutting reads over, run it again"
                 )
-            result = await target.write(group, behind)
+            result = await cast("Movable", target).copy(group, behind)
             repaired += result.written
         return repaired
 

@@ -69,6 +69,9 @@ def cmd_move(args: argparse.Namespace) -> int:
                 response = await client.post(f"{url.rstrip('/')}/v1/admin/reload", headers=headers)
                 if response.status_code != 200:
                     raise MoveError(f"{url} did not reload ({response.status_code}): {response.text[:400]}")
+                others = response.json().get("other_workers", {})
+                if others.get("told") is False and "single worker" not in str(others.get("detail")):
+                    raise MoveError(f"{url} reloaded one worker but could not tell its others; reload them (SIGHUP)")
 
     last = [0.0]
 

@@ -85,8 +85,9 @@ backends:
     table: history
     timeout_ms: 5000
     cleanup_interval: 1d   # the reclaim loop's DELETEs would show in the table's idx_scan
-  cache: {{type: redis, url: "{cache_url}", key_prefix: "fg:"}}
-  hot: {{type: redis, url: "{hot_url}", key_prefix: "fg:"}}
+    cost_per_gb_month: 0.25
+  cache: {{type: redis, url: "{cache_url}", key_prefix: "fg:", cost_per_gb_month: 8.0}}
+  hot: {{type: redis, url: "{hot_url}", key_prefix: "fg:", cost_per_gb_month: 8.0}}
 entities:
   consumer: {{join_key: consumer_id, dtype: int64}}
 groups:
@@ -541,6 +542,16 @@ async def bench(args: argparse.Namespace, servers: Servers, folder: Path) -> dic
             gw.check_alive()
             out["miss"] = await cold(args, gw, client, zipf, cache, hot, pg, servers.schema)
             gw.check_alive()
+            # The cost report of the bench data (GET /v1/cost, as `feature-gateway cost` prints it), after the runs
+            cli = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "app", "cost", "--url", gw.url, "--timeout", "120",
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            printed, errors = await cli.communicate()
+            if cli.returncode != 0:
+                raise BenchError(f"feature-gateway cost failed: {errors.decode()[-500:]}")
+            out["cost_table"] = printed.decode()
+            log(f"cost report of the bench data:\n{out['cost_table']}")
         out["pg_floor_p50_ms"] = await pg_floor(servers.schema, zipf.draw(300).tolist())
         cache_info, hot_info = await cache.info("memory"), await hot.info("memory")
         out["memory"] = {

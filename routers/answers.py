@@ -7,10 +7,13 @@ the measured tricks of the hot path (one msgspec encode of plain tuples, event t
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 from opentelemetry.trace import Span
+from starlette.responses import Response
+from starlette.types import Scope
 
 from app.serving.fetch import Served
 from app.serving.request import format_event_time
@@ -59,8 +62,43 @@ def merge_rows(served: Served, *, timestamps: bool | None = None) -> list[dict[s
     return rows
 
 
-def encode_fetch(served: Served) -> bytes:
-    """The body of POST /v1/features/fetch."""
+MSGPACK = b"application/msgpack"
+_msgpack = msgspec.msgpack.Encoder()
+_json = msgspec.json.Encoder()
+
+
+def wants_msgpack(scope: Scope) -> bool:
+    """Whether the caller's Accept asks for MessagePack (it alone, or ranked first: `application/msgpack` or
+    the older `application/x-msgpack`); anything else, or no Accept, is answered JSON."""
+    for name, value in scope["headers"]:
+        if name == b"accept":
+            first = value.partition(b",")[0].partition(b";")[0].strip().lower()
+            return first in (MSGPACK, b"application/x-msgpack")
+    return False
+
+
+@dataclass(slots=True)
+class Reply:
+    """A 200 answer of a hot route, as the fast path sends it (or `response()` for the FastAPI route)."""
+
+    content: bytes
+    media_type: bytes
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+
+    def raw_headers(self) -> list[tuple[bytes, bytes]]:
+        return [
+            (b"content-type", self.media_type),
+            (b"content-length", str(len(self.content)).encode()),
+            *self.headers,
+        ]
+
+    def response(self) -> Response:
+        headers = {k.decode(): v.decode() for k, v in self.headers}
+        return Response(self.content, media_type=self.media_type.decode(), headers=headers)
+
+
+def encode_fetch(served: Served, binary: bool = False) -> bytes:
+    """The body of POST /v1/features/fetch: JSON, or the same document as MessagePack (`binary`)."""
     answer: dict[str, Any] = {
         "features": served.plan.features,
         "rows": merge_rows(served),
@@ -77,7 +115,7 @@ def encode_fetch(served: Served) -> bytes:
             n: {"status": t.status, "ms": round(t.ms, 3)} | ({"error": t.error} if t.error else {})
             for n, t in served.transforms.items()
         }
-    return msgspec.json.encode(answer)
+    return (_msgpack if binary else _json).encode(answer)
 
 
 def server_timing(backend_ms: Iterable[tuple[str, float]], total_ms: float, transform_ms: float | None = None) -> str:
@@ -101,6 +139,12 @@ def timing_of(served: Served, total_ms: float) -> str:
         for c in o.cache or ()
     ]
     return header if not caches else ", ".join([*caches, header])
+
+
+def trace_header(span: Span) -> list[tuple[bytes, bytes]]:
+    """`traceresponse` as a raw header, or none (tracing off or not sampled)."""
+    value = traceresponse(span)
+    return [] if value is None else [(b"traceresponse", value.encode())]
 
 
 def with_trace(headers: dict[str, str], span: Span) -> dict[str, str]:

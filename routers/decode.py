@@ -7,7 +7,8 @@ import re
 from typing import Any, TypeVar
 
 import msgspec
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
+from starlette.types import Receive, Scope
 
 from app.errors import BadRequest, TooLarge, UnsupportedMedia, ValidationFailed
 
@@ -15,7 +16,7 @@ T = TypeVar("T", bound=msgspec.Struct)
 _MSGSPEC_PATH = re.compile(r" - at `\$(.*)`$")
 
 
-def check_json_media(request: Request, *, untyped_ok: bool = False) -> None:
+def check_json_media(scope: Scope, *, untyped_ok: bool = False) -> None:
     """Refuse (415) a body not declared `application/json`.
 
     Why: a web page may send a cross-origin POST without asking the server first (no CORS preflight) only with
@@ -28,7 +29,7 @@ def check_json_media(request: Request, *, untyped_ok: bool = False) -> None:
     """
     media: bytes | None = None
     origin = False
-    for name, value in request.scope["headers"]:
+    for name, value in scope["headers"]:
         if name == b"content-type":
             media = value
         elif name == b"origin":
@@ -50,17 +51,31 @@ def check_json_media(request: Request, *, untyped_ok: bool = False) -> None:
 async def read_body(request: Request, limit: int, *, untyped_ok: bool = False) -> bytes:
     """The JSON body (see check_json_media), refused with 413 as soon as it passes `limit` bytes (not after
     buffering all of it)."""
-    check_json_media(request, untyped_ok=untyped_ok)
-    declared = request.headers.get("content-length")
+    return await receive_body(request.scope, request.receive, limit, untyped_ok=untyped_ok)
+
+
+async def receive_body(scope: Scope, receive: Receive, limit: int, *, untyped_ok: bool = False) -> bytes:
+    """read_body on the raw ASGI call: what the routes FastAPI serves and the fast path (routers/fast_path.py)
+    share."""
+    check_json_media(scope, untyped_ok=untyped_ok)
+    declared = None
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            declared = value
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise TooLarge(f"the body is {declared} bytes; the limit is {limit}", field="(body)")
+        raise TooLarge(f"the body is {declared.decode()} bytes; the limit is {limit}", field="(body)")
     chunks, size = [], 0
-    async for chunk in request.stream():
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
             raise TooLarge(f"the body is over the limit of {limit} bytes", field="(body)")
         chunks.append(chunk)
-    return b"".join(chunks)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 _LENIENT: dict[type[msgspec.Struct], msgspec.json.Decoder[Any]] = {}

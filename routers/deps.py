@@ -7,6 +7,7 @@ from typing import Annotated, Any
 from fastapi import Depends, Request, Security
 from fastapi.openapi.models import HTTPBearer as HTTPBearerModel
 from fastapi.security.base import SecurityBase
+from starlette.types import Scope as AsgiScope
 
 from app.auth import ApiKey, KeyRing, Scope
 from app.serving.gateway import Gateway
@@ -34,12 +35,16 @@ def authorize(request: Request, scope: Scope | None) -> ApiKey | None:
     Raises Unauthorized (401) or Forbidden (403). RawRoutes (the hot paths) call this first thing; other
     routes take it as a dependency (AnyKey, ReadKey, ...).
     """
-    keyring: KeyRing = request.app.state.keyring
+    return authorize_scope(request.app.state.keyring, request.scope, scope)
+
+
+def authorize_scope(keyring: KeyRing, asgi_scope: AsgiScope, scope: Scope | None) -> ApiKey | None:
+    """authorize on the raw ASGI call (the fast path has no Request)."""
     if not keyring.enabled:
         return None
     # The raw ASGI headers (names are lowercase bytes), not request.headers: building that costs more than
     # the whole check when nothing else on the path needs it.
-    for name, value in request.scope["headers"]:
+    for name, value in asgi_scope["headers"]:
         if name == b"authorization":
             return keyring.check(value.decode("latin-1"), scope)
     return keyring.check(None, scope)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import msgspec
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -22,6 +23,29 @@ def problem_response(status: int, title: str, detail: str, field: str | None = N
     if field is not None:
         body["field"] = field
     return JSONResponse(body, status_code=status, media_type=PROBLEM)
+
+
+_INTERNAL = {
+    "type": "about:blank",
+    "title": "Internal error",
+    "status": 500,
+    "detail": "the gateway failed to answer; this is a bug, it was logged",
+}
+
+
+def problem_of(exc: Exception) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """Status, raw headers and body of the problem document an exception is answered with (the fast path's;
+    a GatewayError's as gateway_error below writes it, anything else a 500 for the caller to log)."""
+    if isinstance(exc, GatewayError):
+        status, body, extra = exc.status, msgspec.json.encode(exc.problem()), exc.headers() or {}
+    else:
+        status, body, extra = 500, msgspec.json.encode(_INTERNAL), {}
+    headers = [
+        (b"content-type", PROBLEM.encode()),
+        (b"content-length", str(len(body)).encode()),
+        *((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in extra.items()),
+    ]
+    return status, headers, body
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -50,4 +74,4 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return problem_response(500, "Internal error", "the gateway failed to answer; this is a bug, it was logged")
+        return JSONResponse(_INTERNAL, status_code=500, media_type=PROBLEM)

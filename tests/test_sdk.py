@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import httpx
+import msgspec
 
 from tests.support.gateways import demo_gateway
 
@@ -63,6 +64,17 @@ def test_generated_python_client_fetches_and_writes(tmp_path: Path) -> None:
                     ),
                 )
                 service = get_service.sync(client=client, name="eta_model_v3")
+                # The same operation asked for MessagePack (a second content type of its 200). The generated
+                # functions parse every 200 as JSON, so the call goes through the client's own httpx client with
+                # the generated request model, and the answer is read into the generated response model.
+                asked = models.FetchRequest(
+                    entities=models.FetchRequestEntities.from_dict({"store_id": ["s-42", "nope"]}),
+                    features=["store_stats:*"],
+                )
+                binary = client.get_httpx_client().post(
+                    "/v1/features/fetch", json=asked.to_dict(), headers={"Accept": "application/msgpack"}
+                )
+                as_msgpack = models.FetchResponse.from_dict(msgspec.msgpack.decode(binary.content))
                 problem = fetch_features.sync(
                     client=client,
                     body=models.FetchRequest(
@@ -82,6 +94,9 @@ def test_generated_python_client_fetches_and_writes(tmp_path: Path) -> None:
     assert answer.features == ["store_stats:prep_time_p50", "store_stats:open_orders"]
     assert answer.rows[0].values == [9.5, 3]
     assert [s.value for s in answer.rows[1].statuses] == ["MISSING", "MISSING"]
+    assert binary.headers["content-type"] == "application/msgpack"
+    assert as_msgpack.features == answer.features
+    assert [(r.values, r.statuses) for r in as_msgpack.rows] == [(r.values, r.statuses) for r in answer.rows]
     assert isinstance(by_service, models.FetchResponse)
     assert by_service.features[-1] == "basket_ratio:basket_ratio"
     assert by_service.rows[0].values[-1] == 2.0  # 47.0 over the demo's average basket of 23.5

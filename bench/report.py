@@ -297,9 +297,9 @@ def compare_summaries(before: list[Any], after: list[Any], before_meta: Any = No
     only_after = [n for n in new_rows if n not in old_rows]
     only_before = [n for n in old_rows if n not in new_rows]
     if only_after:
-        lines += ["", "Only in after (no ratio): " + "; ".join(_brief(new_rows[n]) for n in only_after)]
+        lines += ["", "Only in after (no ratio):", *(f"- {_brief(new_rows[n])}" for n in only_after)]
     if only_before:
-        lines += ["", "Only in before (no ratio): " + "; ".join(_brief(old_rows[n]) for n in only_before)]
+        lines += ["", "Only in before (no ratio):", *(f"- {_brief(old_rows[n])}" for n in only_before)]
     return "\n".join(lines)
 
 

@@ -270,9 +270,16 @@ def _describe(meta: Any) -> str:
         return "?"
     load = meta.get("load_average_at_start")
     load_text = f", load average {load[0]:.1f} at start" if isinstance(load, list | tuple) and load else ""
+    args = meta.get("args") if isinstance(meta.get("args"), dict) else {}
+    shape = (
+        f", {args.get('entities', '?')} entities, {args.get('duration', '?')} s per workload, "
+        f"repeat {args.get('repeat', '?')}"
+        if args
+        else ""
+    )
     return (
         f"commit {meta.get('commit', '?')}, {meta.get('started_at', '?')}, {meta.get('cpus', '?')} cores "
-        f"({meta.get('cpu_model') or '?'}){load_text}"
+        f"({meta.get('cpu_model') or '?'}){load_text}{shape}"
     )
 
 

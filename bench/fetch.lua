@@ -1,9 +1,13 @@
 -- wrk script: POST /v1/features/fetch with random entity ids; counts every non-200 answer.
 --
--- wrk -s bench/fetch.lua URL -- ENTITIES ID_MIN ID_MAX SEED POOL JOIN_KEY SELECTOR DEADLINE_MS [CONTEXT]
+-- wrk -s bench/fetch.lua URL -- ENTITIES ID_MIN ID_MAX SEED POOL JOIN_KEY SELECTOR DEADLINE_MS [CONTEXT [ACCEPT [IDS]]]
 --
 -- SELECTOR is the body's member naming what to fetch: `"features":[...]` or `"service":"name"`. CONTEXT, when
 -- given, is `field:int,field:float,...`: each request carries those context fields, a random value per entity.
+-- ACCEPT, when not empty, is sent as the `Accept` header, and the answers' Content-Type values are counted
+-- (`content_types` in the JSON line), so the bench sees which encoding it measured. IDS, when not empty, is a
+-- file of ids, one a line, drawn by the bench (Zipf: Lua has no sampler for it): requests take them in file
+-- order, ENTITIES at a time, each thread from its own offset, instead of drawing uniform ids; POOL is ignored.
 --
 -- Each thread builds POOL complete requests up front (ids drawn uniformly from ID_MIN..ID_MAX, seeded, so
 -- a run is repeatable) and cycles through them: the driver then spends next to nothing per request, which
@@ -34,15 +38,39 @@ function init(args)
   for field, kind in string.gmatch(args[9] or "", "([%w_]+):(%a+)") do
     context_fields[#context_fields + 1] = {field, kind}
   end
+  local accept = args[10] or ""
+  local ids_file = args[11] or ""
   math.randomseed(seed * 1000 + thread_id)
   non200 = 0
   statuses = {}
+  content_types = {}
+  count_types = accept ~= ""
   pool = {}
   local headers = {["Content-Type"] = "application/json"}
+  if count_types then
+    headers["Accept"] = accept
+  end
+  local drawn = nil
+  if ids_file ~= "" then
+    drawn = {}
+    for line in io.lines(ids_file) do
+      if line ~= "" then
+        drawn[#drawn + 1] = line
+      end
+    end
+    pool_size = math.floor(#drawn / entities)
+    if pool_size < 1 then
+      error("fetch.lua: " .. ids_file .. " holds fewer than " .. entities .. " ids")
+    end
+  end
   for p = 1, pool_size do
     local ids = {}
     for e = 1, entities do
-      ids[e] = tostring(math.random(id_min, id_max))
+      if drawn then
+        ids[e] = drawn[(p - 1) * entities + e]
+      else
+        ids[e] = tostring(math.random(id_min, id_max))
+      end
     end
     local context = ""
     if #context_fields > 0 then
@@ -60,7 +88,8 @@ function init(args)
       .. ',"deadline_ms":' .. deadline .. ',"strict":true}'
     pool[p] = wrk.format("POST", nil, headers, body)
   end
-  at = 0
+  -- Threads of one run start at different places of a drawn sequence, so they do not send the same ids in step
+  at = drawn and ((thread_id - 1) * 7919) % #pool or 0
 end
 
 function request()
@@ -69,6 +98,10 @@ function request()
 end
 
 function response(status, headers, body)
+  if count_types then
+    local kind = headers["content-type"] or headers["Content-Type"] or "none"
+    content_types[kind] = (content_types[kind] or 0) + 1
+  end
   if status ~= 200 then
     non200 = non200 + 1
     local key = tostring(status)
@@ -89,14 +122,23 @@ local function num(x)
 end
 
 function done(summary, latency, requests)
-  local failed, codes, failure = 0, {}, nil
+  local failed, by_code, failure, by_type = 0, {}, nil, {}
   for _, thread in ipairs(threads) do
     failed = failed + thread:get("non200")
-    local counted = thread:get("statuses")
-    for code, n in pairs(counted) do
-      codes[#codes + 1] = quote(code) .. ":" .. n
+    for code, n in pairs(thread:get("statuses")) do
+      by_code[code] = (by_code[code] or 0) + n
+    end
+    for kind, n in pairs(thread:get("content_types")) do
+      by_type[kind] = (by_type[kind] or 0) + n
     end
     failure = failure or thread:get("first_failure")
+  end
+  local codes, types = {}, {}
+  for code, n in pairs(by_code) do
+    codes[#codes + 1] = quote(code) .. ":" .. n
+  end
+  for kind, n in pairs(by_type) do
+    types[#types + 1] = quote(kind) .. ":" .. n
   end
   local e = summary.errors
   local parts = {
@@ -105,6 +147,7 @@ function done(summary, latency, requests)
     '"bytes":' .. summary.bytes,
     '"non200":' .. failed,
     '"non200_by_status":{' .. table.concat(codes, ",") .. '}',
+    '"content_types":{' .. table.concat(types, ",") .. '}',
     '"first_failure":' .. (failure and quote(failure) or "null"),
     '"errors":{"connect":' .. e.connect .. ',"read":' .. e.read .. ',"write":' .. e.write
       .. ',"status":' .. e.status .. ',"timeout":' .. e.timeout .. '}',

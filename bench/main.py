@@ -9,24 +9,31 @@ Order of a run (each step fails the run, exit 1, rather than print a number that
   3. per request size (1, 10, 100 entities x 100 features, 1 connection): wrk, then right after it the
      floor (the same reads straight from redis-py and asyncpg), so each pair sees the same box
      (`--repeat N`: N such pairs, the table shows medians);
+     The largest size runs a third time, asking `Accept: application/msgpack` (`--no-msgpack`: not);
   4. 32 connections, 1 x 100, for each `--workers` count (the gateway restarted with that many);
-  5. the table on stdout, `--json FILE` with everything; then everything stopped
-     and the schema dropped.
+  5. `--zipf`: up to `--zipf-entities` entities, then 1 x 100 at 32 connections, 1 worker, ids drawn from
+     Zipf(1.1), on a gateway without and one with the per-worker local cache (`local_cache_ms`), alternating;
+  6. the table on stdout, `--json FILE` with everything, `--baseline FILE` the ratios to a stored run;
+     then everything stopped and the schema dropped.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import os
 import platform
+import random
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +45,20 @@ import uvloop
 from app.errors import RegistryError
 from app.registry.load import load_registry
 from app.registry.model import Registry
-from bench.data import entity_ids, generate, verify, write_rows
+from bench.data import (
+    FIRST_ID,
+    MSGPACK,
+    check_values,
+    entity_ids,
+    generate,
+    iter_values,
+    verify,
+    verify_msgpack,
+    write_ids,
+    write_rows,
+    zipf_ids,
+    zipf_top_share,
+)
 from bench.measure import (
     Floor,
     Workload,
@@ -50,7 +70,19 @@ from bench.measure import (
     run_wrk,
 )
 from bench.procs import BenchError, GatewayProcess, OtlpSink, RedisServer, ensure_wrk, log
-from bench.report import Report, Storage, caption, compare, table
+from bench.report import (
+    LOCAL_CACHE,
+    MSGPACK_ROW,
+    NO_LOCAL_CACHE,
+    Report,
+    Storage,
+    caption,
+    compare,
+    compare_summaries,
+    load_record,
+    table,
+    targets,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 REGISTRY = Path(__file__).with_name("registry.yaml")
@@ -78,6 +110,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write every result as JSON here")
     parser.add_argument(
         "--compare", nargs=2, type=Path, metavar=("BEFORE", "AFTER"), help="compare two --json files; runs nothing"
+    )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="FILE",
+        help="after the run, print each shared measure beside this stored --json run's with the ratio, and issue "
+        "15's targets (e.g. bench/baselines/c26f67a.json)",
+    )
+    parser.add_argument(
+        "--msgpack",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the largest --sizes row again with `Accept: application/msgpack` [on]",
+    )
+    parser.add_argument(
+        "--zipf",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Zipf rows: 1 x 100 at --connections, 1 worker, without and with the per-worker local cache "
+        "[on; --smoke: on, tiny]",
+    )
+    parser.add_argument(
+        "--zipf-entities", type=int, help="entities the Zipf ids are drawn over (loaded first) [100000; --smoke: 2000]"
+    )
+    parser.add_argument("--zipf-s", type=float, default=1.1, help="the Zipf exponent s [1.1]")
+    parser.add_argument(
+        "--zipf-requests", type=int, default=20_000, help="Zipf draws the driver cycles through per run [20000]"
+    )
+    parser.add_argument(
+        "--local-cache-ms", type=int, default=1000, help="local_cache_ms of live and history in the cached row [1000]"
     )
     parser.add_argument("--pg-dsn", default=os.environ.get("BENCH_PG_DSN", DEFAULT_PG_DSN), help="PostgreSQL DSN")
     parser.add_argument("--pg-schema", help=f"schema to (re)create and drop [{SCHEMA_PREFIX}<pid>]")
@@ -120,6 +182,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.warmup = args.warmup if args.warmup is not None else (1 if smoke else 2)
     args.workers = [int(w) for w in (args.workers or ("1" if smoke else "1,2")).split(",")]
     args.sizes = [int(s) for s in args.sizes.split(",")]
+    args.zipf = True if args.zipf is None else args.zipf
+    args.zipf_entities = args.zipf_entities or (2_000 if smoke else 100_000)
+    if args.baseline is not None and not args.compare:
+        try:
+            load_record(args.baseline)  # now, not after a run of minutes
+        except ValueError as exc:
+            parser.error(f"--baseline: {exc}")
+    if min(args.zipf_entities, args.zipf_requests, args.local_cache_ms) < 1 or args.zipf_s <= 0:
+        parser.error("--zipf-entities, --zipf-requests, --local-cache-ms and --zipf-s are positive")
     args.pg_schema = args.pg_schema or f"{SCHEMA_PREFIX}{os.getpid()}"
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,62}", args.pg_schema):
         parser.error("--pg-schema is an SQL identifier (letters, digits, underscore)")
@@ -236,9 +307,23 @@ async def load_data(
                     report.storage.append(Storage(name, measured, now - used, values, (now - used) / values))
                     used = now
             await verify(client, registry, {n: data[n] for n in order}, args.entities, 50, args.seed)
+            log("read back a sample: every value PRESENT and as written")
+            if args.msgpack:
+                sample = random.Random(f"{args.seed}:msgpack").sample(list(ids), min(max(args.sizes), len(ids)))
+                features = [f.ref for name in FETCHED for f in registry.groups[name].features]
+                answered = await verify_msgpack(client, sample, features)
+                report.meta["msgpack_content_type"] = answered
+                if answered.startswith(MSGPACK):
+                    log(f"Accept: {MSGPACK}: the answer decodes to the JSON answer's values ({answered})")
+                else:
+                    note = (
+                        f"the gateway answers {answered or 'no Content-Type'} to Accept: {MSGPACK}: "
+                        "the msgpack row measures that"
+                    )
+                    report.notes.append(note)
+                    log(note)
     finally:
         await redis_client.aclose()
-    log("read back a sample: every value PRESENT and as written")
 
     # Now rather than at the end: the VACUUM ANALYZE that autovacuum would otherwise run on the fresh table
     # in the middle of a measured workload.
@@ -283,12 +368,21 @@ async def run(args: argparse.Namespace, report: Report, log_dir: Path) -> None:
         floor = Floor(registry, FETCHED)
         await floor.open()
         for size in args.sizes:
-            workload = Workload(f"{size} x {len(features)}, 1 conn, 1 worker", size, features, 1, 1, args.duration)
+            name = f"{size} x {len(features)}, 1 conn, 1 worker"
+            workload = Workload(name, size, features, 1, 1, args.duration)
+            # The largest size again as MessagePack, right after its JSON run and floor: the ratio compares neighbours
+            packed = (
+                Workload(name + MSGPACK_ROW, size, features, 1, 1, args.duration, accept=MSGPACK)
+                if args.msgpack and size == max(args.sizes)
+                else None
+            )
             for _ in range(args.repeat):  # gateway then floor, back to back: each pair sees the same box
                 report.record(await _wrk_with_warmup(wrk_options, gateway, workload, args.warmup))
                 floor_result = await floor.run(size, id_max, args.duration, args.warmup, args.seed)
                 report.record(floor_result)
                 log_result(floor_result, f"floor {size} x {len(features)}")
+                if packed is not None:
+                    report.record(await _wrk_with_warmup(wrk_options, gateway, packed, extra_warmup(args)))
 
         if args.services:
             await _service_rows(args, gateway, wrk_options, features, report)
@@ -313,6 +407,12 @@ async def run(args: argparse.Namespace, report: Report, log_dir: Path) -> None:
             for _ in range(args.repeat):
                 report.record(await _wrk_with_warmup(wrk_options, gateway, workload, args.warmup))
         gateway.check_alive()
+
+        if args.zipf:
+            files, expected = await _load_zipf_entities(args, registry, gateway, log_dir, report)
+            gateway.stop()
+            gateway = None
+            await _zipf_rows(args, env, wrk_options, features, log_dir, report, files, expected)
     finally:
         if floor is not None:
             await floor.aclose()
@@ -322,6 +422,189 @@ async def run(args: argparse.Namespace, report: Report, log_dir: Path) -> None:
         if not args.keep:
             with contextlib.suppress(OSError, asyncpg.PostgresError):
                 await drop_schema(args.pg_dsn, args.pg_schema)
+
+
+def extra_warmup(args: argparse.Namespace) -> int:
+    """The warm-up of the msgpack and Zipf rows: none in --smoke, which must stay quick and is never judged."""
+    return 0 if args.smoke else args.warmup
+
+
+ZIPF_GROUPS = FETCHED  # the Zipf rows read 1 entity x these groups' features; both hold --zipf-entities entities
+ZIPF_SAMPLE = 20  # ids read back value by value: the most drawn ones (the local cache's), and as many at random
+
+
+async def _load_zipf_entities(
+    args: argparse.Namespace, registry: Registry, gateway: GatewayProcess, log_dir: Path, report: Report
+) -> tuple[list[Path], dict[int, dict[str, list[Any]]]]:
+    """Up to --zipf-entities entities in `live` and `history` (the first --entities are loaded already, with the
+    same values: the generator's first n rows do not depend on how many follow), the Zipf draws written for
+    fetch.lua (measured, warm-up), and the expected values of a sample of ids to read back later."""
+    total = max(args.entities, args.zipf_entities)
+    drawn = zipf_ids(args.zipf_entities, args.zipf_s, args.zipf_requests, args.seed)
+    files = [
+        write_ids(log_dir / "zipf-ids.txt", drawn),
+        write_ids(
+            log_dir / "zipf-ids-warmup.txt", zipf_ids(args.zipf_entities, args.zipf_s, args.zipf_requests, args.seed, 1)
+        ),
+    ]
+    counts = Counter(drawn)
+    hot = [i for i, _ in counts.most_common(ZIPF_SAMPLE)]
+    rng = random.Random(f"{args.seed}:zipf-verify")
+    sample = set(hot) | set(
+        rng.sample(range(FIRST_ID, FIRST_ID + args.zipf_entities), min(ZIPF_SAMPLE, args.zipf_entities))
+    )
+    expected: dict[int, dict[str, list[Any]]] = {i: {} for i in sample}
+
+    started = time.perf_counter()
+    in_flight: set[asyncio.Task[None]] = set()
+    async with httpx.AsyncClient(base_url=gateway.url, timeout=120) as client:
+        for name in ZIPF_GROUPS:
+            group = registry.groups[name]
+            ids: list[int] = []
+            values: list[list[Any]] = []
+            for entity_id, row in zip(entity_ids(total), iter_values(group, total, args.seed), strict=True):
+                if entity_id in expected:
+                    expected[entity_id][name] = row
+                if entity_id <= args.entities:
+                    continue  # loaded with the rest of the data
+                ids.append(entity_id)
+                values.append(row)
+                if len(ids) == args.batch:
+                    # Two batches in flight: the next one is generated while the gateway writes this one
+                    if len(in_flight) >= 2:
+                        _, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                    in_flight.add(asyncio.create_task(write_rows(client, group, ids, values, args.batch)))
+                    ids, values = [], []
+            if ids:
+                in_flight.add(asyncio.create_task(write_rows(client, group, ids, values, args.batch)))
+        for task in asyncio.as_completed(in_flight):
+            await task  # raises the first failed write
+        seconds = time.perf_counter() - started
+        added = max(total - args.entities, 0)
+        log(f"loaded {added:,} more entities into {' and '.join(ZIPF_GROUPS)} for the Zipf rows in {seconds:.1f} s")
+        options = registry.backends[registry.groups[SQL_GROUP].backend].options
+        size = await pg_size(args.pg_dsn, options["schema"], options["table"])  # VACUUM ANALYZE the grown table
+        if size.rows != total:
+            raise BenchError(f"the PostgreSQL table holds {size.rows} rows, not {total}")
+        await check_values(client, registry, expected, " (Zipf entities)")
+    top_share = counts.most_common(1)[0][1] / len(drawn)
+    report.meta["zipf"] = {
+        "entities": args.zipf_entities,
+        "s": args.zipf_s,
+        "draws": len(drawn),
+        "distinct_ids_drawn": len(counts),
+        "top_id_share": top_share,
+        "top_id_share_expected": zipf_top_share(args.zipf_entities, args.zipf_s),
+        "entities_loaded": added,
+        "load_seconds": round(seconds, 1),
+    }
+    log(
+        f"Zipf s={args.zipf_s} over {args.zipf_entities:,}: {len(counts):,} distinct ids in {len(drawn):,} draws, "
+        f"the most drawn {top_share:.1%} of them"
+    )
+    return files, expected
+
+
+def local_cache_registry(text: str, groups: Sequence[str], ms: int) -> str:
+    """bench/registry.yaml's text with `local_cache_ms: ms` added to each of these groups (nothing else changes:
+    the comments, the ${BENCH_*} variables and the on-demand functions' folder stay as they are)."""
+    for name in groups:
+        pattern = re.compile(rf"^(  {re.escape(name)}:\n)", re.MULTILINE)
+        text, found = pattern.subn(rf"\g<1>    local_cache_ms: {ms}\n", text, count=1)
+        if not found:
+            raise BenchError(f"bench/registry.yaml has no group {name!r} to give a local cache")
+    return text
+
+
+def _refusal(exc: Exception, log_path: Path) -> str:
+    """The line saying why a gateway did not start (the registry's complaint, preferably)."""
+    text = str(exc)
+    with contextlib.suppress(OSError):
+        text = log_path.read_text(errors="replace") + "\n" + text
+    lines = [x.strip() for x in text.splitlines() if x.strip()]
+    return next((x for x in reversed(lines) if "local_cache_ms" in x), lines[-1] if lines else "no message")
+
+
+async def _zipf_rows(
+    args: argparse.Namespace,
+    env: dict[str, str],
+    options: WrkOptions,
+    features: list[str],
+    log_dir: Path,
+    report: Report,
+    files: list[Path],
+    expected: dict[int, dict[str, list[Any]]],
+) -> None:
+    """1 x 100 with Zipf ids at --connections, 1 worker: on bench/registry.yaml as it is, and on a copy whose
+    `live` and `history` keep hot keys in each worker for --local-cache-ms; the gateway restarted for each,
+    the two alternating (order rotated) when --repeat. A gateway that refuses `local_cache_ms` (one from before
+    the field) skips the cached row with a note; the rest of the run stands."""
+    conns = f"{args.connections} conn{'s' if args.connections > 1 else ''}"
+    base = f"zipf 1 x {len(features)}, {conns}, 1 worker"
+    # Next to bench/registry.yaml: the on-demand functions are imported from the registry's folder
+    cached_path = REGISTRY.with_name(f".registry-local-cache-{os.getpid()}.yaml")
+    cached_path.write_text(local_cache_registry(REGISTRY.read_text(), ZIPF_GROUPS, args.local_cache_ms))
+    configurations = [
+        (NO_LOCAL_CACHE, REGISTRY),
+        (f"{LOCAL_CACHE}{args.local_cache_ms} ms", cached_path),
+    ]
+    refused: str | None = None
+    try:
+        try:
+            load_registry(cached_path, env=env)
+        except RegistryError as exc:
+            refused = exc.detail
+        for repeat in range(args.repeat):
+            shift = repeat % len(configurations)
+            for suffix, path in configurations[shift:] + configurations[:shift]:
+                cached = path == cached_path
+                if cached and refused is not None:
+                    continue
+                log_path = log_dir / f"gateway-zipf-{'cached' if cached else 'plain'}.log"
+                gateway = GatewayProcess(path, 1, env, log_path)
+                gateway.spawn()
+                try:
+                    try:
+                        await gateway.wait_ready()
+                    except BenchError as exc:
+                        # Skipped only when it is the field it refuses: a cached gateway that crashes fails the run
+                        why = _refusal(exc, log_path)
+                        if not cached or "local_cache_ms" not in why or "unknown" not in why:
+                            raise
+                        refused = why
+                        continue
+                    workload = Workload(
+                        base + suffix,
+                        1,
+                        features,
+                        args.connections,
+                        1,
+                        args.duration,
+                        ids_file=files[0],
+                        warmup_ids_file=files[1],
+                    )
+                    report.record(await _wrk_with_warmup(options, gateway, workload, extra_warmup(args)))
+                    async with httpx.AsyncClient(base_url=gateway.url, timeout=30) as client:
+                        for _ in range(2):  # the second read of each id is the local cache's when it has one
+                            await check_values(client, registry_of(path, env), expected, f" ({base + suffix})")
+                finally:
+                    gateway.stop()
+    finally:
+        cached_path.unlink(missing_ok=True)
+    if refused is not None:
+        note = (
+            f"zipf row with local_cache_ms skipped: the gateway refuses the registry field ({refused}); "
+            "the no-local-cache row ran alone"
+        )
+        report.notes.append(note)
+        log(note)
+
+
+def registry_of(path: Path, env: Mapping[str, str]) -> Registry:
+    try:
+        return load_registry(path, env=dict(env))
+    except RegistryError as exc:
+        raise BenchError(f"{path.name}: {exc.detail}") from None
 
 
 TRACING = {"off": None, "100%": "1.0", "1%": "0.01"}  # row label -> GATEWAY_TRACE_SAMPLE_RATIO
@@ -441,7 +724,14 @@ async def _server_versions(redis_url: str, dsn: str) -> dict[str, str]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.compare:
-        print(compare(*args.compare))
+        try:
+            print(compare(*args.compare))
+            before, after = (load_record(path)["summary"] for path in args.compare)
+        except ValueError as exc:
+            print(f"bench: --compare: {exc}", file=sys.stderr)
+            return 2
+        print()
+        print(targets(before, after))
         return 0
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="fg-bench-"))
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -465,6 +755,15 @@ def main(argv: list[str] | None = None) -> int:
         print(table(report.summary()))
         print()
         print(caption(report))
+        for note in report.notes:
+            print(f"\nNote: {note}")
+        if args.baseline is not None and report.workloads:
+            baseline = load_record(args.baseline)
+            report.meta["baseline"] = str(args.baseline)
+            print(f"\n## Against {args.baseline}\n")
+            print(compare_summaries(baseline["summary"], report.summary(), baseline.get("meta"), report.meta))
+            print()
+            print(targets(baseline["summary"], report.summary()))
     if args.json:
         args.json.write_text(json.dumps(report.to_json(), indent=2, default=str) + "\n")
     if report.problems:

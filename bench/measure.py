@@ -37,6 +37,11 @@ class Workload:
     duration_s: int
     service: str | None = None  # fetch by this service instead of the feature list (which it serves)
     context: Mapping[str, str] = field(default_factory=dict)  # context field -> "int" or "float", random values
+    accept: str | None = None  # the Accept header of each request (None: none sent, the server answers JSON)
+    # Ids drawn by the bench (one a line, `entities` per request, in order) instead of wrk's uniform draws: the
+    # measured run's and the warm-up's (other draws, so the warm-up does not preload exactly what is measured)
+    ids_file: Path | None = None
+    warmup_ids_file: Path | None = None
 
     def selector(self) -> str:
         """The body's member naming what to fetch (bench/fetch.lua)."""
@@ -71,6 +76,14 @@ class WrkResult:
     gateway_cpu_ms_per_request: float | None
     warmup_requests: int = 0  # of the unmeasured warm-up run before it
     spans_per_request: float | None = None  # tracing rows: spans the OTLP sink received per request (warm-up too)
+    accept: str | None = None  # the Accept header sent, if any
+    content_types: dict[str, int] = field(default_factory=dict)  # answers by Content-Type (counted when `accept`)
+
+    def answered(self) -> str | None:
+        """The Content-Type most answers had (counted only for rows that send an Accept header)."""
+        if not self.content_types:
+            return None
+        return max(self.content_types.items(), key=lambda item: item[1])[0]
 
     @property
     def failures(self) -> int:
@@ -109,9 +122,12 @@ async def run_wrk(
     duration_s: int | None = None,
     seed: int | None = None,
     cpu_seconds: Callable[[], float] | None = None,
+    warmup: bool = False,
 ) -> WrkResult:
-    """One wrk run of `workload` against the gateway at `url`; `cpu_seconds` reads the gateway's CPU time."""
+    """One wrk run of `workload` against the gateway at `url`; `cpu_seconds` reads the gateway's CPU time.
+    `warmup`: the workload's warm-up ids file, if it has one, instead of its measured one."""
     duration = workload.duration_s if duration_s is None else duration_s
+    ids_file = workload.warmup_ids_file if warmup else workload.ids_file
     threads = max(1, min(options.threads, workload.connections))
     command = [
         options.wrk,
@@ -133,6 +149,8 @@ async def run_wrk(
         workload.selector(),
         str(options.deadline_ms),
         ",".join(f"{name}:{kind}" for name, kind in workload.context.items()),
+        workload.accept or "",
+        str(ids_file) if ids_file is not None else "",
     ]
     load_before = os.getloadavg()[0]
     cpu_before = cpu_seconds() if cpu_seconds else 0.0
@@ -173,6 +191,8 @@ async def run_wrk(
         gateway_cpu_ms_per_request=cpu_used * 1000 / raw["requests"]
         if cpu_used is not None and raw["requests"]
         else None,
+        accept=workload.accept,
+        content_types=dict(raw.get("content_types") or {}),
     )
 
 

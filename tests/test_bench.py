@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import pytest
+import yaml
+
 from app.registry.load import load_registry
-from bench.data import generate
-from bench.main import REGISTRY
+from bench.data import FIRST_ID, generate, iter_values, zipf_ids, zipf_top_share
+from bench.main import REGISTRY, local_cache_registry
 from bench.measure import FloorResult, WrkResult, percentile
-from bench.report import Report, Storage, compare, table
+from bench.report import Report, Storage, compare, load_record, table, targets
 
 
 def wrk_result(name: str, entities: int, connections: int, p50: float, rps: float, **extra: Any) -> WrkResult:
@@ -150,3 +154,181 @@ def test_service_rows_are_set_against_their_base_rows() -> None:
     assert rows[f"{base}, by service + 2 on-demand"]["cpu_vs_base"] == 0.36 / 0.31
     assert "vs" not in rows[f"{base}, by list"]
     assert f"| {base}, by service | 1,900 req/s (p50 +0.010 ms, CPU 0.97x of by list) |" in table(report.summary())
+
+
+def _record(path: Path, rows: list[dict[str, Any]], **meta: Any) -> Path:
+    path.write_text(json.dumps({"meta": meta, "summary": rows}))
+    return path
+
+
+def test_compare_lists_rows_of_one_record_only_without_a_ratio_and_skips_missing_metrics(tmp_path: Path) -> None:
+    # An old record (c26f67a's bench) has no msgpack, Zipf or service rows, and fewer keys per row
+    old = _record(
+        tmp_path / "old.json",
+        [
+            {"measure": "1 x 100, 1 conn, 1 worker", "rps": 1000.0, "p50_ms": 1.0, "gateway_cpu_ms_per_request": 0.6},
+            {"measure": "gone", "rps": 5.0},
+            {"measure": "storage: live on Redis (50 numeric)", "bytes_per_value": 7.9},
+            {"no measure": True},
+        ],
+        commit="c26f67a",
+    )
+    new = _record(
+        tmp_path / "new.json",
+        [
+            {
+                "measure": "1 x 100, 1 conn, 1 worker",
+                "rps": 2000.0,
+                "p50_ms": 0.5,
+                "gateway_cpu_ms_per_request": 0.3,
+                "overhead_p50_ms": 0.1,
+                "rps_vs_tracing_off": None,
+            },
+            {"measure": "100 x 100, 1 conn, 1 worker, msgpack", "rps": 300.0, "p50_ms": 2.0, "p50_vs_json": 0.4},
+            {"measure": "storage: live on Redis (50 numeric)", "bytes_per_value": 7.9},
+        ],
+        commit="abc1234",
+    )
+    text = compare(old, new)
+    assert "before: commit c26f67a" in text
+    assert "after: commit abc1234" in text
+    assert "| 1 x 100, 1 conn, 1 worker | gateway CPU ms/req | 0.600 | 0.300 | 0.50x |" in text
+    assert "| 1 x 100, 1 conn, 1 worker | req/s | 1,000 | 2,000 | 2.00x |" in text
+    assert "overhead p50 ms" not in text  # the old record lacks it
+    assert "| storage: live on Redis (50 numeric) | B/value | 7.9 | 7.9 | 1.00x |" in text
+    assert "Only in after (no ratio):\n- 100 x 100, 1 conn, 1 worker, msgpack (req/s 300, p50 ms 2.000)" in text
+    assert "Only in before (no ratio):\n- gone (req/s 5)" in text
+    assert "| 100 x 100, 1 conn, 1 worker, msgpack | p50" not in text
+
+
+def test_compare_refuses_a_file_that_is_no_record(tmp_path: Path) -> None:
+    good = _record(tmp_path / "good.json", [])
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"workloads": []}')
+    with pytest.raises(ValueError, match="no `summary` list"):
+        compare(bad, good)
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(ValueError, match="not a readable"):
+        load_record(tmp_path / "broken.json")
+
+
+def test_targets_against_a_stored_run() -> None:
+    before = [
+        {"measure": "1 x 100, 1 conn, 1 worker", "p50_ms": 0.7, "gateway_cpu_ms_per_request": 0.6},
+        {"measure": "100 x 100, 1 conn, 1 worker", "p50_ms": 5.0, "gateway_cpu_ms_per_request": 4.0},
+        {"measure": "1 x 100, 32 conns, 1 worker", "rps": 1000.0, "gateway_cpu_ms_per_request": 0.7},
+    ]
+    after = [
+        {
+            "measure": "1 x 100, 1 conn, 1 worker",
+            "p50_ms": 0.3,
+            "gateway_cpu_ms_per_request": 0.3,
+            "overhead_p50_ms": 0.1,
+        },
+        {"measure": "100 x 100, 1 conn, 1 worker", "p50_ms": 4.5, "gateway_cpu_ms_per_request": 4.2},
+        {
+            "measure": "100 x 100, 1 conn, 1 worker, msgpack",
+            "p50_ms": 2.0,
+            "p50_vs_json": 0.44,
+            "answered": "application/msgpack",
+        },
+        {"measure": "1 x 100, 32 conns, 1 worker", "rps": 2000.0, "gateway_cpu_ms_per_request": 0.5},
+    ]
+    lines = targets(before, after).splitlines()
+    assert "| gateway CPU/req, 1 x 100, 1 conn, 1 worker, vs before | 0.50x | <= 0.6x | yes |" in lines
+    assert "| req/s, 1 x 100, 32 conns, 1 worker, vs before | 2.00x | >= 1.6x | yes |" in lines
+    assert "| p50, 100 x 100, 1 conn, 1 worker (JSON), vs before | 0.90x | <= 0.8x | NO |" in lines
+    assert any(
+        x.startswith("| p50, 100 x 100, 1 conn, 1 worker, msgpack / JSON") and "| 0.44x | <= 0.5x | yes |" in x
+        for x in lines
+    )
+    assert "| overhead p50 over the floor, 1 x 100, 1 conn, 1 worker | 0.100 ms | <= 0.150 ms | yes |" in lines
+    assert "| req/s, zipf, local cache / no local cache, same run | not measured | >= 2x |  |" in lines
+    assert any(
+        "worst gateway CPU/req of the 3 rows" in x
+        and "(100 x 100, 1 conn, 1 worker) | 1.05x" in x
+        and x.endswith("| NO |")
+        for x in lines
+    )
+
+
+def test_msgpack_and_zipf_rows_are_set_against_their_base_rows() -> None:
+    report = Report(meta={})
+    json_row, packed = "100 x 100, 1 conn, 1 worker", "100 x 100, 1 conn, 1 worker, msgpack"
+    report.record(wrk_result(json_row, 100, 1, 4.0, 250.0, gateway_cpu_ms_per_request=4.0))
+    report.record(
+        wrk_result(
+            packed,
+            100,
+            1,
+            2.0,
+            500.0,
+            gateway_cpu_ms_per_request=2.0,
+            accept="application/msgpack",
+            content_types={"application/msgpack": 5000},
+        )
+    )
+    zipf = "zipf 1 x 100, 32 conns, 1 worker"
+    report.record(wrk_result(f"{zipf}, no local cache", 1, 32, 20.0, 1000.0))
+    report.record(wrk_result(f"{zipf}, local cache 1000 ms", 1, 32, 8.0, 2500.0))
+    rows = {r["measure"]: r for r in report.summary()}
+    assert rows[packed]["p50_vs_json"] == 0.5
+    assert rows[packed]["cpu_vs_json"] == 0.5
+    assert rows[packed]["answered"] == "application/msgpack"
+    assert "p50_vs_json" not in rows[json_row]
+    assert rows[f"{zipf}, local cache 1000 ms"]["rps_vs_no_local_cache"] == 2.5
+    assert "rps_vs_no_local_cache" not in rows[f"{zipf}, no local cache"]
+    text = table(report.summary())
+    assert f"| {packed} | 500 req/s (p50 0.50x, CPU 0.50x of JSON) |" in text
+    assert f"| {zipf}, local cache 1000 ms | 2,500 req/s (2.50x of no local cache) |" in text
+
+
+def test_a_msgpack_row_answered_in_json_says_so() -> None:
+    report = Report(meta={})
+    report.record(wrk_result("1 x 100, 1 conn, 1 worker", 1, 1, 1.0, 1000.0))
+    report.record(
+        wrk_result(
+            "1 x 100, 1 conn, 1 worker, msgpack",
+            1,
+            1,
+            1.0,
+            1000.0,
+            accept="application/msgpack",
+            content_types={"application/json": 9, "application/msgpack": 1},
+        )
+    )
+    assert "(answered application/json) |" in table(report.summary())
+
+
+def test_zipf_draws_follow_the_distribution() -> None:
+    entities, s = 100_000, 1.1
+    ids = zipf_ids(entities, s, 200_000, seed=1)
+    assert ids == zipf_ids(entities, s, 200_000, seed=1)
+    assert all(FIRST_ID <= i < FIRST_ID + entities for i in ids)
+    counts = Counter(ids).most_common()
+    expected = zipf_top_share(entities, s)
+    assert 0.13 < expected < 0.14  # 1 / H(100000, 1.1)
+    # The most drawn id's share: binomial, sd = sqrt(p(1-p)/n) = 0.00076; 5 sd of room
+    assert abs(counts[0][1] / len(ids) - expected) < 0.004
+    # rank 2 has 2^-1.1 of rank 1's weight
+    assert abs(counts[1][1] / counts[0][1] - 2**-s) < 0.03
+    # The hot ids are spread by the permutation, not 1, 2, 3; another stream draws the same hot ids
+    assert [i for i, _ in counts[:3]] != [1, 2, 3]
+    other = Counter(zipf_ids(entities, s, 200_000, seed=1, stream=1)).most_common(3)
+    assert [i for i, _ in other] == [i for i, _ in counts[:3]]
+    assert Counter(zipf_ids(entities, s, 20_000, seed=2)).most_common(1)[0][0] != counts[0][0]
+
+
+def test_iter_values_extends_generate() -> None:
+    registry = load_registry(REGISTRY, env={})
+    live = registry.groups["live"]
+    assert list(iter_values(live, 30, seed=1))[:20] == generate(live, 20, seed=1)
+
+
+def test_local_cache_registry_adds_the_field_to_the_groups_named() -> None:
+    text = local_cache_registry(REGISTRY.read_text(), ["live", "history"], 1000)
+    document = yaml.safe_load(text)
+    assert document["groups"]["live"]["local_cache_ms"] == 1000
+    assert document["groups"]["history"]["local_cache_ms"] == 1000
+    assert "local_cache_ms" not in document["groups"]["embed"]
+    assert document["backends"] == yaml.safe_load(REGISTRY.read_text())["backends"]

@@ -236,6 +236,30 @@ def _missed(gw: Gateway, generation: Generation, name: str, outcome: BackendOutc
         generation.breakers[name].read.abandoned()
 
 
+def _held(
+    gw: Gateway,
+    generation: Generation,
+    name: str,
+    plans: list[GroupPlan],
+    unique: dict[str, tuple[list[str], list[int] | None]],
+    now_us: int,
+    outcomes: dict[str, BackendOutcome],
+) -> bool:
+    """Serve backend `name`'s groups (all with local_cache_ms) from this worker's memory if it holds every key.
+    The backend is not asked: its circuit learns nothing (a probe slot `allow` took goes back)."""
+    blobs = gw.local_cache.held([(p.group, unique[p.group.entity.join_key][0]) for p in plans])
+    if blobs is None:
+        return False
+    nulls = gw.metrics.null_values
+    outcome = outcomes[name]
+    outcome.cells = [
+        [p.cell(b, now_us, nulls) for b in group_blobs] for p, group_blobs in zip(plans, blobs, strict=True)
+    ]
+    outcome.asked = False
+    generation.breakers[name].read.abandoned()
+    return True
+
+
 def _unique(keys: list[str]) -> tuple[list[str], list[int] | None]:
     """Deduplicated keys, and each row's index into them (None when there were no duplicates)."""
     unique = list(dict.fromkeys(keys))
@@ -334,6 +358,8 @@ async def _serve(
     for name, indexes in plan.by_backend:
         plans = [plan.groups[i] for i in indexes]
         circuit_open = not generation.breakers[name].read.allow()
+        if all(p.group.local_cache_ms for p in plans) and _held(gw, generation, name, plans, unique, now_us, outcomes):
+            continue  # every key in this worker's memory (app/serving/local_cache.py): no task, nothing asked
         if circuit_open and not any(p.group.cache or p.group.local_cache_ms for p in plans):
             outcome = outcomes[name]
             outcome.status, outcome.error = Outcome.OPEN, "circuit open: the backend failed repeatedly; probing it"

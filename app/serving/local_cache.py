@@ -115,10 +115,11 @@ class Stamps:
 class _Flight:
     """One request's backend read of some keys of one group, which other requests of this worker may wait for."""
 
-    __slots__ = ("blobs", "done", "failed")
+    __slots__ = ("blobs", "done", "failed", "over")
 
-    def __init__(self, done: asyncio.Future[None]):
-        self.done = done
+    def __init__(self) -> None:
+        self.over = False  # answered, failed or cut off
+        self.done: asyncio.Future[None] | None = None  # made by the first request that waits for it
         self.blobs: list[bytes | None] | None = None  # per position of the read, once it answered
         self.failed: set[int] = set()  # positions it could not read
 
@@ -284,7 +285,6 @@ class LocalCache:
         flights = self._flights
         epoch = self.epoch
         led: list[tuple[_Flight, int, list[tuple[str, str]], list[int], list[int]]] = []  # (flight, ask, keys, ...)
-        loop = asyncio.get_running_loop()
         sub: list[tuple[Group, list[str]]] = []
         for n, (i, positions) in enumerate(asks):
             group, keys = reads[i]
@@ -292,7 +292,7 @@ class LocalCache:
             sub.append((group, picked))
             if group.local_cache_ms is None:
                 continue
-            flight = _Flight(loop.create_future())
+            flight = _Flight()
             gks, slots, stamps = [], [], []
             slot_of = self.stamps.slot
             for m, key in enumerate(picked):
@@ -342,7 +342,9 @@ class LocalCache:
                     joinable = flights.get(gk)
                     if joinable is not None and joinable[0] is flight:
                         del flights[gk]
-                flight.done.set_result(None)
+                flight.over = True
+                if flight.done is not None:
+                    flight.done.set_result(None)
         return asked, error
 
     async def _wait(
@@ -357,7 +359,12 @@ class LocalCache:
         something to serve (those still unread are then UNAVAILABLE), else until the deadline cuts it off as it
         would cut its own read. Returns the keys whose leader failed (to be read by this request), how many keys
         the leaders served, and why some are left unread."""
-        pending = {flight.done for _, _, flight, _ in waits if not flight.done.done()}
+        pending: set[asyncio.Future[None]] = set()
+        for _, _, flight, _ in waits:
+            if not flight.over:
+                if flight.done is None:
+                    flight.done = asyncio.get_running_loop().create_future()
+                pending.add(flight.done)
         error: BaseException | None = None
         if pending:
             timeout = _budget(deadline_at) if served else None
@@ -365,7 +372,7 @@ class LocalCache:
         retry: list[tuple[int, int]] = []
         served_keys = 0
         for i, j, flight, m in waits:
-            if not flight.done.done():
+            if not flight.over:
                 failed[i].add(j)
                 error = error or TimeoutError("another request's read of the same keys did not answer in time")
             elif flight.blobs is None or m in flight.failed:
@@ -415,7 +422,10 @@ async def read_through(
             async with asyncio.timeout(_budget(deadline_at) if served else None):
                 answer = await read
             return answer.blobs, answer.asked
-        async with asyncio.timeout(_budget(deadline_at, limit_s) if served else limit_s):
+        limit = _budget(deadline_at, limit_s) if served else limit_s
+        if limit is None:
+            return await backend.read(sub), True
+        async with asyncio.timeout(limit):
             return await backend.read(sub), True
 
     blobs, outcome.asked = await gw.local_cache.read(reads, source, deadline_at)

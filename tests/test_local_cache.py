@@ -20,6 +20,7 @@ import redis.asyncio as redis
 
 from app.errors import RegistryError
 from app.registry.load import parse_registry
+from backends import open_backend
 from tests.support.clients import fetch, parse_metrics, stamp, write
 from tests.support.faults import keep_redis_busy
 from tests.support.gateways import GatewayFactory, GatewayProcess, worker_pids
@@ -337,3 +338,37 @@ def test_a_write_through_one_worker_is_seen_at_once_by_the_other(names: Names, t
         wait_until(lambda: all(n >= 2 for n in per_worker("miss").values()), within=10, what="both read it again")
     finally:
         server.stop()
+
+
+# -- with the cache tier, and a reload ----------------------------------------------------------------------
+
+
+async def test_in_front_of_a_cache_tier_and_emptied_by_a_reload(gateway: GatewayFactory, names: Names) -> None:
+    """A group with a cache tier may have a local cache too: memory first, then the Redis copy, then PostgreSQL;
+    a write through the gateway updates the tier before the workers drop their copies."""
+    extra = """
+  tiered:
+    entity: consumer
+    backend: bulk
+    cache: {backend: hot, ttl: 1h}
+    local_cache_ms: 60000
+    features:
+      orders: {dtype: int64, default: -5}
+"""
+    text = registry(names, extra=extra)
+    async with gateway(text) as client, gateway(text) as other:
+        await write(client, "tiered", [{"consumer_id": 1, "orders": 1}])
+        for _ in range(3):
+            assert await orders(client, [1, 2], "tiered") == [(1, "PRESENT"), (-5, "MISSING")]
+        assert await lookups(client, "tiered") == {"hit": 4, "miss": 2, "coalesced": 0}
+        await write(other, "tiered", [{"consumer_id": 1, "orders": 2}])  # another gateway: held up to 60 s
+        assert await orders(client, [1], "tiered") == [(1, "PRESENT")]
+        await write(client, "tiered", [{"consumer_id": 1, "orders": 3}])
+        assert await orders(client, [1], "tiered") == [(3, "PRESENT")]
+
+        await write(other, "live", [row(1, 10)])
+        assert await orders(client, [1]) == [(10, "PRESENT")]
+        await write(other, "live", [row(1, 11)])
+        gw = client.app.state.gateway  # type: ignore[attr-defined]
+        await gw.reload(parse_registry(text, env={}), open_backend)
+        assert await orders(client, [1]) == [(11, "PRESENT")]  # what it held was dropped with the old registry

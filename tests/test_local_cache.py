@@ -20,6 +20,7 @@ import redis.asyncio as redis
 
 from app.errors import RegistryError
 from app.registry.load import parse_registry
+from app.serving.local_cache import Stamps
 from backends import open_backend
 from tests.support.clients import fetch, parse_metrics, stamp, write
 from tests.support.faults import keep_redis_busy
@@ -372,3 +373,25 @@ async def test_in_front_of_a_cache_tier_and_emptied_by_a_reload(gateway: Gateway
         gw = client.app.state.gateway  # type: ignore[attr-defined]
         await gw.reload(parse_registry(text, env={}), open_backend)
         assert await orders(client, [1]) == [(11, "PRESENT")]  # what it held was dropped with the old registry
+
+
+def test_stamps_are_shared_through_their_folder_and_never_repeat(tmp_path: Path) -> None:
+    first, second = Stamps(str(tmp_path)), Stamps(str(tmp_path))  # two workers' mappings of one file
+    slot = first.slot("live", "42")
+    assert slot == second.slot("live", "42")  # crc32: the same in every process, whatever PYTHONHASHSEED
+    seen = second.view[slot]
+    first.bump("live", ["42"])
+    bumped = second.view[slot]
+    assert bumped != seen
+    first.view[slot] = bumped + 10**15  # a stamp ahead of the clock (another writer's): the next still differs
+    second.bump("live", ["42"])
+    assert first.view[slot] == bumped + 10**15 + 1
+    first.close()
+    second.close()
+
+
+def test_a_folder_it_cannot_write_leaves_each_worker_its_own_stamps(tmp_path: Path) -> None:
+    stamps = Stamps(str(tmp_path / "missing"))
+    stamps.bump("live", ["1"])
+    assert stamps.view[stamps.slot("live", "1")] > 0
+    stamps.close()

@@ -40,6 +40,7 @@ accounted as blob + key + ENTRY_OVERHEAD_BYTES.
 from __future__ import annotations
 
 import asyncio
+import logging
 import mmap
 import os
 import time
@@ -57,6 +58,8 @@ if TYPE_CHECKING:
     from app.serving.gateway import Gateway
     from app.serving.generations import Generation
     from app.serving.statuses import BackendOutcome
+
+log = logging.getLogger(__name__)
 
 SLOTS = 65_536  # 512 KiB of stamps: two keys of 100,000 written between two reads share a slot rarely
 STAMPS_FILE = "local-cache-stamps"
@@ -82,13 +85,25 @@ class Stamps:
         if directory is None:
             self._map = mmap.mmap(-1, size)
         else:
-            fd = os.open(Path(directory) / STAMPS_FILE, os.O_RDWR | os.O_CREAT, 0o600)
             try:
-                if os.fstat(fd).st_size < size:  # the first worker to start; growing it again is harmless
-                    os.ftruncate(fd, size)
-                self._map = mmap.mmap(fd, size)
-            finally:
-                os.close(fd)
+                fd = os.open(Path(directory) / STAMPS_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+            except OSError as exc:
+                log.warning(
+                    "cannot share the local cache's invalidation stamps in %s (%s): a write through another worker "
+                    "is seen by this one only once its copies end (local_cache_ms)",
+                    directory,
+                    exc,
+                )
+                fd = -1
+            if fd < 0:
+                self._map = mmap.mmap(-1, size)
+            else:
+                try:
+                    if os.fstat(fd).st_size < size:  # the first worker to start; growing it again is harmless
+                        os.ftruncate(fd, size)
+                    self._map = mmap.mmap(fd, size)
+                finally:
+                    os.close(fd)
         self.view = memoryview(self._map).cast("q")
         self._seeds: dict[str, int] = {}
 
@@ -115,9 +130,10 @@ class Stamps:
 class _Flight:
     """One request's backend read of some keys of one group, which other requests of this worker may wait for."""
 
-    __slots__ = ("blobs", "done", "failed", "over")
+    __slots__ = ("blobs", "done", "failed", "over", "started")
 
-    def __init__(self) -> None:
+    def __init__(self, started: float) -> None:
+        self.started = started  # time.monotonic() before the backend was asked
         self.over = False  # answered, failed or cut off
         self.done: asyncio.Future[None] | None = None  # made by the first request that waits for it
         self.blobs: list[bytes | None] | None = None  # per position of the read, once it answered
@@ -222,7 +238,7 @@ class LocalCache:
                     row[j] = entry[0]
                     continue
                 joinable = flights.get(gk)
-                if joinable is not None and view[joinable[2]] == joinable[3]:
+                if joinable is not None and view[joinable[2]] == joinable[3] and now - joinable[0].started < ttl_s:
                     waits.append((i, j, joinable[0], joinable[1]))
                     coalesced += 1
                     continue
@@ -292,7 +308,7 @@ class LocalCache:
             sub.append((group, picked))
             if group.local_cache_ms is None:
                 continue
-            flight = _Flight()
+            flight = _Flight(started)
             gks, slots, stamps = [], [], []
             slot_of = self.stamps.slot
             for m, key in enumerate(picked):

@@ -29,17 +29,23 @@ import tempfile
 import time
 import tracemalloc
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any, cast
 
 import httpx
 
 from app.registry.load import load_registry
 from app.registry.model import Group
-from app.serving.local_cache import LocalCache, Stamps
+from app.serving.local_cache import LocalCache, Stamps, read_through
+from app.serving.statuses import BackendOutcome
 from backends import open_backend
-from backends.base import WriteRow
+from backends.base import FeatureBackend, WriteRow
 from bench.cache_tier import Zipf
 from bench.procs import BenchError, GatewayProcess, ensure_wrk, log
+
+if TYPE_CHECKING:
+    from app.serving.gateway import Gateway
+    from app.serving.generations import Generation
 
 HERE = Path(__file__).parent
 FEATURES = "\n".join(
@@ -88,33 +94,59 @@ async def _per_call_us(fn: Any, n: int) -> float:
     return best / n * 1e6
 
 
+class _Answering:
+    """A backend that answers every key with one blob at once: what is timed is the local cache alone."""
+
+    def __init__(self, blob: bytes):
+        self.blob = blob
+
+    async def read(self, reads: list[tuple[Group, list[str]]]) -> list[list[bytes | None]]:
+        return [[self.blob] * len(keys) for _, keys in reads]
+
+
 async def micro(registry_path: Path) -> dict[str, float]:
+    """Per call of `read_through` (what a fetch runs per backend when its groups have local_cache_ms) and of
+    `LocalCache.held` (a fetch's path when every key is held), without a backend."""
     registry = load_registry(registry_path, {})
     live, history = registry.groups["live"], registry.groups["history"]
     blob = live.codec.encode(1, [1] * 25 + [1.5] * 25)
-    cache = LocalCache()
+    backend = cast(FeatureBackend, _Answering(blob))
     out: dict[str, float] = {}
 
-    async def answer(sub: list[tuple[Group, list[str]]], served: bool) -> tuple[list[list[bytes | None]], bool]:
-        return [[blob] * len(keys) for _, keys in sub], True
+    def through(cache: LocalCache) -> Any:
+        gw = cast("Gateway", SimpleNamespace(local_cache=cache))
 
+        async def read(reads: Any) -> Any:
+            return await read_through(gw, cast("Generation", None), backend, reads, None, None, BackendOutcome())
+
+        return read
+
+    cache = LocalCache()
+    read = through(cache)
     for width in (1, 100):
         keys = [str(i) for i in range(width)]
         reads = [(live, keys), (history, keys)]
-        await cache.read(reads, answer, None)  # filled
+        await read(reads)  # filled
 
         async def hit(reads: Any = reads) -> None:
-            await cache.read(reads, answer, None)
+            await read(reads)
 
-        out[f"hit_2x{width}_us"] = await _per_call_us(hit, 20_000 // width)
+        async def held(reads: Any = reads) -> None:
+            cache.held(reads)
+
+        out[f"read_through_hit_2x{width}_us"] = await _per_call_us(hit, 20_000 // width)
+        out[f"held_2x{width}_us"] = await _per_call_us(held, 20_000 // width)
 
     counter = iter(range(10**9))
 
     async def miss() -> None:
-        key = str(next(counter))
-        await cache.read([(live, [key])], answer, None)
+        await read([(live, [str(next(counter))])])
 
-    out["miss_1_key_us"] = await _per_call_us(miss, 20_000)
+    async def plain() -> None:
+        await backend.read([(live, [str(next(counter))])])
+
+    out["read_through_miss_1_key_us"] = await _per_call_us(miss, 20_000)
+    out["backend_alone_1_key_us"] = await _per_call_us(plain, 20_000)
     stamps = Stamps()
     keys = [str(i) for i in range(100)]
 
@@ -128,7 +160,7 @@ async def micro(registry_path: Path) -> dict[str, float]:
     n = 20_000
     keys = [str(10**6 + i) for i in range(n)]
     before = tracemalloc.get_traced_memory()[0]
-    await fresh.read([(live, keys)], answer, None)
+    await through(fresh)([(live, keys)])
     used = tracemalloc.get_traced_memory()[0] - before
     tracemalloc.stop()
     out["python_bytes_per_entry_beyond_blob"] = used / n - len(blob)

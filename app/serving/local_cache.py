@@ -46,7 +46,7 @@ import os
 import time
 import zlib
 from collections import OrderedDict, defaultdict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
@@ -69,8 +69,6 @@ ENTRY_OVERHEAD_BYTES = 200
 
 Blobs = list[list[bytes | None]]
 Reads = Sequence[tuple["Group", Sequence[str]]]
-# What answers the keys the cache lacks: blobs per read (as FeatureBackend.read), and whether the backend was asked
-Source = Callable[[list[tuple["Group", list[str]]], bool], Awaitable[tuple[Blobs, bool]]]
 # (blob or None: known missing, read started at (monotonic s), stamp slot, stamp seen before the read, bytes)
 Entry = tuple[bytes | None, float, int, int, int]
 
@@ -207,21 +205,16 @@ class LocalCache:
             counts[(group.name, "hit")] += len(keys)
         return out
 
-    async def read(self, reads: Reads, source: Source, deadline_at: float | None) -> tuple[Blobs, bool]:
-        """Blobs per read, as FeatureBackend.read answers them, and whether the backend was asked.
-
-        Groups with `local_cache_ms` are served from the entries where they can, join reads in flight for keys
-        being read, and `source` (the backend, through its cache tier) reads the rest, with the other groups, in
-        one call. Raises PartialRead when some keys could not be read but others were served (from memory or by
-        another request's read), `source`'s own error when nothing was."""
-        out: Blobs = [[None] * len(keys) for _, keys in reads]
-        failed: list[set[int]] = [set() for _ in reads]
-        asks: list[tuple[int, list[int]]] = []
-        waits: list[tuple[int, int, _Flight, int]] = []  # (read, position, flight, position in the flight)
+    def lookup(self, reads: Reads, out: Blobs) -> tuple[list[_Ask], list[_Wait], int]:
+        """Fill `out` with what is held; the rest: what to ask the backend (groups without `local_cache_ms` whole,
+        the misses of the others), the keys to wait for (being read by another request of this worker), and how
+        many keys were held."""
+        asks: list[_Ask] = []
+        waits: list[_Wait] = []
         now = time.monotonic()
         view = self.stamps.view
         entries, flights, counts = self.entries, self._flights, self.counts
-        served = 0  # keys answered without this request's own read
+        held = 0
         for i, (group, keys) in enumerate(reads):
             ms = group.local_cache_ms
             if ms is None:
@@ -244,7 +237,7 @@ class LocalCache:
                     continue
                 missed.append(j)
             hits = len(keys) - len(missed) - coalesced
-            served += hits
+            held += hits
             if hits:
                 counts[(name, "hit")] += hits
             if coalesced:
@@ -252,56 +245,15 @@ class LocalCache:
             if missed:
                 counts[(name, "miss")] += len(missed)
                 asks.append((i, missed))
-        asked = False
-        error: BaseException | None = None  # the first failure that left keys unread
-        if asks:
-            asked, error = await self._ask(reads, asks, out, failed, source, served > 0, deadline_at, now)
-        if waits:
-            retry, waited, waited_error = await self._wait(waits, out, failed, served > 0 or asked, deadline_at)
-            served += waited
-            error = error or waited_error
-            if retry:  # their leader failed or was cut off: read them ourselves, as our own read would
-                by_read: dict[int, list[int]] = defaultdict(list)
-                for i, j in retry:
-                    by_read[i].append(j)
-                again = list(by_read.items())
-                retried, retry_error = await self._ask(
-                    reads, again, out, failed, source, served > 0, deadline_at, time.monotonic()
-                )
-                asked = asked or retried
-                error = error or retry_error
-        if any(failed):
-            assert error is not None
-            if isinstance(error, PartialRead):
-                raise PartialRead(str(error), out, failed, answered=error.answered) from error.__cause__
-            raise PartialRead(
-                f"{describe_error(error)}; the other values were served from this worker's cache",
-                out,
-                failed,
-                answered=False,
-            ) from error
-        return out, asked
+        return asks, waits, held
 
-    async def _ask(
-        self,
-        reads: Reads,
-        asks: list[tuple[int, list[int]]],
-        out: Blobs,
-        failed: list[set[int]],
-        source: Source,
-        served: bool,
-        deadline_at: float | None,
-        started: float,
-    ) -> tuple[bool, BaseException | None]:
-        """Read the `asks` (read index, positions) through `source` in one call, leading a flight for each cached
-        group's keys; fill `out`, the entries, and `failed` with what could not be read. Returns whether the
-        backend was asked and the failure, if any. Raises `source`'s error when nothing at all was `served` (then
-        the request's read failed as it would without this cache)."""
-        view = self.stamps.view
-        flights = self._flights
-        epoch = self.epoch
-        led: list[tuple[_Flight, int, list[tuple[str, str]], list[int], list[int]]] = []  # (flight, ask, keys, ...)
+    def lead(self, reads: Reads, asks: list[_Ask]) -> _Round:
+        """The backend read of `asks` about to be issued: each cached group's keys become a read in flight that
+        other requests may join, with the stamps of their slots noted now, before the backend is asked."""
+        started = time.monotonic()
+        view, slot_of, flights = self.stamps.view, self.stamps.slot, self._flights
         sub: list[tuple[Group, list[str]]] = []
+        led: list[tuple[_Flight, int, list[tuple[tuple[str, str], int, int]]]] = []
         for n, (i, positions) in enumerate(asks):
             group, keys = reads[i]
             picked = [keys[j] for j in positions]
@@ -309,67 +261,57 @@ class LocalCache:
             if group.local_cache_ms is None:
                 continue
             flight = _Flight(started)
-            gks, slots, stamps = [], [], []
-            slot_of = self.stamps.slot
+            name = group.name
+            noted = []
             for m, key in enumerate(picked):
-                gk = (group.name, key)
-                slot = slot_of(group.name, key)
-                stamp = view[slot]  # noted before the backend is asked (see the module's text)
+                gk = (name, key)
+                slot = slot_of(name, key)
+                stamp = view[slot]
                 flights[gk] = (flight, m, slot, stamp)
-                gks.append(gk)
-                slots.append(slot)
-                stamps.append(stamp)
-            led.append((flight, n, gks, slots, stamps))
-        answered: Blobs | None = None
-        lost: list[set[int]] = [set() for _ in asks]
-        asked = False
-        error: BaseException | None = None
-        try:
-            try:
-                answered, asked = await source(sub, served)
-            except PartialRead as exc:
-                answered, lost, asked, error = exc.blobs, exc.failed, exc.answered, exc
-            except Exception as exc:
-                if not served:
-                    raise
-                error, lost = exc, [set(range(len(picked))) for _, picked in sub]
-                answered = [[None] * len(picked) for _, picked in sub]
-            assert answered is not None
-            for (i, positions), blobs, gone in zip(asks, answered, lost, strict=True):
-                row = out[i]
-                for m, (j, blob) in enumerate(zip(positions, blobs, strict=True)):
-                    if m in gone:
-                        failed[i].add(j)
-                    else:
-                        row[j] = blob
-            fill = self.epoch == epoch
-            for flight, n, gks, slots, stamps in led:
-                blobs, gone = answered[n], lost[n]
-                flight.blobs, flight.failed = blobs, gone
-                if fill:
-                    for m, gk in enumerate(gks):
-                        if m not in gone:
-                            self._put(gk, blobs[m], started, slots[m], stamps[m])
-        finally:  # answered, failed or cancelled: its waiters go on (reading themselves when it has no answer)
-            for flight, _, gks, _, _ in led:
-                if flight.blobs is None:
-                    flight.failed = set(range(len(gks)))
-                for gk in gks:
-                    joinable = flights.get(gk)
-                    if joinable is not None and joinable[0] is flight:
-                        del flights[gk]
-                flight.over = True
-                if flight.done is not None:
-                    flight.done.set_result(None)
-        return asked, error
+                noted.append((gk, slot, stamp))
+            led.append((flight, n, noted))
+        return _Round(asks, sub, led, started, self.epoch)
 
-    async def _wait(
-        self,
-        waits: list[tuple[int, int, _Flight, int]],
-        out: Blobs,
-        failed: list[set[int]],
-        served: bool,
-        deadline_at: float | None,
+    def settle(
+        self, rnd: _Round, out: Blobs, failed: list[set[int]], answered: Blobs, lost: list[set[int]] | None
+    ) -> None:
+        """The backend answered `rnd` (`lost`: per ask, the positions it could not read): into `out` and
+        `failed`, into the entries (unless a reload emptied them meanwhile), and to the requests waiting."""
+        for n, ((i, positions), blobs) in enumerate(zip(rnd.asks, answered, strict=True)):
+            row = out[i]
+            gone = lost[n] if lost is not None else None
+            for m, (j, blob) in enumerate(zip(positions, blobs, strict=True)):
+                if gone and m in gone:
+                    failed[i].add(j)
+                else:
+                    row[j] = blob
+        fill = self.epoch == rnd.epoch
+        for flight, n, noted in rnd.led:
+            blobs = answered[n]
+            gone = lost[n] if lost is not None else set()
+            flight.blobs, flight.failed = blobs, gone
+            if fill:
+                for m, (gk, slot, stamp) in enumerate(noted):
+                    if m not in gone:
+                        self._put(gk, blobs[m], rnd.started, slot, stamp)
+
+    def release(self, rnd: _Round) -> None:
+        """`rnd` is over (answered, failed or cut off): its keys are no longer in flight, and whoever waits for
+        them goes on (reading them itself when there is no answer)."""
+        flights = self._flights
+        for flight, _, noted in rnd.led:
+            if flight.blobs is None:
+                flight.failed = set(range(len(noted)))
+            for gk, _, _ in noted:
+                joinable = flights.get(gk)
+                if joinable is not None and joinable[0] is flight:
+                    del flights[gk]
+            flight.over = True
+            if flight.done is not None:
+                flight.done.set_result(None)
+
+    async def wait(
+        self, waits: list[_Wait], out: Blobs, failed: list[set[int]], served: bool, deadline_at: float | None
     ) -> tuple[list[tuple[int, int]], int, BaseException | None]:
         """Wait for the reads in flight this request joined: at most until just before its deadline when it has
         something to serve (those still unread are then UNAVAILABLE), else until the deadline cuts it off as it
@@ -383,8 +325,7 @@ class LocalCache:
                 pending.add(flight.done)
         error: BaseException | None = None
         if pending:
-            timeout = _budget(deadline_at) if served else None
-            await asyncio.wait(pending, timeout=timeout)
+            await asyncio.wait(pending, timeout=_budget(deadline_at) if served else None)
         retry: list[tuple[int, int]] = []
         served_keys = 0
         for i, j, flight, m in waits:
@@ -397,6 +338,26 @@ class LocalCache:
                 out[i][j] = flight.blobs[m]
                 served_keys += 1
         return retry, served_keys, error
+
+
+_Ask = tuple[int, list[int]]  # (read index, positions in it) to ask the backend
+_Wait = tuple[int, int, _Flight, int]  # (read index, position, the read in flight, position in it)
+
+
+class _Round:
+    """One backend read issued for a request: what it asks, and the reads in flight it leads."""
+
+    __slots__ = ("asks", "epoch", "led", "started", "sub")
+
+    def __init__(
+        self,
+        asks: list[_Ask],
+        sub: list[tuple[Group, list[str]]],
+        led: list[tuple[_Flight, int, list[tuple[tuple[str, str], int, int]]]],
+        started: float,
+        epoch: int,
+    ):
+        self.asks, self.sub, self.led, self.started, self.epoch = asks, sub, led, started, epoch
 
 
 def _budget(deadline_at: float | None, limit_s: float | None = None) -> float | None:
@@ -419,30 +380,82 @@ async def read_through(
     limit_s: float | None,
     outcome: BackendOutcome,
 ) -> Blobs:
-    """The stored groups of one backend's read (app/serving/fetch.py) when some have `local_cache_ms`: what the
-    local cache lacks is read as without it (the backend, or its groups' cache tier first), under the backend's
-    own timeout `limit_s` from when it is asked. `backend` None: its circuit is open, only the caches answer."""
+    """The stored groups of one backend's read (app/serving/fetch.py) when some have `local_cache_ms`: blobs per
+    read, as FeatureBackend.read answers them. What this worker holds is served; keys another request of the
+    worker is reading are waited for; the rest is read as without the cache, in one call (the backend, through
+    the groups' cache tier when they have one), under the backend's own timeout `limit_s` from when it is asked.
+    `backend` None: its circuit is open, only the caches answer.
 
-    async def source(sub: list[tuple[Group, list[str]]], served: bool) -> tuple[Blobs, bool]:
-        if backend is None or any(g.cache for g, _ in sub):
-            if outcome.cache is None:
-                outcome.cache = []
-            if backend is None and not any(g.cache for g, _ in sub):
-                raise PartialRead(
-                    "circuit open",
-                    [[None] * len(k) for _, k in sub],
-                    [set(range(len(k))) for _, k in sub],
-                    answered=False,
-                )
-            read = gw.cache.read(generation, backend, sub, deadline_at, limit_s, outcome.cache)
-            async with asyncio.timeout(_budget(deadline_at) if served else None):
-                answer = await read
-            return answer.blobs, answer.asked
-        limit = _budget(deadline_at, limit_s) if served else limit_s
-        if limit is None:
-            return await backend.read(sub), True
-        async with asyncio.timeout(limit):
-            return await backend.read(sub), True
-
-    blobs, outcome.asked = await gw.local_cache.read(reads, source, deadline_at)
-    return blobs
+    Raises PartialRead when some keys could not be read but others were served (from memory or by another
+    request's read), the backend's own error when nothing was. One coroutine: the miss path is as deep as
+    a read without the cache, plus this frame."""
+    cache = gw.local_cache
+    out: Blobs = [[None] * len(keys) for _, keys in reads]
+    failed: list[set[int]] = [set() for _ in reads]
+    asks, waits, served = cache.lookup(reads, out)  # served: held keys, then > 0 when anything was served
+    tiered = False  # (a loop, not any(): this runs per backend per request)
+    for group, _ in reads:
+        if group.cache is not None:
+            tiered = True
+    asked = False
+    error: BaseException | None = None  # the first failure that left keys unread
+    for attempt in (0, 1):  # a second round reads the keys whose leader failed, as this request's own read
+        if asks:
+            rnd = cache.lead(reads, asks)
+            sub = rnd.sub
+            lost: list[set[int]] | None = None
+            try:
+                try:
+                    if backend is None or tiered:
+                        if backend is None and not tiered:
+                            every = [set(range(len(k))) for _, k in sub]
+                            raise PartialRead("circuit open", [[None] * len(k) for _, k in sub], every, answered=False)
+                        if outcome.cache is None:
+                            outcome.cache = []
+                        tier = gw.cache.read(generation, backend, sub, deadline_at, limit_s, outcome.cache)
+                        async with asyncio.timeout(_budget(deadline_at) if served else None):
+                            answer = await tier
+                        answered, asked = answer.blobs, asked or answer.asked
+                    else:
+                        limit = _budget(deadline_at, limit_s) if served else limit_s
+                        if limit is None:
+                            answered = await backend.read(sub)
+                        else:
+                            async with asyncio.timeout(limit):
+                                answered = await backend.read(sub)
+                        asked = True
+                except PartialRead as exc:
+                    answered, lost, asked, error = exc.blobs, exc.failed, asked or exc.answered, error or exc
+                except Exception as exc:
+                    if not served:
+                        raise
+                    lost = [set(range(len(k))) for _, k in sub]
+                    answered, error = [[None] * len(k) for _, k in sub], error or exc
+                cache.settle(rnd, out, failed, answered, lost)
+            finally:
+                cache.release(rnd)
+            if lost is None or sum(map(len, lost)) < sum(len(p) for _, p in asks):
+                served += 1  # (whether something was served is what counts from here on)
+        if attempt or not waits:
+            break
+        retry, waited, waited_error = await cache.wait(waits, out, failed, served > 0 or asked, deadline_at)
+        served += waited
+        error = error or waited_error
+        if not retry:
+            break
+        by_read: dict[int, list[int]] = defaultdict(list)
+        for i, j in retry:
+            by_read[i].append(j)
+        asks = list(by_read.items())
+    if any(failed):
+        assert error is not None
+        if isinstance(error, PartialRead):
+            raise PartialRead(str(error), out, failed, answered=error.answered) from error.__cause__
+        raise PartialRead(
+            f"{describe_error(error)}; the other values were served from this worker's cache or another request's read",
+            out,
+            failed,
+            answered=False,
+        ) from error
+    outcome.asked = asked
+    return out

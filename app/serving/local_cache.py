@@ -28,13 +28,16 @@ joined only while it does. So a write that returned before a fetch started is al
 a slot shared by two keys only costs the other key a miss. Writes not through this gateway (another gateway,
 materialize, a stream consumer, a Spark job) are seen once the entry's `local_cache_ms` has run out.
 
-Measured (bench/local_cache.py, a loaded 2-core box, Python 3.11): a request of 2 groups x 1 key all held costs
-3 us in `read` and less through `held` (the fetch's path when every key is held: no task, no backend); 2 x 100
-keys 51 us (0.25 us a key, stamp check included); a 1-key miss 11 us more than the backend read itself (stamp,
-flight, entry); a written key's stamp 0.3 us. `serve()` of 1 entity x 100 features over Redis and PostgreSQL,
-all held: 62 us against 430 us read from the backends. A group without `local_cache_ms` pays one attribute test
-per request. An entry's Python objects take about 95 bytes beside its blob and key (tracemalloc); it is
-accounted as blob + key + ENTRY_OVERHEAD_BYTES.
+Measured (bench/local_cache.py and `serve()` in a loop, a loaded 2-core box, Python 3.11): a request of 2 groups
+x 1 key all held costs 1.4 us in `held` (the fetch's path when every key of a backend is held: no task, no
+backend), 2 x 100 keys 35 us (0.18 us a key, stamp check included); a 1-key miss about 10 us more than the
+backend's read itself (lookup, stamp, read in flight, entry); a written key's stamp 0.3 us. `serve()` of 1 entity
+x 100 features over Redis and PostgreSQL: 41 us of CPU all held, 216 us all missed against 188 us without the
+cache. Through HTTP (bench/main.py's Zipf rows, 1 worker, 32 connections, s = 1.1 over 100,000 entities,
+local_cache_ms 1000): about 60% of keys held, 2,494 -> 2,993 requests/s, the answer's HTTP and JSON work (about
+0.16 ms of CPU a request) being what is left once the reads are gone. A group without `local_cache_ms` pays one
+attribute test per request. An entry's Python objects take about 100 bytes beside its blob and key
+(tracemalloc); it is accounted as blob + key + ENTRY_OVERHEAD_BYTES.
 """
 
 from __future__ import annotations
@@ -63,7 +66,7 @@ log = logging.getLogger(__name__)
 
 SLOTS = 65_536  # 512 KiB of stamps: two keys of 100,000 written between two reads share a slot rarely
 STAMPS_FILE = "local-cache-stamps"
-# The entry's tuple, its key's tuple, the ordered dict's slot and link: ~95 B measured with tracemalloc (see
+# The entry's tuple, its key's tuple, the ordered dict's slot and link: ~100 B measured with tracemalloc (see
 # bench/local_cache.py), plus the key's str object (~50 B); counted generously
 ENTRY_OVERHEAD_BYTES = 200
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
@@ -221,7 +222,9 @@ async def test_identical_concurrent_reads_are_one_backend_read(gateway: GatewayF
         answers = await asyncio.gather(*(orders(client, [1, 2, 3]) for _ in range(20)))
         await busy
         assert answers == [[(1, "PRESENT"), (2, "PRESENT"), (3, "PRESENT")]] * 20
-        assert await lookups(client) == {"hit": 0, "miss": 3, "coalesced": 57}
+        counts = await lookups(client)
+        assert counts["miss"] == 3  # one read of the 3 keys; the other fetches waited for it (or came after it)
+        assert counts["hit"] + counts["coalesced"] == 57
 
 
 async def test_a_waiter_whose_leader_gave_up_reads_itself(gateway: GatewayFactory, names: Names) -> None:
@@ -229,12 +232,12 @@ async def test_a_waiter_whose_leader_gave_up_reads_itself(gateway: GatewayFactor
     its own deadline, and serves them."""
     async with gateway(registry(names)) as client, admin() as redis_admin:
         await write(client, "live", [row(1, 10)])
-        busy = asyncio.ensure_future(keep_redis_busy(redis_admin, 600_000))
+        busy = asyncio.ensure_future(keep_redis_busy(redis_admin, 1_000_000))
         await asyncio.sleep(0.05)
         leader = asyncio.ensure_future(
-            fetch(client, entities={"consumer_id": [1]}, features=["live:orders"], deadline_ms=150)
+            fetch(client, entities={"consumer_id": [1]}, features=["live:orders"], deadline_ms=300)
         )
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(0.1)  # the leader is reading (Redis answers no one for 1 s)
         waiter = await orders(client, [1], deadline_ms=5000)
         cut = await leader
         await busy
@@ -292,6 +295,7 @@ async def test_a_backend_down_serves_hits_and_all_hit_fetches_tell_its_circuit_n
 # -- every worker of the gateway ----------------------------------------------------------------------------
 
 
+@pytest.mark.timeout(180)  # two workers start, then a second of snapshots per write: 20 s here, more when loaded
 def test_a_write_through_one_worker_is_seen_at_once_by_the_other(names: Names, tmp_path: Path) -> None:
     path = tmp_path / "registry.yaml"
     path.write_text(registry(names))
@@ -330,13 +334,21 @@ def test_a_write_through_one_worker_is_seen_at_once_by_the_other(names: Names, t
             return len(hits) == 2 and all(n > 0 for n in hits.values())
 
         wait_until(both_hold_it, within=60, interval=0.1, what="both workers serving from memory")
-        for value in range(2, 7):  # each write lands on either worker; every read after it sees it
+        for value in range(2, 5):  # each write lands on either worker
+            time.sleep(1.2)  # each worker's snapshot has its counts so far (rewritten every second)
+            before = per_worker("miss")
             with httpx.Client(base_url=server.url, timeout=30) as client:
                 answer = client.post("/v1/features/write", json={"group": "live", "rows": [row(1, value)]})
                 assert answer.status_code == 200, answer.text
-            assert [fetch_new_connection() for _ in range(10)] == [value] * 10
-        # Both read it again after some write (each had it in memory before the first)
-        wait_until(lambda: all(n >= 2 for n in per_worker("miss").values()), within=10, what="both read it again")
+            answers: list[Any] = []
+
+            def both_read_it_again(before: dict[int, float] = before, answers: list[Any] = answers) -> bool:
+                answers.append(fetch_new_connection())
+                after = per_worker("miss")
+                return all(after[pid] > before[pid] for pid in workers)  # each served a read since the write
+
+            wait_until(both_read_it_again, within=60, interval=0.02, what="both workers serving after the write")
+            assert answers == [value] * len(answers)  # every read after the write returned sees it, on either
     finally:
         server.stop()
 

@@ -77,6 +77,7 @@ def create_app(
             metrics=Metrics(settings.metrics_dir),
             tracing=tracing,
             admission=settings.admission_policy(),
+            local_cache=settings.local_cache(),
         )
         if keyring.enabled:
             log.info("API keys: %d configured (%s)", len(keyring.keys), keyring.source)

@@ -121,6 +121,10 @@ class Metrics:
         self.events: dict[tuple[str, str], int] = defaultdict(int)
         # (group, event) -> keys: cache hits, misses, promotions... (app/tiering/cache.py)
         self.cache: dict[tuple[str, str], int] = defaultdict(int)
+        # (group, "hit" | "miss" | "coalesced") -> keys, and the entries and bytes held now, of this worker's local
+        # cache (app/serving/local_cache.py; the gateway wires both)
+        self.local_cache: dict[tuple[str, str], int] = defaultdict(int)
+        self.local_cache_size: Callable[[], dict[str, float]] = dict
         # This worker's load now: admission limit, in flight, shed counts, recent lag (Gateway.load)
         self.load: Callable[[], dict[str, float]] = dict
         self.directory = Path(directory) if directory else None
@@ -188,6 +192,8 @@ class Metrics:
             "ingest_latency": {k: [h.counts, h.sum] for k, h in self.ingest_latency.items()},
             "events": [[*k, v] for k, v in self.events.items()],
             "cache": [[*k, v] for k, v in self.cache.items()],
+            "local_cache": [[*k, v] for k, v in self.local_cache.items()],
+            "local_cache_size": self.local_cache_size(),
             "load": self.load(),
         }
 
@@ -209,6 +215,7 @@ class Metrics:
                         snapshot = msgspec.json.decode(path.read_bytes())
                         if time.time() - path.stat().st_mtime > STALE_S:
                             snapshot.pop("load", None)  # a worker gone: its counts stay, its gauges do not
+                            snapshot.pop("local_cache_size", None)
                         snapshots.append(snapshot)
         return Merged(snapshots)
 
@@ -229,6 +236,8 @@ class Merged:
         self.ingest_latency: dict[str, Histogram] = defaultdict(Histogram)
         self.events: dict[tuple[str, str], int] = defaultdict(int)
         self.cache: dict[tuple[str, str], int] = defaultdict(int)
+        self.local_cache: dict[tuple[str, str], int] = defaultdict(int)
+        self.local_cache_size: dict[str, float] = defaultdict(float)  # summed over the live workers
         self.loads: list[dict[str, float]] = []  # one per worker
         for snap in snapshots:
             for route, method, status, count in snap["requests"]:
@@ -247,6 +256,10 @@ class Merged:
                 self.events[(stream, outcome)] += count
             for group, event, count in snap.get("cache", ()):
                 self.cache[(group, event)] += count
+            for group, result, count in snap.get("local_cache", ()):
+                self.local_cache[(group, result)] += count
+            for gauge, value in snap.get("local_cache_size", {}).items():
+                self.local_cache_size[gauge] += value
             if "load" in snap:
                 self.loads.append(snap["load"])
             for backend, outcome, count in snap["backend_outcomes"]:

@@ -15,6 +15,7 @@ from app.resilience.admission import AdmissionPolicy
 from app.resilience.breaker import BreakerPolicy
 from app.serving.gateway import Lifecycle
 from app.serving.limits import Limits
+from app.serving.local_cache import LocalCache
 
 
 class Settings(BaseSettings):
@@ -57,6 +58,12 @@ class Settings(BaseSettings):
     )
     freeze_heap: bool = Field(
         True, description="gc.freeze() after start-up, so full collections skip what lives as long as the process"
+    )
+    local_cache_entries: int = Field(
+        100_000, gt=0, description="Entries each worker's local cache (groups' local_cache_ms) holds at most"
+    )
+    local_cache_bytes: int = Field(
+        64 * 1024 * 1024, gt=0, description="Bytes each worker's local cache holds at most (blobs and keys)"
     )
     metrics_dir: str | None = Field(
         None, description="Directory where workers share metric snapshots (set by `serve`; unset: one process)"
@@ -114,6 +121,10 @@ class Settings(BaseSettings):
             deadline_share=self.admission_deadline_share,
             write_share=self.admission_write_share,
         )
+
+    def local_cache(self) -> LocalCache:
+        """This worker's local cache; its invalidation stamps shared with the other workers in `metrics_dir`."""
+        return LocalCache(self.local_cache_entries, self.local_cache_bytes, self.metrics_dir)
 
     def lifecycle(self) -> Lifecycle:
         return Lifecycle(self.migrate_on_start, self.migrate_retry_s, self.ready_timeout_ms / 1000)

@@ -166,6 +166,7 @@ def render_prometheus(gateway: Gateway, merged: Merged, openmetrics: bool = Fals
             lines.append(f"{served}{_labels(service=service, key=caller, status=value_status)} {count}")
     _stream_families(gateway, merged, family, lines)
     _cache_families(merged, family, lines)
+    _local_cache_families(gateway, merged, family, lines)
     if openmetrics:
         lines.append("# EOF")
     return "\n".join(lines) + "\n"
@@ -199,6 +200,25 @@ def _cache_families(merged: Merged, family: Callable[[str, str, str], str], line
         for (group, event), count in sorted(merged.cache.items()):
             if event in events:
                 lines.append(f"{full}{_labels(group=group, result=events[event])} {count}")
+
+
+def _local_cache_families(
+    gateway: Gateway, merged: Merged, family: Callable[[str, str, str], str], lines: list[str]
+) -> None:
+    """The workers' local caches (groups' local_cache_ms, app/serving/local_cache.py), summed over workers."""
+    if not merged.local_cache and not any(g.local_cache_ms for g in gateway.registry.groups.values()):
+        return
+    name = family(
+        "local_cache_lookups_total",
+        "counter",
+        "Keys of groups with local_cache_ms looked up in a worker's memory: hit, miss (read from the backend), "
+        "coalesced (waited for the same key's read by another request of the worker).",
+    )
+    for (group, result), count in sorted(merged.local_cache.items()):
+        lines.append(f"{name}{_labels(group=group, result=result)} {count}")
+    for gauge, text in (("entries", "Entries held"), ("bytes", "Bytes held (blobs, keys and overhead)")):
+        name = family(f"local_cache_{gauge}", "gauge", f"{text} by the workers' local caches, summed over workers.")
+        lines.append(f"{name} {int(merged.local_cache_size.get(gauge, 0))}")
 
 
 def _stream_families(

@@ -60,10 +60,13 @@ _WINDOW = re.compile(r"^[1-9][0-9]*(s|m|h|d|w)$")  # it ends feature names: no d
 _FUNCTION = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
-_GROUP_FIELDS = {"entity", "backend", "ttl", "expired_grace", "features", "description", "cache"} | {
+_GROUP_FIELDS = {"entity", "backend", "ttl", "expired_grace", "features", "description", "cache", "local_cache_ms"} | {
     "moving_to",  # written by `feature-gateway move`
     "moving_from",
 }
+
+# The longest a group's local_cache_ms may be: how old a value written elsewhere can be served (README)
+MAX_LOCAL_CACHE_MS = 60_000.0
 
 # An expired value is kept (and served EXPIRED) this long by default: the group's ttl, at most one day.
 MAX_DEFAULT_GRACE_S = 86_400.0
@@ -402,7 +405,32 @@ class _Builder:
             cache=self.cache(path, spec, backends),
             moving_to=self.move_end(path, spec, backends, "moving_to"),
             moving_from=self.move_end(path, spec, backends, "moving_from"),
+            local_cache_ms=self.local_cache_ms(path, spec),
         )
+
+    def local_cache_ms(self, path: str, spec: dict[str, Any]) -> float | None:
+        """How long each worker may serve a value from its memory: milliseconds, or a duration (`500ms`, `2s`)."""
+        raw = spec.get("local_cache_ms")
+        if raw is None:
+            return None
+        path = f"{path}.local_cache_ms"
+        if isinstance(raw, bool):
+            raise self.fail(path, "expected milliseconds (such as 1000) or a duration (such as 500ms or 2s)")
+        if isinstance(raw, int | float):
+            ms = float(raw)
+        else:
+            try:
+                ms = parse_duration(raw) * 1000
+            except ValueError:
+                raise self.fail(
+                    path, f"{raw!r} is not milliseconds (such as 1000) nor a duration (such as 500ms or 2s)"
+                ) from None
+        if not 0 < ms <= MAX_LOCAL_CACHE_MS:
+            raise self.fail(
+                path,
+                f"{raw!r}: between 0 and {MAX_LOCAL_CACHE_MS:g} ms (values written elsewhere are served this old)",
+            )
+        return ms
 
     def cache(self, path: str, spec: dict[str, Any], backends: Mapping[str, BackendSpec]) -> Cache | None:
         """A group's hot tier: a Redis backend other than its own, and how long a copy is kept there."""

@@ -57,6 +57,8 @@ class Group:
     # also to the one it is moving from, until every worker reads the new one.
     moving_to: str | None = None
     moving_from: str | None = None
+    # Served from each worker's memory for at most this long after the read that got it (app/serving/local_cache.py)
+    local_cache_ms: float | None = None
 
     @property
     def also_written(self) -> str | None:

@@ -19,6 +19,7 @@ from opentelemetry.trace import StatusCode
 
 from app.auth import check_feature_groups
 from app.errors import Forbidden, Overloaded, StrictDegraded, ValidationFailed, describe_error
+from app.serving.local_cache import read_through
 from app.serving.plan import GroupPlan, Plan
 from app.serving.request import FetchRequest, check_entities
 from app.serving.statuses import EXPIRED, MISSING, PRESENT, UNAVAILABLE, BackendOutcome, Cell, Outcome
@@ -62,7 +63,7 @@ async def _read_backend(
             span.set_attribute("circuit.state", breaker.state)
         started = time.perf_counter()
         # Through a cache, the backend's own timeout counts from when it is asked, after the cache (app/tiering)
-        cached = circuit_open or any(p.group.cache for p in plans)
+        cached = circuit_open or any(p.group.cache or p.group.local_cache_ms for p in plans)
         read = _read_cells(
             gw,
             generation,
@@ -178,7 +179,9 @@ async def _read_cells(
         reads = [(plans[i].group, keys[i]) for i in stored]
         failed: list[set[int]] | None = None
         try:
-            if backend is not None and not any(p.group.cache for p in plans):
+            if any(g.local_cache_ms for g, _ in reads):  # this worker's memory first (app/serving/local_cache.py)
+                blobs = await read_through(gw, generation, backend, reads, deadline_at, limit_s, outcome)
+            elif backend is not None and not any(p.group.cache for p in plans):
                 blobs = await backend.read(reads)
             else:
                 outcome.cache = []
@@ -231,6 +234,30 @@ def _missed(gw: Gateway, generation: Generation, name: str, outcome: BackendOutc
         generation.breakers[name].read.failure()
     else:
         generation.breakers[name].read.abandoned()
+
+
+def _held(
+    gw: Gateway,
+    generation: Generation,
+    name: str,
+    plans: list[GroupPlan],
+    unique: dict[str, tuple[list[str], list[int] | None]],
+    now_us: int,
+    outcomes: dict[str, BackendOutcome],
+) -> bool:
+    """Serve backend `name`'s groups (all with local_cache_ms) from this worker's memory if it holds every key.
+    The backend is not asked: its circuit learns nothing (a probe slot `allow` took goes back)."""
+    blobs = gw.local_cache.held([(p.group, unique[p.group.entity.join_key][0]) for p in plans])
+    if blobs is None:
+        return False
+    nulls = gw.metrics.null_values
+    outcome = outcomes[name]
+    outcome.cells = [
+        [p.cell(b, now_us, nulls) for b in group_blobs] for p, group_blobs in zip(plans, blobs, strict=True)
+    ]
+    outcome.asked = False
+    generation.breakers[name].read.abandoned()
+    return True
 
 
 def _unique(keys: list[str]) -> tuple[list[str], list[int] | None]:
@@ -331,7 +358,9 @@ async def _serve(
     for name, indexes in plan.by_backend:
         plans = [plan.groups[i] for i in indexes]
         circuit_open = not generation.breakers[name].read.allow()
-        if circuit_open and not any(p.group.cache for p in plans):
+        if all(p.group.local_cache_ms for p in plans) and _held(gw, generation, name, plans, unique, now_us, outcomes):
+            continue  # every key in this worker's memory (app/serving/local_cache.py): no task, nothing asked
+        if circuit_open and not any(p.group.cache or p.group.local_cache_ms for p in plans):
             outcome = outcomes[name]
             outcome.status, outcome.error = Outcome.OPEN, "circuit open: the backend failed repeatedly; probing it"
             continue

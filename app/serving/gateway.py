@@ -26,6 +26,7 @@ from app.resilience.breaker import BreakerPolicy, Circuits
 from app.resilience.loop_lag import LoopLag
 from app.serving.generations import Changes, Generation, InFlight, Pinned, Reloaded, Retired
 from app.serving.limits import Limits
+from app.serving.local_cache import LocalCache
 from app.serving.plan import Plan, make_plan
 from app.streams.freshness import FreshnessMonitor, watched_streams
 from app.tiering.cache import CacheTier
@@ -63,6 +64,7 @@ class Gateway:
         metrics: Metrics | None = None,
         tracing: Tracing | None = None,
         admission: AdmissionPolicy | None = None,
+        local_cache: LocalCache | None = None,
     ):
         self.limits = limits or Limits()
         self.breaker_policy = breaker_policy or BreakerPolicy()
@@ -89,6 +91,10 @@ class Gateway:
         self._answered: dict[tuple[str, str], float] = {}
         self.freshness = FreshnessMonitor(registry)  # consumers' lag per stream, for max_lag and the metrics
         self.cache = CacheTier(self)  # the groups' hot tiers: promotions and dirty keys of this worker
+        # Groups' local_cache_ms: this worker's copies, invalidated by writes through any worker of the gateway
+        self.local_cache = local_cache or LocalCache()
+        self.metrics.local_cache = self.local_cache.counts
+        self.metrics.local_cache_size = self.local_cache.size
 
     # The current generation's parts, as every reader before reloads knew them. A request that awaits must take
     # them from the generation it pinned instead (see generations.py).
@@ -352,6 +358,7 @@ class Gateway:
                 self._answered.pop((name, "write"), None)
             restarted = self._swap_freshness(registry)
             self.current = new
+            self.local_cache.clear()  # what it held was read for groups as the old registry declared them
             if on_swap is not None:
                 on_swap()
             self.in_flight.retired.append(Retired(old.number, retired, plans))

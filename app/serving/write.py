@@ -128,7 +128,17 @@ async def store(gw: Gateway, group: Group, rows: Sequence[WriteRow]) -> WriteRes
     to its cache (app/tiering/cache.py): after it returns, no read of this worker sees an older value.
 
     Any failure is a BackendFailed; retrying one is safe (a row never replaces newer data).
+
+    Whatever the outcome, every worker's local cache (app/serving/local_cache.py) drops these keys last, once the
+    stores have them: no fetch of this gateway that starts after the write returned is served an older copy.
     """
+    try:
+        return await _store(gw, group, rows)
+    finally:
+        gw.local_cache.written(group.name, [row.key for row in rows])
+
+
+async def _store(gw: Gateway, group: Group, rows: Sequence[WriteRow]) -> WriteResult:
     # The registry generation `group` was read from (no await since): its backends, whatever a reload swaps in
     with gw.pinned() as generation:
         backend = generation.backends[group.backend]

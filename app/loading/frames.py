@@ -298,3 +298,61 @@ async def migrate(target: Target) -> None:
             ) from None
         finally:
             await backend.aclose()
+
+
+def spark_materialize(
+    registry: str | os.PathLike[str],
+    group: str,
+    path: str,
+    *,
+    master: str | None,
+    batch_size: int = 2000,
+    retries: int = 3,
+    limits: Limits | None = None,
+) -> Any:
+    """`feature-gateway materialize PATH --engine spark`: a Parquet file or dataset (Hive-partitioned or not) read
+    by Spark and written by its executors with `write_features`. Returns the load's `Report`.
+
+    `master`: `local[N]`, `spark://host:7077`, `yarn`, ... (None: what spark-submit or spark-defaults say). On a
+    cluster every executor needs feature-gateway installed (`pip install feature-gateway`), and PATH must be
+    where they can read it (s3a://, hdfs://, a shared mount). Unlike the in-process loader it keeps no
+    checkpoint: a failed job is rerun whole, which rewrites the same rows harmlessly."""
+    import sys
+
+    from app.loading.load import Report
+
+    target, found = target_for(registry, group, batch_size=batch_size, retries=retries, limits=limits)
+    if master is None or master.startswith("local"):
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # local workers run this interpreter (its venv)
+    try:
+        from pyspark.sql import SparkSession
+    except ImportError:
+        raise MaterializeError("--engine spark needs pyspark: pip install 'feature-gateway[spark]'") from None
+    builder = SparkSession.builder.appName(f"feature-gateway materialize {group}")
+    if master:
+        builder = builder.master(master)
+    spark = builder.getOrCreate()
+    started = time.monotonic()
+    try:
+        df = spark.read.parquet(path)
+        files = df.inputFiles()
+        wanted = {found.entity.join_key, "event_timestamp", *found.by_name}
+        partitioned = [c for c in df.columns if c not in wanted and any(f"/{c}=" in f for f in files)]
+        df = df.drop(*partitioned)  # where the rows were put (a date), not a feature
+        _run(migrate(target))
+        result = write_spark(df, target, found)
+    finally:
+        spark.stop()
+    return Report(
+        group=group,
+        file=Path(path),
+        rows=result["rows"],
+        written=result["written"],
+        skipped_stale=result["skipped_stale"],
+        rejected=result["rejected"],
+        reasons=result["reasons"],
+        resumed_from=0,
+        checkpoint=Path(),
+        seconds=time.monotonic() - started,
+        rows_this_run=result["rows"],
+    )

@@ -114,6 +114,9 @@ def test_three_files_load_once_and_a_half_written_one_waits_until_complete(
     whole = parquet_bytes(range(1000, 1500), names.dir / "d.tmp")
     (folder / "d.parquet").write_bytes(whole[: len(whole) // 2])  # its writer is not done: no footer yet
     (folder / "_e.jsonl").write_bytes(jsonl(range(1500, 1600)))  # the rename convention: not yet
+    (folder / "f").mkdir()  # a Spark job's output folder: not until its _SUCCESS
+    for part, rows in enumerate((range(1600, 1700), range(1700, 1800))):
+        (folder / "f" / f"part-{part}.parquet").write_bytes(parquet_bytes(rows, names.dir / "f.tmp"))
     watcher = WatchProcess(names, folder, "--batch-size", "64")
     try:
         manifest = watcher.wait_for({"a.jsonl", "b.parquet", "c.jsonl"})
@@ -128,21 +131,23 @@ def test_three_files_load_once_and_a_half_written_one_waits_until_complete(
         with open(folder / "d.parquet", "ab") as f:
             f.write(whole[len(whole) // 2 :])
         (folder / "_e.jsonl").rename(folder / "e.jsonl")
-        manifest = watcher.wait_for({"d.parquet", "e.jsonl"})
+        (folder / "f" / "_SUCCESS").touch()
+        manifest = watcher.wait_for({"d.parquet", "e.jsonl", "f"})
         assert (manifest["d.parquet"]["rows"], manifest["d.parquet"]["written"]) == (500, 500)
         assert (manifest["e.jsonl"]["rows"], manifest["e.jsonl"]["written"]) == (100, 100)
+        assert (manifest["f"]["rows"], manifest["f"]["written"]) == (200, 200)
         loaded_at = {name: m["loaded_at"] for name, m in manifest.items()}
         os.utime(folder / "a.jsonl")  # touched, same bytes: not loaded again
         time.sleep(1.0)
         assert {name: m["loaded_at"] for name, m in watcher.manifest().items()} == loaded_at
     finally:
         assert watcher.stop() == 0, watcher.output()
-    assert watcher.output().count(" -> live: ") == 5  # one report per file
-    values, usage = read_back(gateway, watcher.registry, 1600)
-    assert values == [served(i) for i in range(1600)]
-    # The loaded group's use, as the gateway counts it: 1,600 rows of it served, all stored (a null is MISSING)
+    assert watcher.output().count(" -> live: ") == 6  # one report per file
+    values, usage = read_back(gateway, watcher.registry, 1800)
+    assert values == [served(i) for i in range(1800)]
+    # The loaded group's use, as the gateway counts it: 1,800 rows of it served, all stored (a null is MISSING)
     orders = usage["groups"]["live"]["features"]["orders_7d"]
-    assert (orders["requests"], orders["statuses"]["PRESENT"]) == (2, 1600)
+    assert (orders["requests"], orders["statuses"]["PRESENT"]) == (2, 1800)
 
 
 def test_a_watcher_killed_mid_file_resumes_it_and_loads_nothing_twice(

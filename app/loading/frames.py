@@ -37,7 +37,7 @@ from typing import Any, TypedDict
 import msgspec
 
 from app.loading.errors import MaterializeError
-from app.loading.load import MAX_REASONS, prepare, store_with_retries
+from app.loading.load import MAX_REASONS, Prepared, prepare, store_with_retries
 from app.loading.sources import arrow_rows, check_columns
 from app.registry.load import parse_registry
 from app.registry.model import Group, Registry
@@ -141,8 +141,19 @@ def target_for(
     return target, found
 
 
+def _prepared(target: Target, group: Group, source: Iterable[Any], where: str) -> Iterator[tuple[int, Prepared]]:
+    """Each batch of `target.batch_size` rows validated and encoded: (rows in it, what to store and what failed)."""
+    done = 0
+    for record_batch in source:
+        for start in range(0, record_batch.num_rows, target.batch_size):
+            rows = arrow_rows(record_batch.slice(start, target.batch_size), done)
+            done += len(rows)
+            yield len(rows), prepare(group, rows, target.limits, target.default_us, where)
+
+
 async def write_batches(target: Target, record_batches: Iterable[Any], where: str = "", crash: bool = False) -> Counts:
-    """Validate, encode and store Arrow record batches into the target group; the counts of what happened.
+    """Validate, encode and store Arrow record batches into the target group; the counts of what happened. The
+    next batch is read and validated in a thread while the current one is stored (as the in-process loader does).
 
     Raises BackendFailed when a batch cannot be stored after the retries (Spark then fails the task and
     retries it; its rows so far are replayed harmlessly)."""
@@ -155,22 +166,27 @@ async def write_batches(target: Target, record_batches: Iterable[Any], where: st
     gw = Gateway(registry, opened, limits=target.limits)
     counts = Counts()
     stored = 0
+    batches = _prepared(target, group, record_batches, where)
+    pending: asyncio.Future[tuple[int, Prepared] | None] | None = None
     try:
-        for record_batch in record_batches:
-            for start in range(0, record_batch.num_rows, target.batch_size):
-                rows = arrow_rows(record_batch.slice(start, target.batch_size), counts.rows)
-                batch = prepare(group, rows, target.limits, target.default_us, where)
-                result = await store_with_retries(gw, group, batch.rows, target.retries) if batch.rows else None
-                result = result or WriteResult(0, 0)
-                counts.rows += len(rows)
-                counts.written += result.written
-                counts.skipped_stale += result.skipped_stale + batch.dropped
-                counts.rejected += len(batch.reasons)
-                counts.reasons += batch.reasons[: max(MAX_REASONS - len(counts.reasons), 0)]
-                stored += 1
-                if crash and stored == target.crash_first_attempt_after:
-                    os._exit(17)  # a killed worker, for the retry test: nothing is cleaned up
+        pending = asyncio.ensure_future(asyncio.to_thread(next, batches, None))
+        while (item := await pending) is not None:
+            pending = asyncio.ensure_future(asyncio.to_thread(next, batches, None))  # read ahead while storing
+            size, batch = item
+            result = await store_with_retries(gw, group, batch.rows, target.retries) if batch.rows else None
+            result = result or WriteResult(0, 0)
+            counts.rows += size
+            counts.written += result.written
+            counts.skipped_stale += result.skipped_stale + batch.dropped
+            counts.rejected += len(batch.reasons)
+            counts.reasons += batch.reasons[: max(MAX_REASONS - len(counts.reasons), 0)]
+            stored += 1
+            if crash and stored == target.crash_first_attempt_after:
+                os._exit(17)  # a killed worker, for the retry test: nothing is cleaned up
+        pending = None
     finally:
+        if pending is not None:  # a read-ahead still running in its thread must end before its source does
+            await asyncio.gather(pending, return_exceptions=True)
         await gw.aclose()
     return counts
 

@@ -158,7 +158,10 @@ class Watcher:
 
         if group not in registry.groups:
             raise MaterializeError(f"unknown group {group!r}; groups: {', '.join(registry.groups)}")
-        self.fs, self.root = fsspec.core.url_to_fs(folder)
+        try:
+            self.fs, self.root = fsspec.core.url_to_fs(folder)
+        except (ImportError, ValueError) as exc:  # s3:// without s3fs, an unknown protocol
+            raise MaterializeError(f"--watch {folder}: {exc}") from None
         self.local = isinstance(self.fs, LocalFileSystem)
         if not self.fs.isdir(self.root):
             raise MaterializeError(f"--watch {folder}: not a folder")

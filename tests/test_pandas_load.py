@@ -138,3 +138,28 @@ async def test_a_parquet_dataset_directory_loads_in_process_and_resumes(
     async with gateway(names.registry(names.backend("cockroach"))) as client:
         got = await fetch_all(client, list(range(1, rows + 1)), ["live:*"])
     assert [r["values"] for r in got] == [served(i) for i in range(rows)]
+
+
+async def test_event_times_in_any_zone_are_the_same_instant_and_nanoseconds_are_refused_as_over_http(
+    gateway: GatewayFactory, names: Names
+) -> None:
+    registry = registry_file(names, "sqlite")
+    base = pd.Timestamp.now(tz="Europe/Paris").floor("s") - pd.Timedelta(minutes=5)
+    df = frame(3)
+    df["event_timestamp"] = [base, base + pd.Timedelta(milliseconds=500), base + pd.Timedelta(nanoseconds=1)]
+    assert str(df["event_timestamp"].dtype) == "datetime64[ns, Europe/Paris]"
+    result = write_features(df, "live", registry=registry)
+    assert (result["written"], result["rejected"]) == (2, 1)
+    assert result["reasons"][0].startswith("row 3: event_timestamp: ")
+    assert "is more precise than a microsecond" in result["reasons"][0]
+    utc = base.tz_convert("UTC")
+    text = registry.read_text()
+    async with gateway(text) as client:
+        answer = await client.post(
+            "/v1/features/fetch",
+            json={"entities": {"consumer_id": [1, 2]}, "features": ["live:orders_7d"], "include_timestamps": True},
+        )
+    assert [row["event_timestamps"][0] for row in answer.json()["rows"]] == [
+        utc.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        utc.strftime("%Y-%m-%dT%H:%M:%S.500000Z"),
+    ]

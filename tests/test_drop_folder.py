@@ -189,3 +189,23 @@ def test_a_watcher_killed_mid_file_resumes_it_and_loads_nothing_twice(
     assert [v for i, v in enumerate(values) if i != BAD_EMBEDDING] == [
         served(i) for i in range(100 + total) if i != BAD_EMBEDDING
     ]
+
+
+def test_bad_arguments_at_scale_are_named_and_exit_2(names: Names, folder: Path) -> None:
+    registry = names.dir / "registry.yaml"
+    registry.write_text(names.registry(names.backend("sqlite")))
+    base = [sys.executable, "-m", "app", "materialize", "--group", "live", "--registry", str(registry)]
+    cases = [
+        # s3:// goes through fsspec, which needs s3fs for it (not installed here)
+        (["--watch", "s3://bucket/drop/", "--state", str(names.dir / "state")], "--watch s3://bucket/drop/: "),
+        (["--watch", "memory://nothing/"], "not a folder"),
+        (["--watch", str(folder / "nope")], "not a folder"),
+        (["--watch", str(folder), str(folder / "x.parquet")], "--watch DIR takes no FILE"),
+        ([str(folder / "rows.csv"), "--engine", "spark"], "--engine spark reads Parquet"),
+        ([], "give the FILE or directory to load"),
+    ]
+    for args, message in cases:
+        done = subprocess.run([*base, *args], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2, (args, done.stderr)
+        assert message in done.stderr, (args, done.stderr)
+        assert "Traceback" not in done.stderr

@@ -316,6 +316,19 @@ async def migrate(target: Target) -> None:
             await backend.aclose()
 
 
+class SparkJobFailed(Exception):
+    """The Spark job failed (a task failed as many times as spark.task.maxFailures allows); the message is the
+    first line of its error. Rows stored before it stay stored, and a rerun rewrites them harmlessly."""
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    for line in text.splitlines():
+        if "BackendFailed" in line or "Error:" in line:
+            return line.strip()[:500]
+    return (text.splitlines() or [type(exc).__name__])[0][:500]
+
+
 def spark_materialize(
     registry: str | os.PathLike[str],
     group: str,
@@ -338,6 +351,8 @@ def spark_materialize(
     from app.loading.load import Report
 
     target, found = target_for(registry, group, batch_size=batch_size, retries=retries, limits=limits)
+    if Path(path).suffix.lower() in (".csv", ".jsonl", ".ndjson", ".gz"):
+        raise MaterializeError(f"{path}: --engine spark reads Parquet; load CSV and JSON Lines without it")
     if master is None or master.startswith("local"):
         os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # local workers run this interpreter (its venv)
     try:
@@ -350,13 +365,21 @@ def spark_materialize(
     spark = builder.getOrCreate()
     started = time.monotonic()
     try:
-        df = spark.read.parquet(path)
+        try:
+            df = spark.read.parquet(path)
+        except Exception as exc:  # pyspark's AnalysisException: no such path, not Parquet
+            raise MaterializeError(f"{path}: Spark cannot read it as Parquet: {_first_line(exc)}") from None
         files = df.inputFiles()
         wanted = {found.entity.join_key, "event_timestamp", *found.by_name}
         partitioned = [c for c in df.columns if c not in wanted and any(f"/{c}=" in f for f in files)]
         df = df.drop(*partitioned)  # where the rows were put (a date), not a feature
         _run(migrate(target))
-        result = write_spark(df, target, found)
+        try:
+            result = write_spark(df, target, found)
+        except MaterializeError:
+            raise
+        except Exception as exc:  # a task that failed spark.task.maxFailures times: its Python error, in Java's
+            raise SparkJobFailed(_first_line(exc)) from None
     finally:
         spark.stop()
     return Report(

@@ -56,7 +56,7 @@ def materialize_at_scale(args: argparse.Namespace, settings: Settings) -> int:
     if args.file is None:
         print("error: give the FILE or directory to load", file=sys.stderr)
         return 2
-    from app.loading.frames import spark_materialize
+    from app.loading.frames import SparkJobFailed, spark_materialize
 
     try:
         report = spark_materialize(
@@ -73,6 +73,12 @@ def materialize_at_scale(args: argparse.Namespace, settings: Settings) -> int:
         return 2
     except BackendFailed as exc:
         print(f"error: {exc.detail}\nrerun the same command (rows written again are harmless)", file=sys.stderr)
+        return 1
+    except SparkJobFailed as exc:
+        print(
+            f"error: the Spark job failed: {exc}\nrerun the same command (rows written again are harmless)",
+            file=sys.stderr,
+        )
         return 1
     _print(report)
     return 3 if report.rejected else 0

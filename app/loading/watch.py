@@ -184,6 +184,7 @@ class Watcher:
 
     def poll(self) -> list[str]:
         """The names that are complete and not in the manifest, oldest first (by name within a poll)."""
+        self.fs.invalidate_cache(self.root)  # (s3fs and others cache listings)
         listing = self.fs.ls(self.root, detail=True)
         now: dict[str, Seen] = {}
         for info in listing:

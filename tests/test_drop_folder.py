@@ -209,3 +209,37 @@ def test_bad_arguments_at_scale_are_named_and_exit_2(names: Names, folder: Path)
         assert done.returncode == 2, (args, done.stderr)
         assert message in done.stderr, (args, done.stderr)
         assert "Traceback" not in done.stderr
+
+
+async def test_a_crash_after_a_load_before_its_manifest_entry_does_not_load_the_file_again(
+    names: Names, folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The window between the last stored batch and the manifest: the checkpoint outlives it, so the next run
+    finds the load done (no row stored again) and records it."""
+    from app.loading import watch
+    from app.registry.load import parse_registry
+    from app.serving.limits import Limits
+
+    registry = parse_registry(names.registry(names.backend("cockroach")), "test-registry", env={})
+    (folder / "a.jsonl").write_bytes(jsonl(range(0, 250)))
+
+    def crash(path: Path, manifest: watch.Manifest) -> None:
+        raise OSError("the machine died here")
+
+    first = watch.Watcher(str(folder), registry, "live", limits=Limits(), batch_size=100)
+    first.poll()
+    assert first.poll() == ["a.jsonl"]
+    with monkeypatch.context() as patched:
+        patched.setattr(watch, "save_manifest", crash)
+        with pytest.raises(OSError, match="the machine died here"):
+            await first.load("a.jsonl")
+    second = watch.Watcher(str(folder), registry, "live", limits=Limits(), batch_size=100)
+    second.poll()
+    assert second.poll() == ["a.jsonl"]
+    report = await second.load("a.jsonl")
+    assert report is not None
+    assert (report.rows, report.written, report.rows_this_run, report.resumed_from) == (250, 250, 0, 250)
+    assert [(f.name, f.rows, f.written) for f in second.manifest.files] == [("a.jsonl", 250, 250)]
+    assert not second.checkpoint_path("a.jsonl").exists()
+    second.poll()
+    assert second.poll() == []  # recorded: never again

@@ -243,8 +243,13 @@ async def _next_batch(pending: asyncio.Future[Prepared | None], checkpoint: Chec
         ) from None
 
 
-async def run_load(load: Load, *, retries: int = 3, progress: Progress | None = None) -> Report:
+async def run_load(
+    load: Load, *, retries: int = 3, progress: Progress | None = None, keep_checkpoint: bool = False
+) -> Report:
     """Store the batches, reading and validating the next one in a thread while the current one is written.
+
+    The checkpoint is removed at the end, unless `keep_checkpoint` (the caller first records the load elsewhere,
+    then calls `load.finish()`: the drop folder's manifest).
 
     Raises BackendFailed when a batch cannot be stored after `retries`; the checkpoint then holds every
     batch stored before it, so a rerun continues there.
@@ -294,7 +299,8 @@ async def run_load(load: Load, *, retries: int = 3, progress: Progress | None = 
                 len(gw.cache.dirty),
             )
         await gw.aclose()
-    load.finish()
+    if not keep_checkpoint:
+        load.finish()
     return Report(
         group=group.name,
         file=load.path,

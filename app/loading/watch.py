@@ -12,9 +12,8 @@ job's output): it is complete when its `_SUCCESS` marker is there, and is loaded
 
 A crash (even SIGKILL mid-file) loses nothing: the file being loaded keeps its load checkpoint
 (`app/loading/checkpoint.py`) in the state folder, and the next run continues it after its last stored batch; a
-batch stored but not yet checkpointed is replayed, which the never-older rule makes harmless. The manifest
-entry is written after the load finished, so a crash between the two reloads that file from the start (as
-harmless, and its counts are then those of the second load).
+batch stored but not yet checkpointed is replayed, which the never-older rule makes harmless. The load's
+checkpoint is removed only after the manifest records the file, so no crash makes a file load twice.
 
 Paths go through fsspec: a local folder, or `s3://bucket/prefix` (with s3fs installed and the usual AWS
 credentials), `gs://`, ... A remote file is copied into the state folder (which must then be local, and is
@@ -175,9 +174,14 @@ class Watcher:
         self.batch_size, self.retries, self.report = batch_size, retries, report
         self.manifest_path = manifest_path(state, group)
         self.manifest = read_manifest(self.manifest_path, folder, group)
+        for entry in self.manifest.files:  # a crash after recording a load, before removing its checkpoint
+            self.checkpoint_path(entry.name).unlink(missing_ok=True)
         self.seen: dict[str, Seen] = {}
         self.told: set[str] = set()  # names logged once as not loadable
         self.failed: dict[str, tuple[int, str]] = {}  # name -> (size, mtime) whose load could not start: left
+
+    def checkpoint_path(self, name: str) -> Path:
+        return self.state / f"_feature-gateway.{self.group}.{name}.checkpoint.json"
 
     def loaded(self, name: str, size: int, mtime: str) -> bool:
         return any(f.name == name and f.size == size and f.mtime == mtime for f in self.manifest.files)
@@ -253,7 +257,7 @@ class Watcher:
                     entry.mtime = seen.mtime  # the same bytes touched again: not new
                     save_manifest(self.manifest_path, self.manifest)
                     return None
-            checkpoint = self.state / f"_feature-gateway.{self.group}.{name}.checkpoint.json"
+            checkpoint = self.checkpoint_path(name)
             load = open_load(
                 self.registry,
                 self.group,
@@ -264,7 +268,7 @@ class Watcher:
             )
             if load.checkpoint.rows_done:
                 log.warning("%s: resuming after row %d", name, load.checkpoint.rows_done)
-            report = await run_load(load, retries=self.retries)
+            report = await run_load(load, retries=self.retries, keep_checkpoint=True)
         finally:
             if copied:
                 with contextlib.suppress(OSError):
@@ -285,6 +289,7 @@ class Watcher:
             )
         )
         save_manifest(self.manifest_path, self.manifest)
+        load.finish()  # only now: a crash before the manifest has it resumes the load (at its end), not redoes it
         self.report(report)
         return report
 

@@ -160,6 +160,13 @@ def cmd_materialize(args: argparse.Namespace) -> int:
     registry = _registry_of(args, settings)
     if registry is None:
         return 2
+    if args.watch is not None or args.engine == "spark":
+        from app.loading.scale_cli import materialize_at_scale
+
+        return materialize_at_scale(args, settings)
+    if args.file is None:
+        print("error: give the FILE or directory to load (or --watch DIR)", file=sys.stderr)
+        return 2
     path = Path(args.file)
     try:
         load = open_load(
@@ -504,7 +511,11 @@ def main(argv: list[str] | None = None) -> int:
         description="Load FILE into one group through the write path's validation, in batches; a rerun of the "
         "same command after a crash continues after the last stored batch.",
     )
-    materialize.add_argument("file", help="the rows: .parquet, .csv or .jsonl (.csv.gz and .jsonl.gz too)")
+    materialize.add_argument(
+        "file",
+        nargs="?",
+        help="the rows: .parquet, .csv or .jsonl (.csv.gz and .jsonl.gz too), or a directory of Parquet files",
+    )
     materialize.add_argument("--group", required=True, help="the feature group the rows belong to")
     materialize.add_argument("--registry", help="registry YAML (default: $GATEWAY_REGISTRY)")
     materialize.add_argument("--format", choices=["parquet", "csv", "jsonl"], help="default: from the extension")
@@ -513,6 +524,9 @@ def main(argv: list[str] | None = None) -> int:
     materialize.add_argument("--restart", action="store_true", help="ignore a checkpoint; load from the first row")
     materialize.add_argument("--retries", type=int, default=3, help="retries of a failed batch write [3]")
     materialize.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    from app.loading.scale_cli import add_arguments as add_scale_arguments
+
+    add_scale_arguments(materialize)
     materialize.set_defaults(run=cmd_materialize)
 
     consume = sub.add_parser(

@@ -9,7 +9,7 @@ The totals stay exact: the lost batch's counts were never recorded, and its repl
 The checkpoint is removed when the load finishes.
 
 A checkpoint resumes only the load it was made for: the same file (its size and a digest of its first and
-last MiB), format, group and backend identity.
+last MiB; for a dataset directory, those of each of its files), format, group and backend identity.
 """
 
 from __future__ import annotations
@@ -61,6 +61,17 @@ class FileDigest(NamedTuple):
 
 
 def file_digest(path: Path) -> FileDigest:
+    """A directory (a Parquet dataset): its files' names, sizes and digests, in load order."""
+    if path.is_dir():
+        from app.loading.sources import dataset_files
+
+        total = 0
+        digest = hashlib.sha256()
+        for file in dataset_files(path):
+            part = file_digest(file)
+            total += part.size
+            digest.update(f"{file.relative_to(path)}\0{part.digest}\0".encode())
+        return FileDigest(total, digest.hexdigest())
     size = path.stat().st_size
     digest = hashlib.sha256(str(size).encode())
     with open(path, "rb") as f:

@@ -86,13 +86,15 @@ class Report:
         return out
 
 
-def _reason(row: SourceRow, exc: ValidationFailed) -> str:
-    where = f"row {row.number}" + (f" (line {row.line})" if row.line is not None else "")
+def _reason(row: SourceRow, exc: ValidationFailed, where: str = "") -> str:
+    """`[where, ]row N[ (line L)]: field: why`, as the write path's problem details name them."""
+    at = f"{where}, " if where else ""
+    at += f"row {row.number}" + (f" (line {row.line})" if row.line is not None else "")
     name = (exc.field or "(row)").removeprefix("row.")
-    return f"{where}: {name}: {exc.detail}"
+    return f"{at}: {name}: {exc.detail}"
 
 
-async def _store(gw: Gateway, group: Group, rows: list[WriteRow], retries: int) -> WriteResult:
+async def store_with_retries(gw: Gateway, group: Group, rows: list[WriteRow], retries: int) -> WriteResult:
     """Store with a few spaced retries: a batch may be replayed, so retrying a failed write is always safe."""
     for attempt in range(retries + 1):
         try:
@@ -114,6 +116,26 @@ class Prepared:
     reasons: list[str]
 
 
+def prepare(group: Group, batch: list[SourceRow], limits: Limits, default_us: int, where: str = "") -> Prepared:
+    """Validate and encode a batch by the write path's own `encode_row`, one row at a time: a bad row becomes a
+    reason (`where`: what to name the rows by besides their number, e.g. a Spark partition), the rest are kept,
+    one per entity (the newest). Every loader goes through here: files, datasets, pandas and Spark."""
+    latest_us = latest_event_us(limits, time.time_ns() // 1000)  # the clock now, not the load's start
+    encoded: list[WriteRow] = []
+    reasons: list[str] = []
+    for row in batch:
+        problem = row.problem
+        if row.values is not None:
+            try:
+                encoded.append(encode_row(group, row.values, limits, default_us, "row", latest_us))
+                continue
+            except ValidationFailed as exc:
+                problem = exc
+        reasons.append(_reason(row, problem or ValidationFailed("unreadable", field="(row)"), where))
+    rows, dropped = keep_newest(encoded)
+    return Prepared(batch[-1].number if batch else 0, rows, dropped, reasons)
+
+
 @dataclass
 class Load:
     """A load checked and ready to run: group, source, checkpoint (resumed or new). `open_load` builds it."""
@@ -129,23 +151,9 @@ class Load:
 
     def prepared(self) -> Iterator[Prepared]:
         """The batches after the checkpoint, each row validated by the write path's own `encode_row`."""
-        group, limits = self.group, self.limits
         default_us = parse_event_time(self.checkpoint.default_event_time, "default_event_time")
         for batch in self.source.batches(self.checkpoint.rows_done, self.batch_size):
-            latest_us = latest_event_us(limits, time.time_ns() // 1000)  # the clock now, not the load's start
-            encoded: list[WriteRow] = []
-            reasons: list[str] = []
-            for row in batch:
-                problem = row.problem
-                if row.values is not None:
-                    try:
-                        encoded.append(encode_row(group, row.values, limits, default_us, "row", latest_us))
-                        continue
-                    except ValidationFailed as exc:
-                        problem = exc
-                reasons.append(_reason(row, problem or ValidationFailed("unreadable", field="(row)")))
-            rows, dropped = keep_newest(encoded)
-            yield Prepared(batch[-1].number, rows, dropped, reasons)
+            yield prepare(self.group, batch, self.limits, default_us)
 
     def record(self, batch: Prepared, result: WriteResult) -> None:
         """Count a stored batch and save the checkpoint (only ever after the batch is stored)."""
@@ -235,8 +243,13 @@ async def _next_batch(pending: asyncio.Future[Prepared | None], checkpoint: Chec
         ) from None
 
 
-async def run_load(load: Load, *, retries: int = 3, progress: Progress | None = None) -> Report:
+async def run_load(
+    load: Load, *, retries: int = 3, progress: Progress | None = None, keep_checkpoint: bool = False
+) -> Report:
     """Store the batches, reading and validating the next one in a thread while the current one is written.
+
+    The checkpoint is removed at the end, unless `keep_checkpoint` (the caller first records the load elsewhere,
+    then calls `load.finish()`: the drop folder's manifest).
 
     Raises BackendFailed when a batch cannot be stored after `retries`; the checkpoint then holds every
     batch stored before it, so a rerun continues there.
@@ -266,7 +279,7 @@ async def run_load(load: Load, *, retries: int = 3, progress: Progress | None = 
         pending = asyncio.ensure_future(asyncio.to_thread(next, batches, None))
         while (batch := await _next_batch(pending, checkpoint)) is not None:
             pending = asyncio.ensure_future(asyncio.to_thread(next, batches, None))  # read ahead while storing
-            result = await _store(gw, group, batch.rows, retries) if batch.rows else WriteResult(0, 0)
+            result = await store_with_retries(gw, group, batch.rows, retries) if batch.rows else WriteResult(0, 0)
             await asyncio.to_thread(load.record, batch, result)
             if progress is not None:
                 progress.update(checkpoint, load.source.fraction(checkpoint.rows_done))
@@ -286,7 +299,8 @@ async def run_load(load: Load, *, retries: int = 3, progress: Progress | None = 
                 len(gw.cache.dirty),
             )
         await gw.aclose()
-    load.finish()
+    if not keep_checkpoint:
+        load.finish()
     return Report(
         group=group.name,
         file=load.path,

@@ -236,6 +236,18 @@ def _guarded(path: Path, batches: Iterator[Any]) -> Iterator[Any]:
         raise MaterializeError(f"{path}: cannot read further: {exc}") from None
 
 
+def _skipping(batches: Iterator[Any], drop: int) -> Iterator[Any]:
+    """`batches` less their first `drop` rows (a resumed load skips what its checkpoint says is done)."""
+    for record_batch in batches:
+        if drop:
+            if drop >= record_batch.num_rows:
+                drop -= record_batch.num_rows
+                continue
+            record_batch = record_batch.slice(drop)
+            drop = 0
+        yield record_batch
+
+
 def _rebatched(record_batches: Iterator[Any], skip: int, size: int) -> Iterator[list[SourceRow]]:
     """Arrow record batches of the rows after the first `skip`, as numbered rows, `size` at a time."""
     number = skip
@@ -283,16 +295,10 @@ class ParquetSource:
             start += rows
         if not row_groups:
             return
-        for record_batch in _guarded(
-            self.path, self.file.iter_batches(batch_size=size, row_groups=row_groups, columns=self.columns)
-        ):
-            if drop:
-                if drop >= record_batch.num_rows:
-                    drop -= record_batch.num_rows
-                    continue
-                record_batch = record_batch.slice(drop)
-                drop = 0
-            yield record_batch
+        yield from _skipping(
+            _guarded(self.path, self.file.iter_batches(batch_size=size, row_groups=row_groups, columns=self.columns)),
+            drop,
+        )
 
     def batches(self, skip: int, size: int) -> Iterator[list[SourceRow]]:
         return _rebatched(self.record_batches(skip, size), skip, size)
@@ -361,13 +367,7 @@ class DatasetSource:
             scanner = ds.Scanner.from_fragment(
                 fragment, schema=self.dataset.schema, columns=self.columns, batch_size=size, use_threads=False
             )
-            for record_batch in _guarded(Path(fragment.path), scanner.to_batches()):
-                if drop:
-                    if drop >= record_batch.num_rows:
-                        drop -= record_batch.num_rows
-                        continue
-                    record_batch = record_batch.slice(drop)
-                    drop = 0
+            for record_batch in _skipping(_guarded(Path(fragment.path), scanner.to_batches()), drop):
                 if record_batch.num_rows:
                     yield record_batch
 

@@ -170,6 +170,20 @@ async def test_postgres_and_redis_groups_are_cached_and_groups_without_it_are_no
         assert await gauges(client) == (4, pytest.approx(4 * 230, rel=0.5))
 
 
+async def test_a_fetch_served_from_memory_is_no_read_in_the_backends_metrics(
+    gateway: GatewayFactory, names: Names
+) -> None:
+    async with gateway(registry(names)) as client:
+        await write(client, "history", [{"consumer_id": 5, "lifetime": 50}])
+        for _ in range(3):  # read from PostgreSQL once, then held
+            answer = await fetch(client, entities={"consumer_id": [5]}, features=["history:lifetime"])
+            assert answer["rows"][0]["values"] == [50]
+            assert answer["backends"]["bulk"]["status"] == "ok"
+        merged = client.app.state.gateway.metrics.merged()  # type: ignore[attr-defined]
+    assert merged.backend_outcomes[("bulk", "ok")] == 1
+    assert sum(merged.backend_latency["bulk"].counts) == 1  # no 0 ms "reads" for the two served from memory
+
+
 async def test_statuses_are_judged_at_each_request(gateway: GatewayFactory, names: Names) -> None:
     """A cached value whose ttl ends inside the window reads EXPIRED; a key the store lacks is cached as missing,
     until a write through the gateway."""

@@ -394,7 +394,9 @@ async def _serve(
                 _missed(gw, generation, name, outcomes[name], started)
 
     for name, outcome in outcomes.items():  # before any strict 503, so failures are always counted
-        gw.metrics.backend_read(name, outcome.status, outcome.ms)
+        # (a backend wholly served from this worker's memory was not read: no 0 ms read in its latency)
+        if outcome.asked or outcome.cache is not None or outcome.status is not Outcome.OK:
+            gw.metrics.backend_read(name, outcome.status, outcome.ms)
     degraded = any(o.status is not Outcome.OK for o in outcomes.values())
     if degraded and request.strict:
         failed = {n: o.error for n, o in outcomes.items() if o.status is not Outcome.OK}

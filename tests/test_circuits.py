@@ -4,6 +4,7 @@ circuit costs, and how a probe closes it. (The breaker's own state machine: test
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import redis.asyncio as redis
 
@@ -75,15 +76,23 @@ async def test_a_frozen_backend_is_skipped_after_repeated_slow_misses(gateway: G
             # would otherwise be a fourth failure, and the circuit would open one answer early.
             warm = await fetch(client, **{**request, "deadline_ms": 5000})
             server.freeze()  # no error ever comes back: only the deadline
-            answers = [await fetch(client, **request) for _ in range(5)]
+            # Until the circuit opens, and two more. On a box loaded enough that the event loop itself lagged
+            # through a whole wait, that miss is excused (Gateway.blames) and the circuit opens a miss later:
+            # how many misses it takes is test_breaker's; here, that a frozen server ends up skipped.
+            answers: list[dict[str, Any]] = []
+            while len(answers) < 12 and [a["backends"]["hot"]["status"] for a in answers[-2:]] != ["open"] * 2:
+                answers.append(await fetch(client, **request))
             tight = await fetch(client, **{**request, "deadline_ms": 5})
     finally:
         server.thaw()
         server.stop()
     assert warm["backends"]["hot"]["status"] == "ok"
-    assert [a["backends"]["hot"]["status"] for a in answers] == ["timeout"] * 3 + ["open"] * 2
-    assert answers[4]["backends"]["hot"]["ms"] == 0
-    assert answers[4]["rows"][0]["statuses"] == ["UNAVAILABLE", "MISSING"]
+    statuses = [a["backends"]["hot"]["status"] for a in answers]
+    opened = statuses.index("open")
+    assert opened >= 3  # never before 3 misses
+    assert statuses == ["timeout"] * opened + ["open"] * 2
+    assert answers[-1]["backends"]["hot"]["ms"] == 0
+    assert answers[-1]["rows"][0]["statuses"] == ["UNAVAILABLE", "MISSING"]
     assert tight["backends"]["hot"]["status"] == "open"
 
 

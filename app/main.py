@@ -158,7 +158,14 @@ def create_app(
     app.include_router(cost.router)
     app.include_router(admin.router)
     # Served ahead of FastAPI's router and middleware (routers/fast_path.py), by the functions its routes call
-    app.fast_routes.update({"/v1/features/fetch": features.fetch_reply, "/v1/features/write": features.write_reply})
+    app.fast_routes.update(
+        {
+            "/v1/features/fetch": features.fetch_reply,
+            "/v1/features/write": features.write_reply,
+            "/get-online-features": feast.feast_fetch_reply,
+            "/write-to-online-store": feast.feast_write_reply,
+        }
+    )
     # Inside RequestMetrics, so its refusals are counted by route (those at the door, under `serve`, are counted
     # in feature_gateway_requests_shed_total only: they never reach the app).
     app.add_middleware(AdmissionControl)

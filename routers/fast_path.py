@@ -5,8 +5,9 @@ the router's path matching over every route, the Request and Response objects an
 about a fifth of the worker's busy time before the endpoint ran. Here a request for a hot route goes through
 the same two middleware of ours that every route has (RequestMetrics: counted and timed by route;
 AdmissionControl: a slot of the limiter), then straight to the route's function of the raw call, the one the
-FastAPI route declared in routers/features.py also calls, so the OpenAPI spec, authentication and limits are
-the same on both paths. Errors become the same problem documents as routers/errors.py's handlers write.
+FastAPI route declared in routers/features.py (or routers/feast.py) also calls, so the OpenAPI spec,
+authentication and limits are the same on both paths. Errors become the same problem documents as
+routers/errors.py's handlers write.
 
 A browser's request (it carries `Origin`) takes the full stack, where CORS answers it. So do routes' other
 methods, which FastAPI answers 405.

@@ -8,13 +8,15 @@ from typing import Any
 import msgspec
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.datastructures import Headers
+from starlette.types import Receive, Scope
 
 from app.serving.fetch import plan_for, serve
 from app.serving.write import write
 from routers.admission import NOT_A_SAMPLE, RECEIVED
-from routers.answers import timing_of, with_trace
-from routers.decode import decode_body, read_body
-from routers.deps import authorize, gateway_of, security
+from routers.answers import Reply, timing_of, trace_header
+from routers.decode import decode_body, receive_body
+from routers.deps import authorize_scope, security
 from routers.feast_protocol import FeastBody, FeastWriteBody, encode_answer, fetch_request, write_request
 from routers.models import WriteResponse, json_body, problems
 from routers.raw_route import RawRoute
@@ -92,30 +94,37 @@ class FeastResponse(BaseModel):
     openapi_extra={**json_body(FeastRequest), **security("read")},
 )
 async def feast_get_online_features(request: Request) -> Response:
+    return (await feast_fetch_reply(request.scope, request.receive)).response()
+
+
+async def feast_fetch_reply(scope: Scope, receive: Receive) -> Reply:
+    """The route's function of the raw call, which the fast path (routers/fast_path.py) also serves."""
     started = time.perf_counter()
-    key = authorize(request, "read")
-    gateway = gateway_of(request)
-    with gateway.server_span("POST /get-online-features", request.headers) as span:
-        raw = await read_body(request, request.app.state.max_body_bytes, untyped_ok=True)
+    state = scope["app"].state
+    key = authorize_scope(state.keyring, scope, "read")
+    gateway = state.gateway
+    with gateway.server_span("POST /get-online-features", Headers(scope=scope)) as span:
+        raw = await receive_body(scope, receive, state.max_body_bytes, untyped_ok=True)
         feast = decode_body(raw, FeastBody)
         groups = None if key is None else key.groups
         served = await serve(
             gateway,
             fetch_request(feast, lambda fetch: plan_for(gateway, fetch, groups)),
             groups,
-            request.scope.get(RECEIVED),
+            scope.get(RECEIVED),
             None if key is None else key.name,
         )
         if served.degraded:
-            request.scope[NOT_A_SAMPLE] = True
+            scope[NOT_A_SAMPLE] = True
         body = encode_answer(feast, served)
     total_ms = (time.perf_counter() - started) * 1000
-    headers = {
-        "Server-Timing": timing_of(served, total_ms),
+    headers = [
+        (b"server-timing", timing_of(served, total_ms).encode()),
         # Feast's shape has no place for it; a client that cares can read it here.
-        "X-Feature-Gateway-Degraded": "true" if served.degraded else "false",
-    }
-    return Response(content=body, media_type="application/json", headers=with_trace(headers, span))
+        (b"x-feature-gateway-degraded", b"true" if served.degraded else b"false"),
+        *trace_header(span),
+    ]
+    return Reply(body, b"application/json", headers)
 
 
 class FeastWriteRequest(BaseModel):
@@ -152,10 +161,15 @@ class FeastWriteRequest(BaseModel):
     openapi_extra={**json_body(FeastWriteRequest), **security("write")},
 )
 async def feast_write_to_online_store(request: Request) -> Response:
-    key = authorize(request, "write")
-    gateway = gateway_of(request)
-    with gateway.server_span("POST /write-to-online-store", request.headers) as span:
-        raw = await read_body(request, request.app.state.max_body_bytes, untyped_ok=True)
+    return (await feast_write_reply(request.scope, request.receive)).response()
+
+
+async def feast_write_reply(scope: Scope, receive: Receive) -> Reply:
+    state = scope["app"].state
+    key = authorize_scope(state.keyring, scope, "write")
+    gateway = state.gateway
+    with gateway.server_span("POST /write-to-online-store", Headers(scope=scope)) as span:
+        raw = await receive_body(scope, receive, state.max_body_bytes, untyped_ok=True)
         rows = write_request(decode_body(raw, FeastWriteBody))
         written = await write(gateway, rows, None if key is None else key.groups)
-    return Response(content=msgspec.json.encode(written), media_type="application/json", headers=with_trace({}, span))
+    return Reply(msgspec.json.encode(written), b"application/json", trace_header(span))

@@ -78,6 +78,9 @@ async def test_hot_routes_answer_as_the_full_stack_does_without_entering_it(name
         ("/v1/features/fetch", {"content": b"{}", "headers": {"content-type": "text/plain"}}, reader),  # 415
         ("/v1/features/fetch", {"json": {**fetch, "features": ["live:nope"]}}, reader),  # 422
         ("/v1/features/fetch", {"json": {"entities": {"consumer_id": [1]}, "service": "nope"}}, reader),
+        ("/get-online-features", {"json": {"features": ["live:orders_7d"], "entities": {"consumer_id": [1]}}}, reader),
+        ("/get-online-features", {"content": b'{"features": ["live:x"], "entities": {"consumer_id": [1]}}'}, {}),
+        ("/write-to-online-store", {"json": {"feature_view_name": "live", "df": {"consumer_id": [1]}}}, writer),
     ]
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
@@ -91,11 +94,13 @@ async def test_hot_routes_answer_as_the_full_stack_does_without_entering_it(name
                 assert SeenByFastAPI.seen == [path]
                 SeenByFastAPI.seen.clear()
             metrics = (await client.get("/metrics", headers=reader)).text
-    assert [r.status_code for r in fast] == [200, 200, 200, 401, 403, 403, 413, 415, 422, 422]
+    assert [r.status_code for r in fast] == [200, 200, 200, 401, 403, 403, 413, 415, 422, 422, 200, 401, 422]
     assert [_comparable(r) for r in fast] == [_comparable(r) for r in full]
     assert fast[0].json()["written"] == 1
     assert fast[1].json()["rows"][0]["values"][0] == 5  # written by the first call (through the fast path)
     assert fast[1].json()["rows"][0]["statuses"] == ["PRESENT", "MISSING"]
+    assert fast[10].json()["results"][1]["values"] == [5]  # Feast's columns: the join key's, then the feature's
+    assert fast[10].headers["x-feature-gateway-degraded"] == "false"
     assert "www-authenticate" in fast[3].headers
     assert "server-timing" in fast[1].headers
     assert all("access-control-allow-origin" not in r.headers for r in fast)

@@ -10,8 +10,9 @@
 2. Load: `live` (Redis, the shared server, key prefix `lcbench:`) and `history` (PostgreSQL, schema `fg_lcbench`),
    25 int64 + 25 float64 features each, `--entities` rows written through the backends' `write`. A gateway
    (`serve --workers N`, admission off so that every request is served and counted) without `local_cache_ms`,
-   then one with it on both groups; wrk, `--connections` connections, closed loop, each request 1 entity x 100
-   features (`live:*`, `history:*`), ids Zipf(s) over the entities (ranks mapped to ids by a seeded permutation);
+   then one with it on both groups; wrk with bench/fetch.lua, `--connections` connections, closed loop, each
+   request 1 entity x 100 features (`live:*`, `history:*`), ids Zipf(s) over the entities (ranks mapped to ids by
+   a seeded permutation);
    `--warmup-seconds` unmeasured first. Every answer must be a 200 (`strict`: a degraded answer is a 503).
    The hit rate is read from `/metrics` (`feature_gateway_local_cache_lookups_total`).
 """
@@ -198,14 +199,12 @@ async def load(registry_path: Path, entities: int) -> float:
     return time.perf_counter() - started
 
 
-def bodies(path: Path, zipf: Zipf, n: int) -> None:
-    features = '"live:*","history:*"'
-    with path.open("w") as f:
-        for entity in zipf.draw(n).tolist():
-            f.write(f'{{"entities":{{"consumer_id":[{entity}]}},"features":[{features}],"strict":true}}\n')
+def draw_ids(path: Path, zipf: Zipf, n: int) -> None:
+    """The Zipf ids the requests take in turn (bench/fetch.lua's IDS file, as the main bench's Zipf rows use)."""
+    path.write_text("".join(f"{entity}\n" for entity in zipf.draw(n).tolist()))
 
 
-def wrk(url: str, bodies_path: Path, connections: int, seconds: float) -> dict[str, Any]:
+def wrk(url: str, ids_path: Path, connections: int, seconds: float) -> dict[str, Any]:
     command = [
         ensure_wrk(),
         "-t2",
@@ -214,18 +213,27 @@ def wrk(url: str, bodies_path: Path, connections: int, seconds: float) -> dict[s
         "--timeout",
         "5s",
         "-s",
-        str(HERE / "local_cache.lua"),
+        str(HERE / "fetch.lua"),
         f"{url}/v1/features/fetch",
         "--",
-        str(bodies_path),
+        *("1", "1", "1", "1", "1", "consumer_id", '"features":["live:*","history:*"]', "1000", "", ""),
+        str(ids_path),
     ]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     found = re.search(r"^BENCH_JSON (.*)$", done.stdout, re.MULTILINE)
     if done.returncode != 0 or found is None:
         raise BenchError(f"wrk failed: {done.stdout[-2000:]} {done.stderr[-2000:]}")
-    result: dict[str, Any] = json.loads(found[1])
-    result["rps"] = result["requests"] / result["seconds"]
-    return result
+    answer = json.loads(found[1])
+    seconds_run = answer["duration_us"] / 1e6
+    return {
+        "requests": answer["requests"],
+        "seconds": seconds_run,
+        "non200": answer["non200"],
+        "errors": sum(answer["errors"][k] for k in ("connect", "read", "write", "timeout")),
+        "p50_us": answer["latency_us"]["p50"],
+        "p99_us": answer["latency_us"]["p99"],
+        "rps": answer["requests"] / seconds_run,
+    }
 
 
 async def lookups(url: str) -> dict[str, float]:
@@ -240,7 +248,7 @@ async def lookups(url: str) -> dict[str, float]:
     return counts
 
 
-async def run_gateway(args: argparse.Namespace, registry_path: Path, bodies_path: Path, tmp: Path) -> dict[str, Any]:
+async def run_gateway(args: argparse.Namespace, registry_path: Path, ids_path: Path, tmp: Path) -> dict[str, Any]:
     env = {**os.environ, "GATEWAY_ADMISSION": "false"}
     env.pop("GATEWAY_METRICS_DIR", None)
     gateway = GatewayProcess(registry_path, args.workers, env, tmp / f"{registry_path.stem}.log")
@@ -248,10 +256,10 @@ async def run_gateway(args: argparse.Namespace, registry_path: Path, bodies_path
     try:
         await gateway.wait_ready()
         if args.warmup_seconds:
-            wrk(gateway.url, bodies_path, args.connections, args.warmup_seconds)
+            wrk(gateway.url, ids_path, args.connections, args.warmup_seconds)
         before = await lookups(gateway.url)
         await asyncio.sleep(1.2 if args.workers > 1 else 0)  # (workers' snapshots are rewritten every second)
-        result = wrk(gateway.url, bodies_path, args.connections, args.seconds)
+        result = wrk(gateway.url, ids_path, args.connections, args.seconds)
         await asyncio.sleep(1.2 if args.workers > 1 else 0)
         after = await lookups(gateway.url)
         gateway.check_alive()
@@ -282,11 +290,11 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         if not args.skip_load:
             log(f"loading {args.entities:,} entities into Redis and PostgreSQL")
             out["load_s"] = await load(off, args.entities)
-        bodies_path = tmp / "bodies.jsonl"
-        bodies(bodies_path, Zipf(args.entities, args.zipf, args.seed), args.bodies)
+        ids_path = tmp / "ids.txt"
+        draw_ids(ids_path, Zipf(args.entities, args.zipf, args.seed), args.bodies)
         for name, path in (("without", off), ("with", on)):
             log(f"{name} local_cache_ms: {args.connections} connections, {args.seconds:g} s")
-            out[name] = await run_gateway(args, path, bodies_path, tmp)
+            out[name] = await run_gateway(args, path, ids_path, tmp)
             log(f"{name}: {out[name]}")
         out["speedup"] = out["with"]["rps"] / out["without"]["rps"]
     return out
@@ -298,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--entities", type=int, default=100_000)
     parser.add_argument("--zipf", type=float, default=1.1)
     parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--bodies", type=int, default=100_000, help="distinct requests each wrk thread cycles")
+    parser.add_argument("--bodies", type=int, default=100_000, help="Zipf draws the requests take in turn")
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--warmup-seconds", type=float, default=3)

@@ -192,11 +192,7 @@ class CockroachBackend:
         for group, keys in reads:
             args += [group.name, list(keys)]
         pool = await self.pool()
-        conn = self._reading.pop() if self._reading else None
-        if conn is None or conn.is_closed():
-            if conn is not None:  # the server or the network closed it while it was kept: the pool replaces it
-                await pool.release(conn)
-            conn = await pool.acquire()
+        conn = await self._kept(pool) or await pool.acquire()
         try:
             records = await conn.fetch(self._read_statement(len(reads)), *args)
         except BaseException:
@@ -212,6 +208,20 @@ class CockroachBackend:
         for record in records:
             found[record[0]][record[1]] = record[2]
         return [[hits.get(k) for k in keys] for hits, (_, keys) in zip(found, reads, strict=True)]
+
+    async def _kept(self, pool: asyncpg.Pool) -> asyncpg.Connection | None:
+        """A connection an earlier read kept, still open. One the server or the network closed while it was kept
+        (a failover, pg_terminate_backend) is skipped: asyncpg has given it back to the pool already and detached
+        it, so its methods raise, and the pool opens a new one on the next acquire."""
+        while self._reading:
+            conn = self._reading.pop()
+            try:
+                if not conn.is_closed():
+                    return conn
+            except asyncpg.InterfaceError:
+                continue  # detached
+            await pool.release(conn)  # closed, not yet detached: the pool's release does it
+        return None
 
     async def write(self, group: Group, rows: Sequence[WriteRow]) -> WriteResult:
         return await self._upsert(self._write_sql, group, rows)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import http.server
 import threading
 from datetime import timedelta
 from typing import Any
 
+import asyncpg
 import redis.asyncio as redis
 
 from app.registry.load import parse_registry
@@ -14,7 +16,7 @@ from backends import open_backend
 from backends.cockroach import CockroachBackend, create_table_sql
 from tests.support.clients import fetch, live_row, stamp, write
 from tests.support.gateways import GatewayFactory
-from tests.support.registries import REDIS_URL, Names
+from tests.support.registries import PG_DSN, REDIS_URL, Names
 from tests.support.servers import RedisProcess
 
 
@@ -87,6 +89,33 @@ async def test_redis_restart_needs_no_gateway_restart(gateway: GatewayFactory, n
     assert after["backends"]["hot"]["status"] == "ok", after["backends"]
     assert after["rows"][0]["statuses"] == ["MISSING"]
     assert again["rows"][0]["values"] == [2]
+
+
+async def test_postgres_sessions_terminated_need_no_gateway_restart(gateway: GatewayFactory, names: Names) -> None:
+    """An operator or a failover ends every session, kept between reads too: the next read opens a new one."""
+    async with gateway(names.registry(names.backend("cockroach"))) as client:
+        await write(client, "live", [live_row(1, 1)])
+        asked = {"entities": {"consumer_id": [1]}, "features": ["live:orders_7d"]}
+        await asyncio.gather(*(fetch(client, **asked) for _ in range(4)))  # several connections kept for reads
+        admin = await asyncpg.connect(PG_DSN)
+        try:
+            ended = await admin.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE application_name = 'feature-gateway:hot'"
+            )
+            for _ in range(100):  # the sessions' processes exit after the signal
+                if not await admin.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'feature-gateway:hot'"
+                ):
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            await admin.close()
+        await asyncio.sleep(0.2)  # the gateway's loop reads each closed socket's end
+        after = [await fetch(client, **asked) for _ in range(4)]
+    assert ended >= 2
+    assert [a["backends"]["hot"]["status"] for a in after] == ["ok"] * 4, [a["backends"] for a in after]
+    assert [a["rows"][0]["statuses"] for a in after] == [["PRESENT"]] * 4
 
 
 class _Collector(http.server.BaseHTTPRequestHandler):

@@ -155,6 +155,7 @@ def cmd_materialize(args: argparse.Namespace) -> int:
     from app.errors import BackendFailed
     from app.loading.errors import MaterializeError
     from app.loading.load import open_load, run_load
+    from app.metrics import Metrics
 
     settings = Settings()
     registry = _registry_of(args, settings)
@@ -182,7 +183,8 @@ def cmd_materialize(args: argparse.Namespace) -> int:
         if load.checkpoint.rows_done:
             print(f"resuming after row {load.checkpoint.rows_done:,} ({load.checkpoint_path})", file=sys.stderr)
         progress = None if args.no_progress else ProgressBar(sys.stderr, f"{path.name} -> {args.group}")
-        report = asyncio.run(run_load(load, retries=args.retries, progress=progress))
+        metrics = Metrics(settings.metrics_dir)  # a gateway's folder: its /v1/usage shows what was loaded
+        report = asyncio.run(run_load(load, retries=args.retries, progress=progress, metrics=metrics))
     except MaterializeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -125,8 +125,14 @@ class Metrics:
         # cache (app/serving/local_cache.py; the gateway wires both)
         self.local_cache: dict[tuple[str, str], int] = defaultdict(int)
         self.local_cache_size: Callable[[], dict[str, float]] = dict
+        # (group, via) -> [rows written, skipped as stale, rejected, unix time of the last]: what writes and loads
+        # put in each group. via: "api", "feast", "materialize", "watch"...
+        self.writes: dict[tuple[str, str], list[float]] = {}
         # This worker's load now: admission limit, in flight, shed counts, recent lag (Gateway.load)
         self.load: Callable[[], dict[str, float]] = dict
+        # False for a loader sharing the folder (app/loading/load.py): its counts merge, it is no worker
+        self.worker = True
+        self._dumped = 0.0
         self.directory = Path(directory) if directory else None
 
     # -- hot path ------------------------------------------------------------------------------------
@@ -172,6 +178,15 @@ class Metrics:
         self.events[(stream, "duplicate")] += duplicates
         self.events[(stream, "late")] += late
 
+    def written(self, group: str, via: str, written: int, skipped_stale: int, rejected: int = 0) -> None:
+        counts = self.writes.get((group, via))
+        if counts is None:
+            counts = self.writes[(group, via)] = [0, 0, 0, 0.0]
+        counts[0] += written
+        counts[1] += skipped_stale
+        counts[2] += rejected
+        counts[3] = time.time()
+
     def request(self, route: str, method: str, status: int, seconds: float, trace_id: str | None = None) -> None:
         self.requests[(route, method, status)] += 1
         self.request_latency[route].observe(seconds, trace_id)
@@ -193,13 +208,15 @@ class Metrics:
             "events": [[*k, v] for k, v in self.events.items()],
             "cache": [[*k, v] for k, v in self.cache.items()],
             "local_cache": [[*k, v] for k, v in self.local_cache.items()],
-            "local_cache_size": self.local_cache_size(),
-            "load": self.load(),
+            "writes": [[*k, *v] for k, v in self.writes.items()],
+            **({"local_cache_size": self.local_cache_size(), "load": self.load()} if self.worker else {}),
         }
 
-    def dump(self) -> None:
-        if self.directory is None:
+    def dump(self, every_s: float = 0.0) -> None:
+        """Write this process's snapshot for the others to merge (at most once per `every_s`)."""
+        if self.directory is None or time.monotonic() - self._dumped < every_s:
             return
+        self._dumped = time.monotonic()
         target = self.directory / f"{os.getpid()}.json"
         scratch = target.with_suffix(".tmp")
         scratch.write_bytes(msgspec.json.encode(self.snapshot()))
@@ -239,6 +256,7 @@ class Merged:
         self.local_cache: dict[tuple[str, str], int] = defaultdict(int)
         self.local_cache_size: dict[str, float] = defaultdict(float)  # summed over the live workers
         self.loads: list[dict[str, float]] = []  # one per worker
+        self.writes: dict[tuple[str, str], list[float]] = {}
         for snap in snapshots:
             for route, method, status, count in snap["requests"]:
                 self.requests[(route, method, status)] += count
@@ -262,6 +280,12 @@ class Merged:
                 self.local_cache_size[gauge] += value
             if "load" in snap:
                 self.loads.append(snap["load"])
+            for group, via, written, skipped, rejected, last in snap.get("writes", ()):
+                counts = self.writes.setdefault((group, via), [0, 0, 0, 0.0])
+                counts[0] += written
+                counts[1] += skipped
+                counts[2] += rejected
+                counts[3] = max(counts[3], last)
             for backend, outcome, count in snap["backend_outcomes"]:
                 self.backend_outcomes[(backend, outcome)] += count
             for group, position, counts in snap["usage"]:

@@ -171,5 +171,5 @@ async def feast_write_reply(scope: Scope, receive: Receive) -> Reply:
     with gateway.server_span("POST /write-to-online-store", Headers(scope=scope)) as span:
         raw = await receive_body(scope, receive, state.max_body_bytes, untyped_ok=True)
         rows = write_request(decode_body(raw, FeastWriteBody))
-        written = await write(gateway, rows, None if key is None else key.groups)
+        written = await write(gateway, rows, None if key is None else key.groups, via="feast")
     return Reply(msgspec.json.encode(written), b"application/json", trace_header(span))

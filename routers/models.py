@@ -409,9 +409,24 @@ class ServiceUsage(FeatureUsage):
     keys: dict[str, FeatureUsage] = Field(description="The same, per API key name (when keys are on)")
 
 
+class Writes(BaseModel):
+    rows: int = Field(description="Rows stored")
+    skipped_stale: int = Field(description="Rows not stored: the stored row was as new or newer")
+    rejected: int = Field(description="Rows a loader rejected (an HTTP write with a bad row is refused whole)")
+    last_at: str | None = Field(description="When the last write or batch was stored, RFC 3339")
+
+
+class GroupWrites(Writes):
+    via: dict[str, Writes] = Field(
+        description="Per writer: api, feast, materialize, watch (the drop folder), spark; a loader counts here "
+        "when it runs with the gateway's GATEWAY_METRICS_DIR"
+    )
+
+
 class GroupUsage(BaseModel):
     backend: str
     features: dict[str, FeatureUsage]
+    writes: GroupWrites = Field(description="What writes and loads put in the group since `since`")
 
 
 class UsageReport(BaseModel):
@@ -430,6 +445,20 @@ class UsageReport(BaseModel):
                                     "default_rate": 0.6667,
                                     "statuses": {"PRESENT": 120, "MISSING": 120, "EXPIRED": 120, "UNAVAILABLE": 0},
                                 }
+                            },
+                            "writes": {
+                                "rows": 1800,
+                                "skipped_stale": 0,
+                                "rejected": 2,
+                                "last_at": "2026-11-26T10:05:00Z",
+                                "via": {
+                                    "watch": {
+                                        "rows": 1800,
+                                        "skipped_stale": 0,
+                                        "rejected": 2,
+                                        "last_at": "2026-11-26T10:05:00Z",
+                                    }
+                                },
                             },
                         }
                     },

@@ -167,6 +167,7 @@ def render_prometheus(gateway: Gateway, merged: Merged, openmetrics: bool = Fals
     _stream_families(gateway, merged, family, lines)
     _cache_families(merged, family, lines)
     _local_cache_families(gateway, merged, family, lines)
+    _write_families(merged, family, lines)
     if openmetrics:
         lines.append("# EOF")
     return "\n".join(lines) + "\n"
@@ -200,6 +201,19 @@ def _cache_families(merged: Merged, family: Callable[[str, str, str], str], line
         for (group, event), count in sorted(merged.cache.items()):
             if event in events:
                 lines.append(f"{full}{_labels(group=group, result=events[event])} {count}")
+
+
+def _write_families(merged: Merged, family: Callable[[str, str, str], str], lines: list[str]) -> None:
+    """Rows that writes and loads put in each group, by writer (the loaders sharing GATEWAY_METRICS_DIR too)."""
+    name = family(
+        "rows_written_total",
+        "counter",
+        "Rows written to a group, by writer (api, feast, materialize, watch, spark) and outcome: written, "
+        "skipped_stale (older than the stored row), rejected (a loader's bad row).",
+    )
+    for (group, via), counts in sorted(merged.writes.items()):
+        for outcome, count in zip(("written", "skipped_stale", "rejected"), counts, strict=False):
+            lines.append(f"{name}{_labels(group=group, via=via, outcome=outcome)} {int(count)}")
 
 
 def _local_cache_families(
@@ -284,7 +298,7 @@ def usage_report(gateway: Gateway, merged: Merged) -> dict[str, Any]:
                 "statuses": counts.by_status(),
                 "default_rate": counts.default_rate(),
             }
-        groups[group.name] = {"backend": group.backend, "features": features}
+        groups[group.name] = {"backend": group.backend, "features": features, "writes": _writes_of(merged, group.name)}
     registry = gateway.registry
     listed = {ref for service in registry.services.values() for ref in registry.service_reads(service)}
     # Every declared service (asked for or not), then fetches by feature list
@@ -305,6 +319,21 @@ def usage_report(gateway: Gateway, merged: Merged) -> dict[str, Any]:
         "services": services,
         "unused": [ref for ref in never if ref not in listed],
     }
+
+
+def _writes_of(merged: Merged, group: str) -> dict[str, Any]:
+    """What writes and loads put in the group: rows written, skipped as stale, rejected, and when the last was,
+    in all and per writer (api, feast, materialize, watch, spark; a loader counts here when it shares the
+    gateway's GATEWAY_METRICS_DIR)."""
+
+    def entry(counts: list[float]) -> dict[str, Any]:
+        written, skipped, rejected, last = counts
+        at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(last)) if last else None
+        return {"rows": int(written), "skipped_stale": int(skipped), "rejected": int(rejected), "last_at": at}
+
+    ways = {via: counts for (name, via), counts in sorted(merged.writes.items()) if name == group}
+    total = [sum(c[i] for c in ways.values()) for i in range(3)] + [max((c[3] for c in ways.values()), default=0)]
+    return {**entry(total), "via": {via: entry(counts) for via, counts in ways.items()}}
 
 
 def _usage_of(counts: UsageCounts) -> dict[str, Any]:

@@ -43,7 +43,7 @@ def parquet_bytes(rows: range, tmp: Path) -> bytes:
 
 
 class WatchProcess:
-    def __init__(self, names: Names, folder: Path, *args: str):
+    def __init__(self, names: Names, folder: Path, *args: str, metrics_dir: Path | None = None):
         self.registry = names.dir / "registry.yaml"
         self.registry.write_text(names.registry(names.backend("cockroach")))
         self.folder = folder
@@ -54,6 +54,7 @@ class WatchProcess:
             + ["--registry", str(self.registry), "--poll", "0.2", *args],
             stdout=self.log,
             stderr=subprocess.STDOUT,
+            env={**os.environ, "GATEWAY_METRICS_DIR": str(metrics_dir)} if metrics_dir else None,
         )
 
     def output(self) -> str:
@@ -91,13 +92,15 @@ def folder(names: Names) -> Path:
     return path
 
 
-def read_back(gateway: GatewayFactory, registry: Path, count: int) -> tuple[list[list[Any]], dict[str, Any]]:
+def read_back(
+    gateway: GatewayFactory, registry: Path, count: int, **settings: Any
+) -> tuple[list[list[Any]], dict[str, Any]]:
     """Every value of consumers 1..count as the gateway serves them, and its /v1/usage after that."""
 
     text = registry.read_text()
 
     async def read() -> tuple[list[list[Any]], dict[str, Any]]:
-        async with gateway(text) as client:
+        async with gateway(text, **settings) as client:
             got = await fetch_all(client, list(range(1, count + 1)), ["live:*"])
             usage = (await client.get("/v1/usage")).json()
         return [r["values"] for r in got], usage
@@ -117,7 +120,9 @@ def test_three_files_load_once_and_a_half_written_one_waits_until_complete(
     (folder / "f").mkdir()  # a Spark job's output folder: not until its _SUCCESS
     for part, rows in enumerate((range(1600, 1700), range(1700, 1800))):
         (folder / "f" / f"part-{part}.parquet").write_bytes(parquet_bytes(rows, names.dir / "f.tmp"))
-    watcher = WatchProcess(names, folder, "--batch-size", "64")
+    shared = names.dir / "metrics"  # the gateway's GATEWAY_METRICS_DIR, where the watcher leaves its counts too
+    shared.mkdir()
+    watcher = WatchProcess(names, folder, "--batch-size", "64", metrics_dir=shared)
     try:
         manifest = watcher.wait_for({"a.jsonl", "b.parquet", "c.jsonl"})
         assert [(m["rows"], m["written"], m["rejected"]) for m in manifest.values()] == [
@@ -143,11 +148,16 @@ def test_three_files_load_once_and_a_half_written_one_waits_until_complete(
     finally:
         assert watcher.stop() == 0, watcher.output()
     assert watcher.output().count(" -> live: ") == 6  # one report per file
-    values, usage = read_back(gateway, watcher.registry, 1800)
+    values, usage = read_back(gateway, watcher.registry, 1800, metrics_dir=str(shared))
     assert values == [served(i) for i in range(1800)]
     # The loaded group's use, as the gateway counts it: 1,800 rows of it served, all stored (a null is MISSING)
     orders = usage["groups"]["live"]["features"]["orders_7d"]
     assert (orders["requests"], orders["statuses"]["PRESENT"]) == (2, 1800)
+    # and what was loaded into it, from the watcher's counts in the shared folder
+    writes = usage["groups"]["live"]["writes"]
+    assert (writes["rows"], writes["skipped_stale"], writes["rejected"]) == (1800, 0, 0), writes
+    assert list(writes["via"]) == ["watch"]
+    assert writes["last_at"] is not None
 
 
 def test_a_watcher_killed_mid_file_resumes_it_and_loads_nothing_twice(

@@ -98,8 +98,10 @@ async def test_feast_write_to_online_store(gateway: GatewayFactory, names: Names
                 ).encode(),
             )
         ).json()
+        writes = (await client.get("/v1/usage")).json()["groups"]["stores"]["writes"]
     assert written.status_code == 200, written.text
     assert written.json() == {"group": "stores", "written": 2, "skipped_stale": 0}
+    assert (writes["rows"], list(writes["via"])) == (2, ["feast"])
     assert answer["results"][1]["values"] == [4, 9]
     assert answer["results"][1]["event_timestamps"][0] == now.isoformat() + "Z"
 

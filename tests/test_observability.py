@@ -24,6 +24,7 @@ async def test_usage_counts_every_status_per_feature(gateway: GatewayFactory, na
             "live",
             [live_row(1, 1), live_row(2, 2, at=stamp(-timedelta(minutes=90))), live_row(3, 3, embedding=None)],
         )
+        await write(client, "live", [live_row(1, 0, at=stamp(-timedelta(hours=3)))])  # older: skipped as stale
         for _ in range(2):
             await fetch(
                 client,
@@ -46,10 +47,23 @@ async def test_usage_counts_every_status_per_feature(gateway: GatewayFactory, na
     assert history["default_rate"] == 1.0
     assert "live:avg_basket" in usage["never_requested"]
     assert "live:orders_7d" not in usage["never_requested"]
+    writes = usage["groups"]["live"]["writes"]
+    assert (writes["rows"], writes["skipped_stale"], writes["rejected"]) == (3, 1, 0)
+    assert list(writes["via"]) == ["api"]
+    assert writes["last_at"] is not None
+    assert usage["groups"]["history"]["writes"] == {
+        "rows": 0,
+        "skipped_stale": 0,
+        "rejected": 0,
+        "last_at": None,
+        "via": {},
+    }
 
     samples = parse_metrics(text)
     assert metric_value(samples, "feature_requests_total", group="live", feature="orders_7d") == 3
     assert metric_value(samples, "feature_values_total", group="live", feature="embedding", status="MISSING") == 4
+    assert metric_value(samples, "rows_written_total", group="live", via="api", outcome="written") == 3
+    assert metric_value(samples, "rows_written_total", group="live", via="api", outcome="skipped_stale") == 1
     assert metric_value(samples, "backend_reads_total", backend="bulk", outcome="error") == 2
     assert metric_value(samples, "backend_reads_total", backend="hot", outcome="ok") == 3
     assert metric_value(samples, "backend_circuit_state", backend="hot", direction="read", state="closed") == 1

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from app import write_features
+from app.metrics import Metrics
 from tests.support.clients import live_row, write
 from tests.support.frames import (
     BAD_EMBEDDING,
@@ -128,14 +129,19 @@ def test_a_parquet_dataset_loads_through_spark_from_the_command_line(spark: Any,
     df = spark_live_rows(spark, 5_000, 2).selectExpr("*", "CAST(consumer_id % 3 AS INT) AS bucket")
     df.write.partitionBy("bucket").parquet(str(dataset))
     assert (dataset / "_SUCCESS").exists()
+    shared = names.dir / "metrics"
+    shared.mkdir()
     done = subprocess.run(
         [sys.executable, "-m", "app", "materialize", str(dataset), "--group", "live", "--registry", str(registry)]
         + ["--engine", "spark", "--master", "local[2]", "--no-progress"],
         capture_output=True,
         text=True,
         timeout=180,
-        env={**os.environ, "PYSPARK_PYTHON": sys.executable},
+        env={**os.environ, "PYSPARK_PYTHON": sys.executable, "GATEWAY_METRICS_DIR": str(shared)},
     )
     assert done.returncode == 3, done.stderr  # 3: finished, a row rejected
     assert f"{dataset} -> live: 5,000 rows: 4,999 written, 0 skipped as stale, 1 rejected" in done.stdout
     assert "embedding: expected 3 items (float32[3]), got 2" in done.stdout
+    # The driver's exact sums, where a gateway sharing the folder merges them into /v1/usage and /metrics
+    writes = Metrics(str(shared)).merged().writes
+    assert {k: v[:3] for k, v in writes.items()} == {("live", "spark"): [4999, 0, 1]}

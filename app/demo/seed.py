@@ -107,7 +107,7 @@ def _orders(now: datetime) -> list[dict[str, object]]:
 async def seed_demo(gateway: Gateway) -> None:
     now = datetime.now(UTC)
     for group, rows in _rows(now).items():
-        await write(gateway, WriteRequest(group=group, rows=rows))
+        await write(gateway, WriteRequest(group=group, rows=rows), via="demo seed")
     orders = gateway.registry.streams["orders"]
     # Two days old is far past the 5 minute lateness: the demo's history goes in as if it had arrived on time
     await ingest(gateway, orders, parse_events(orders, _orders(now), gateway.limits), now_us=0)

@@ -27,6 +27,7 @@ from app.loading.checkpoint import (
 )
 from app.loading.errors import MaterializeError
 from app.loading.sources import Source, SourceRow, detect_format, open_source
+from app.metrics import Metrics
 from app.registry.model import Group, Registry
 from app.serving.gateway import Gateway
 from app.serving.limits import Limits
@@ -244,12 +245,22 @@ async def _next_batch(pending: asyncio.Future[Prepared | None], checkpoint: Chec
 
 
 async def run_load(
-    load: Load, *, retries: int = 3, progress: Progress | None = None, keep_checkpoint: bool = False
+    load: Load,
+    *,
+    retries: int = 3,
+    progress: Progress | None = None,
+    keep_checkpoint: bool = False,
+    metrics: Metrics | None = None,
+    via: str = "materialize",
 ) -> Report:
     """Store the batches, reading and validating the next one in a thread while the current one is written.
 
     The checkpoint is removed at the end, unless `keep_checkpoint` (the caller first records the load elsewhere,
     then calls `load.finish()`: the drop folder's manifest).
+
+    `metrics`: where the group's written, stale and rejected rows are counted as written `via` this loader; with a
+    directory (a gateway's GATEWAY_METRICS_DIR), they are shared there each second, and the gateway's /v1/usage
+    and /metrics show them.
 
     Raises BackendFailed when a batch cannot be stored after `retries`; the checkpoint then holds every
     batch stored before it, so a rerun continues there.
@@ -261,7 +272,8 @@ async def run_load(
     # Its cache and the backend it is moving to are written too (app/serving/write.py store)
     opened = {name: open_backend(load.registry.backends[name], load.registry) for name in group.backends}
     backend = opened[group.backend]
-    gw = Gateway(load.registry, opened, limits=load.limits)
+    gw = Gateway(load.registry, opened, limits=load.limits, metrics=metrics)
+    gw.metrics.worker = False  # its file in a shared folder adds counts, not a worker
     batches = load.prepared()
     pending: asyncio.Future[Prepared | None] | None = None
     started = time.monotonic()
@@ -281,6 +293,13 @@ async def run_load(
             pending = asyncio.ensure_future(asyncio.to_thread(next, batches, None))  # read ahead while storing
             result = await store_with_retries(gw, group, batch.rows, retries) if batch.rows else WriteResult(0, 0)
             await asyncio.to_thread(load.record, batch, result)
+            gw.metrics.written(
+                group.name, via, result.written, result.skipped_stale + batch.dropped, len(batch.reasons)
+            )
+            try:
+                gw.metrics.dump(every_s=1.0)
+            except OSError as exc:
+                log.warning("could not share the load's counts: %s", exc)
             if progress is not None:
                 progress.update(checkpoint, load.source.fraction(checkpoint.rows_done))
         pending = None

@@ -14,6 +14,7 @@ from pathlib import Path
 from app.errors import BackendFailed
 from app.loading.errors import MaterializeError
 from app.loading.load import Report
+from app.metrics import Metrics
 from app.settings import Settings
 
 
@@ -80,6 +81,13 @@ def materialize_at_scale(args: argparse.Namespace, settings: Settings) -> int:
             file=sys.stderr,
         )
         return 1
+    metrics = Metrics(settings.metrics_dir)  # the driver's exact sums: a gateway's /v1/usage shows the load
+    metrics.worker = False
+    metrics.written(report.group, "spark", report.written, report.skipped_stale, report.rejected)
+    try:
+        metrics.dump()
+    except OSError as exc:
+        print(f"warning: could not share the load's counts: {exc}", file=sys.stderr)
     _print(report)
     return 3 if report.rejected else 0
 
@@ -102,6 +110,7 @@ def _watch(args: argparse.Namespace, settings: Settings, registry_path: str | Pa
             batch_size=args.batch_size,
             retries=args.retries,
             report=_print,
+            metrics=Metrics(settings.metrics_dir),  # a gateway's folder: its /v1/usage shows what was loaded
         )
     except MaterializeError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -40,6 +40,7 @@ from app.errors import BackendFailed
 from app.loading.errors import MaterializeError
 from app.loading.load import Report, open_load, run_load
 from app.loading.sources import FORMATS, detect_format
+from app.metrics import Metrics
 from app.registry.model import Registry
 from app.serving.limits import Limits
 from app.serving.request import format_event_time
@@ -151,6 +152,7 @@ class Watcher:
         batch_size: int = 1000,
         retries: int = 3,
         report: Callable[[Report], None] = lambda report: None,
+        metrics: Metrics | None = None,
     ):
         import fsspec.core
         from fsspec.implementations.local import LocalFileSystem
@@ -172,6 +174,7 @@ class Watcher:
         self.folder, self.registry, self.group = folder, registry, group
         self.limits, self.state, self.poll_s = limits, state, poll_s
         self.batch_size, self.retries, self.report = batch_size, retries, report
+        self.metrics = metrics or Metrics()  # every file's rows, counted across its loads
         self.manifest_path = manifest_path(state, group)
         self.manifest = read_manifest(self.manifest_path, folder, group)
         for entry in self.manifest.files:  # a crash after recording a load, before removing its checkpoint
@@ -268,7 +271,7 @@ class Watcher:
             )
             if load.checkpoint.rows_done:
                 log.warning("%s: resuming after row %d", name, load.checkpoint.rows_done)
-            report = await run_load(load, retries=self.retries, keep_checkpoint=True)
+            report = await run_load(load, retries=self.retries, keep_checkpoint=True, metrics=self.metrics, via="watch")
         finally:
             if copied:
                 with contextlib.suppress(OSError):

@@ -236,8 +236,9 @@ async def guarded_write(
     return result
 
 
-async def write(gw: Gateway, request: WriteRequest, groups: Collection[str] | None = None) -> Written:
-    """Validate every row, then store the batch. `groups`: those the caller's API key may write (None: all)."""
+async def write(gw: Gateway, request: WriteRequest, groups: Collection[str] | None = None, via: str = "api") -> Written:
+    """Validate every row, then store the batch. `groups`: those the caller's API key may write (None: all).
+    `via`: who wrote, in the group's write counts (/v1/usage)."""
     limits = gw.limits
     if groups is not None:
         check_write_group(request.group, groups)
@@ -256,4 +257,5 @@ async def write(gw: Gateway, request: WriteRequest, groups: Collection[str] | No
         raise TooLarge(f"{len(request.rows)} rows; the limit is {limits.max_write_rows}", field="rows")
     rows, dropped = encode_rows(group, request.rows, limits)
     result = await store(gw, group, rows)
+    gw.metrics.written(group.name, via, result.written, result.skipped_stale + dropped)
     return Written(group.name, result.written, result.skipped_stale + dropped)

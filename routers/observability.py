@@ -4,11 +4,12 @@ and the ASGI middleware that times every request."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse
+from fastapi.routing import APIRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.auth import check_every_group
@@ -25,12 +26,18 @@ router = APIRouter()
 PREFIX = "feature_gateway"
 
 
+def documented_paths(routers: Iterable[APIRouter]) -> frozenset[str]:
+    """The paths of the routes (the spec's paths, and the status page's), and the docs."""
+    paths = {route.path for router in routers for route in router.routes if isinstance(route, APIRoute)}
+    return frozenset({*paths, "/", "/docs", "/openapi.json"})
+
+
 class RequestMetrics:
-    """Counts and times every HTTP request by route (unknown paths share one label: no cardinality blow-up)."""
+    """Counts and times every HTTP request by route (unknown paths share one label: no cardinality blow-up):
+    the paths in the app's `state.route_labels` (documented_paths)."""
 
     def __init__(self, app: ASGIApp):
         self.app = app
-        self.routes: set[str] | None = None  # the documented paths, read from the spec at the first request
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -55,11 +62,9 @@ class RequestMetrics:
         finally:
             gateway: Gateway | None = getattr(scope["app"].state, "gateway", None)
             if gateway is not None:
-                if self.routes is None:
-                    self.routes = {*scope["app"].openapi()["paths"], "/", "/docs", "/openapi.json"}
                 path = scope["path"]
                 gateway.metrics.request(
-                    path if path in self.routes else "other",
+                    path if path in scope["app"].state.route_labels else "other",
                     scope["method"],
                     status,
                     time.perf_counter() - started,

@@ -153,15 +153,22 @@ def server_timing(backend_ms: Iterable[tuple[str, float]], total_ms: float, tran
 
 def timing_of(served: Served, total_ms: float) -> str:
     """The Server-Timing header of a served fetch; a cached group's cache read as `bulk.cache;dur=0.21;desc="hot 97 hit
-    3 miss"` beside its backend's (whose time includes it; no comma or semicolon inside, for simple parsers)."""
+    3 miss"` beside its backend's (whose time includes it; no comma or semicolon inside, for simple parsers), and the
+    keys of groups with local_cache_ms as `hot.local;desc="97 hit 3 miss"` (plus `N coalesced`: waited for another
+    request's read of the worker)."""
     transform_ms = served.transform_ms if served.transforms else None
     header = server_timing(((n, o.ms) for n, o in served.outcomes.items()), total_ms, transform_ms)
-    caches = [
+    extra = [
         f'{name}.cache;dur={c.ms:.2f};desc="{c.backend} {c.hits} hit {c.misses} miss"'
         for name, o in served.outcomes.items()
         for c in o.cache or ()
     ]
-    return header if not caches else ", ".join([*caches, header])
+    for name, o in served.outcomes.items():
+        if o.local is not None:
+            held, coalesced, missed = o.local
+            also = f" {coalesced} coalesced" if coalesced else ""
+            extra.append(f'{name}.local;desc="{held} hit {missed} miss{also}"')
+    return header if not extra else ", ".join([*extra, header])
 
 
 def trace_header(span: Span) -> list[tuple[bytes, bytes]]:

@@ -184,6 +184,23 @@ async def test_a_fetch_served_from_memory_is_no_read_in_the_backends_metrics(
     assert sum(merged.backend_latency["bulk"].counts) == 1  # no 0 ms "reads" for the two served from memory
 
 
+async def test_server_timing_tells_the_keys_held_from_those_read(gateway: GatewayFactory, names: Names) -> None:
+    async with gateway(registry(names)) as client:
+        await write(client, "history", [{"consumer_id": 5, "lifetime": 50}])
+        timings = []
+        for ids in ([5, 6], [5, 6], [5, 7]):  # read both; both held; one held and one read
+            answer = await client.post(
+                "/v1/features/fetch",
+                json={"entities": {"consumer_id": ids}, "features": ["history:lifetime", "plain:orders"]},
+            )
+            timings.append([p.strip() for p in answer.headers["server-timing"].split(",") if ".local" in p])
+    assert timings == [
+        ['bulk.local;desc="0 hit 2 miss"'],  # (plain, on hot, has no local_cache_ms: no hot.local)
+        ['bulk.local;desc="2 hit 0 miss"'],
+        ['bulk.local;desc="1 hit 1 miss"'],
+    ]
+
+
 async def test_statuses_are_judged_at_each_request(gateway: GatewayFactory, names: Names) -> None:
     """A cached value whose ttl ends inside the window reads EXPIRED; a key the store lacks is cached as missing,
     until a write through the gateway."""

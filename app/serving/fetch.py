@@ -256,6 +256,7 @@ def _held(
         [p.cell(b, now_us, nulls) for b in group_blobs] for p, group_blobs in zip(plans, blobs, strict=True)
     ]
     outcome.asked = False
+    outcome.local = (sum(map(len, blobs)), 0, 0)
     generation.breakers[name].read.abandoned()
     return True
 

@@ -396,6 +396,11 @@ async def read_through(
     out: Blobs = [[None] * len(keys) for _, keys in reads]
     failed: list[set[int]] = [set() for _ in reads]
     asks, waits, served = cache.lookup(reads, out)  # served: held keys, then > 0 when anything was served
+    missed = 0
+    for i, positions in asks:
+        if reads[i][0].local_cache_ms:
+            missed += len(positions)
+    outcome.local = (served, len(waits), missed)
     tiered = False  # (a loop, not any(): this runs per backend per request)
     for group, _ in reads:
         if group.cache is not None:

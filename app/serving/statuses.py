@@ -67,3 +67,6 @@ class BackendOutcome:
     cells: list[list[Cell]] | None = None  # per group of this backend, per unique key
     cache: list[CacheRead] | None = None  # how its groups' caches answered (app/tiering/cache.py)
     asked: bool = True  # False: every key was served from the caches, the backend was not asked
+    # Keys of groups with local_cache_ms: held in this worker's memory, coalesced with another request's read,
+    # missed (app/serving/local_cache.py); None: the read had no such group
+    local: tuple[int, int, int] | None = None

@@ -89,6 +89,10 @@ def test_sighup_and_post_reload_every_worker_in_place(names: Names, tmp_path: Pa
         assert gateway.proc is not None
         supervisor = gateway.proc.pid
         wait_until(lambda: len(worker_pids(supervisor)) == 2, what="two workers")
+        # Both have read the first registry before it changes: the kernel may hand every fetch below to one of them,
+        # and a worker still starting would read the second one as its first (and find nothing to reload)
+        started = "Application startup complete."
+        wait_until(lambda: gateway.log().count(started) == 2, within=60, what="both workers started")
         workers = worker_pids(supervisor)
         assert fetch_over_new_connections(gateway.url, ["extra:orders"], 4) == [422] * 4  # not yet a group
 

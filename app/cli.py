@@ -183,7 +183,7 @@ def cmd_materialize(args: argparse.Namespace) -> int:
         if load.checkpoint.rows_done:
             print(f"resuming after row {load.checkpoint.rows_done:,} ({load.checkpoint_path})", file=sys.stderr)
         progress = None if args.no_progress else ProgressBar(sys.stderr, f"{path.name} -> {args.group}")
-        metrics = Metrics(settings.metrics_dir)  # a gateway's folder: its /v1/usage shows what was loaded
+        metrics = Metrics(settings.metrics_dir, worker=False)  # a gateway's folder: its /v1/usage shows the load
         report = asyncio.run(run_load(load, retries=args.retries, progress=progress, metrics=metrics))
     except MaterializeError as exc:
         print(f"error: {exc}", file=sys.stderr)

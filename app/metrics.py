@@ -99,7 +99,7 @@ def bucket_quantile(counts: list[int], q: float) -> float | None:
 
 
 class Metrics:
-    def __init__(self, directory: str | None = None) -> None:
+    def __init__(self, directory: str | None = None, *, worker: bool = True) -> None:
         self.started = time.time()
         self.requests: dict[tuple[str, str, int], int] = defaultdict(int)  # (route, method, status)
         self.request_latency: dict[str, Histogram] = defaultdict(Histogram)
@@ -131,7 +131,7 @@ class Metrics:
         # This worker's load now: admission limit, in flight, shed counts, recent lag (Gateway.load)
         self.load: Callable[[], dict[str, float]] = dict
         # False for a loader sharing the folder (app/loading/load.py): its counts merge, it is no worker
-        self.worker = True
+        self.worker = worker
         self._dumped = 0.0
         self.directory = Path(directory) if directory else None
 

@@ -82,15 +82,20 @@ def file_digest(path: Path) -> FileDigest:
     return FileDigest(size, digest.hexdigest())
 
 
-def save_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
-    """Atomically: a crash leaves the previous checkpoint or this one, never half a file."""
-    checkpoint.updated_at = format_event_time(time.time_ns() // 1000)
+def save_json(path: Path, document: Any) -> None:
+    """Atomically (fsynced, then renamed over the old file): a crash leaves the old file or the new one, never
+    half of one."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
-        f.write(msgspec.json.format(msgspec.json.encode(checkpoint)))
+        f.write(msgspec.json.format(msgspec.json.encode(document)))
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def save_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
+    checkpoint.updated_at = format_event_time(time.time_ns() // 1000)
+    save_json(path, checkpoint)
 
 
 def load_checkpoint(path: Path) -> Checkpoint | None:

@@ -258,9 +258,9 @@ async def run_load(
     The checkpoint is removed at the end, unless `keep_checkpoint` (the caller first records the load elsewhere,
     then calls `load.finish()`: the drop folder's manifest).
 
-    `metrics`: where the group's written, stale and rejected rows are counted as written `via` this loader; with a
-    directory (a gateway's GATEWAY_METRICS_DIR), they are shared there each second, and the gateway's /v1/usage
-    and /metrics show them.
+    `metrics` (a loader's: `worker=False`): where the group's written, stale and rejected rows are counted as
+    written `via` this loader; with a directory (a gateway's GATEWAY_METRICS_DIR), they are shared there each
+    second, and the gateway's /v1/usage and /metrics show them.
 
     Raises BackendFailed when a batch cannot be stored after `retries`; the checkpoint then holds every
     batch stored before it, so a rerun continues there.
@@ -272,8 +272,7 @@ async def run_load(
     # Its cache and the backend it is moving to are written too (app/serving/write.py store)
     opened = {name: open_backend(load.registry.backends[name], load.registry) for name in group.backends}
     backend = opened[group.backend]
-    gw = Gateway(load.registry, opened, limits=load.limits, metrics=metrics)
-    gw.metrics.worker = False  # its file in a shared folder adds counts, not a worker
+    gw = Gateway(load.registry, opened, limits=load.limits, metrics=metrics or Metrics(worker=False))
     batches = load.prepared()
     pending: asyncio.Future[Prepared | None] | None = None
     started = time.monotonic()

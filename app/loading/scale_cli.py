@@ -81,8 +81,7 @@ def materialize_at_scale(args: argparse.Namespace, settings: Settings) -> int:
             file=sys.stderr,
         )
         return 1
-    metrics = Metrics(settings.metrics_dir)  # the driver's exact sums: a gateway's /v1/usage shows the load
-    metrics.worker = False
+    metrics = Metrics(settings.metrics_dir, worker=False)  # the driver's exact sums: a gateway's /v1/usage shows them
     metrics.written(report.group, "spark", report.written, report.skipped_stale, report.rejected)
     try:
         metrics.dump()
@@ -110,7 +109,7 @@ def _watch(args: argparse.Namespace, settings: Settings, registry_path: str | Pa
             batch_size=args.batch_size,
             retries=args.retries,
             report=_print,
-            metrics=Metrics(settings.metrics_dir),  # a gateway's folder: its /v1/usage shows what was loaded
+            metrics=Metrics(settings.metrics_dir, worker=False),  # a gateway's folder: its /v1/usage shows the loads
         )
     except MaterializeError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -37,6 +37,7 @@ from typing import Any
 import msgspec
 
 from app.errors import BackendFailed
+from app.loading.checkpoint import save_json
 from app.loading.errors import MaterializeError
 from app.loading.load import Report, open_load, run_load
 from app.loading.sources import FORMATS, detect_format
@@ -98,13 +99,7 @@ def read_manifest(path: Path, folder: str, group: str) -> Manifest:
 
 
 def save_manifest(path: Path, manifest: Manifest) -> None:
-    """Atomically (fsynced, then renamed over the old one): a crash leaves the old manifest or the new one."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(msgspec.json.format(msgspec.json.encode(manifest)))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    save_json(path, manifest)  # atomically: a crash leaves the old manifest or the new one
 
 
 def sha256_of(path: Path) -> str:
@@ -174,7 +169,7 @@ class Watcher:
         self.folder, self.registry, self.group = folder, registry, group
         self.limits, self.state, self.poll_s = limits, state, poll_s
         self.batch_size, self.retries, self.report = batch_size, retries, report
-        self.metrics = metrics or Metrics()  # every file's rows, counted across its loads
+        self.metrics = metrics or Metrics(worker=False)  # every file's rows, counted across its loads
         self.manifest_path = manifest_path(state, group)
         self.manifest = read_manifest(self.manifest_path, folder, group)
         for entry in self.manifest.files:  # a crash after recording a load, before removing its checkpoint
